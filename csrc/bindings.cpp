@@ -1,0 +1,131 @@
+// The one file that binds the engine to Python as dpfast._C. The GIL is
+// released for every op that moves data.
+#include <torch/extension.h>
+
+#include <tuple>
+
+#include "comm.h"
+#include "plan.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::vector<dpfast::Lane> make_lanes(const char* op, const std::vector<c10::Device>& devices,
+                                     const std::vector<int64_t>& stream_ids) {
+  TORCH_CHECK(stream_ids.empty() || stream_ids.size() == devices.size(), "dpfast.", op,
+              ": expected one stream id per device (", devices.size(), " devices), but got ", stream_ids.size());
+  std::vector<dpfast::Lane> lanes;
+  for (size_t i = 0; i < devices.size(); ++i) {
+    lanes.push_back(dpfast::Lane{devices[i], stream_ids.empty() ? -1 : stream_ids[i]});
+  }
+  return lanes;
+}
+
+dpfast::TreeOptions make_options(const std::string& shape, int64_t chunk_bytes, bool allow_p2p,
+                                 double bandwidth_GBps, double hop_latency_us) {
+  dpfast::TreeOptions options;
+  options.shape = shape;
+  options.chunk_bytes = chunk_bytes;
+  options.allow_p2p = allow_p2p;
+  options.link.bandwidth_GBps = bandwidth_GBps;
+  options.link.hop_latency_us = hop_latency_us;
+  return options;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dpfast's engine: scatter, gather, tree reduce-add and broadcast, coalescing (see csrc/comm.h)";
+  using namespace pybind11::literals;
+  using dpfast::plan::TreeShape;
+
+  m.def("cuda_built", &dpfast::cuda_built, "Whether this build carries the CUDA implementation");
+  m.def("can_access_peer", &dpfast::can_access_peer, "device"_a, "peer"_a,
+        "Whether `device` can read `peer`'s memory directly (enables it once through PyTorch's cache)");
+
+  m.def(
+      "scatter",
+      [](const at::Tensor& tensor, const std::vector<c10::Device>& devices, const std::vector<int64_t>& chunk_sizes,
+         int64_t dim, const std::vector<int64_t>& stream_ids) {
+        return dpfast::scatter(tensor, make_lanes("scatter", devices, stream_ids), chunk_sizes, dim);
+      },
+      "tensor"_a, "devices"_a, "chunk_sizes"_a, "dim"_a = 0, "stream_ids"_a = std::vector<int64_t>{},
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "gather",
+      [](const std::vector<at::Tensor>& tensors, const std::vector<c10::Device>& devices,
+         const c10::Device& destination, int64_t dim, const std::vector<int64_t>& stream_ids,
+         int64_t destination_stream_id) {
+        return dpfast::gather(tensors, make_lanes("gather", devices, stream_ids),
+                              dpfast::Lane{destination, destination_stream_id}, dim);
+      },
+      "tensors"_a, "devices"_a, "destination"_a, "dim"_a = 0, "stream_ids"_a = std::vector<int64_t>{},
+      "destination_stream_id"_a = -1, py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "reduce_add_",
+      [](const std::vector<at::Tensor>& buffers, int64_t root, const std::vector<int64_t>& stream_ids,
+         const std::string& shape, int64_t chunk_bytes, bool allow_p2p, double bandwidth_GBps,
+         double hop_latency_us) {
+        std::vector<c10::Device> devices;
+        for (const auto& b : buffers) devices.push_back(b.device());
+        dpfast::reduce_add_(buffers, make_lanes("reduce_add_", devices, stream_ids), root,
+                            make_options(shape, chunk_bytes, allow_p2p, bandwidth_GBps, hop_latency_us));
+      },
+      "buffers"_a, "root"_a = 0, "stream_ids"_a = std::vector<int64_t>{}, "shape"_a = "auto", "chunk_bytes"_a = 0,
+      "allow_p2p"_a = true, "bandwidth_GBps"_a = 25.0, "hop_latency_us"_a = 5.0,
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "broadcast_",
+      [](const std::vector<at::Tensor>& buffers, int64_t root, const std::vector<int64_t>& stream_ids,
+         const std::string& shape, int64_t chunk_bytes, bool allow_p2p, double bandwidth_GBps,
+         double hop_latency_us) {
+        std::vector<c10::Device> devices;
+        for (const auto& b : buffers) devices.push_back(b.device());
+        dpfast::broadcast_(buffers, make_lanes("broadcast_", devices, stream_ids), root,
+                           make_options(shape, chunk_bytes, allow_p2p, bandwidth_GBps, hop_latency_us));
+      },
+      "buffers"_a, "root"_a = 0, "stream_ids"_a = std::vector<int64_t>{}, "shape"_a = "auto", "chunk_bytes"_a = 0,
+      "allow_p2p"_a = true, "bandwidth_GBps"_a = 25.0, "hop_latency_us"_a = 5.0,
+      py::call_guard<py::gil_scoped_release>());
+  m.def("coalesce_into", &dpfast::coalesce_into, "tensors"_a, "flat"_a, py::call_guard<py::gil_scoped_release>());
+  m.def("uncoalesce_from", &dpfast::uncoalesce_from, "flat"_a, "tensors"_a,
+        py::call_guard<py::gil_scoped_release>());
+
+  // The planner, for tests, the benchmark's cost model and dpfast.info.
+  m.def(
+      "make_tree",
+      [](int num_devices, int root, const std::string& shape) {
+        std::vector<std::vector<std::tuple<int, int>>> rounds;
+        for (const auto& round : dpfast::plan::make_tree(num_devices, root, dpfast::plan::tree_shape_from_string(shape)).rounds) {
+          std::vector<std::tuple<int, int>> edges;
+          for (const auto& e : round) edges.emplace_back(e.child, e.parent);
+          rounds.push_back(std::move(edges));
+        }
+        return rounds;
+      },
+      "num_devices"_a, "root"_a, "shape"_a, "Rounds of (child, parent) edges of a reduction tree");
+  m.def(
+      "plan_for",
+      [](int64_t bytes, int num_devices, const std::string& shape, int64_t chunk_bytes, double bandwidth_GBps,
+         double hop_latency_us) {
+        auto options = make_options(shape, chunk_bytes, true, bandwidth_GBps, hop_latency_us);
+        const TreeShape resolved = dpfast::resolve_shape(options, bytes, num_devices);
+        const int64_t chunk = dpfast::resolve_chunk_bytes(options, resolved, bytes, num_devices);
+        const int64_t num_chunks = bytes <= 0 ? 0 : (bytes + chunk - 1) / chunk;
+        return std::make_tuple(dpfast::plan::to_string(resolved), chunk,
+                               dpfast::plan::predict_time_us(resolved, bytes, num_devices, num_chunks, options.link));
+      },
+      "bytes"_a, "num_devices"_a, "shape"_a = "auto", "chunk_bytes"_a = 0, "bandwidth_GBps"_a = 25.0,
+      "hop_latency_us"_a = 5.0, "(shape, chunk_bytes, predicted_time_us) the engine would use");
+  m.def(
+      "predict_time_us",
+      [](const std::string& shape, int64_t bytes, int num_devices, int64_t num_chunks, double bandwidth_GBps,
+         double hop_latency_us) {
+        return dpfast::plan::predict_time_us(dpfast::plan::tree_shape_from_string(shape), bytes, num_devices,
+                                             num_chunks, dpfast::plan::LinkModel{bandwidth_GBps, hop_latency_us});
+      },
+      "shape"_a, "bytes"_a, "num_devices"_a, "num_chunks"_a, "bandwidth_GBps"_a = 25.0, "hop_latency_us"_a = 5.0);
+  m.def("assign_buckets", &dpfast::plan::assign_buckets, "tensor_bytes"_a, "group"_a, "cap_bytes"_a,
+        "first_cap_bytes"_a, "Indices of the tensors in each bucket (csrc/plan.h)");
+}

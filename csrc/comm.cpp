@@ -1,0 +1,340 @@
+// The engine's device-independent algorithms (scatter, gather, tree
+// reduce-add and broadcast, coalescing) and the CPU's lane ops. CUDA's lane
+// ops live beside this file in cuda/comm_cuda.cpp.
+#include "comm.h"
+
+#include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/util/Exception.h>
+
+#include <sstream>
+
+#include "lane_ops.h"
+
+namespace dpfast {
+
+namespace {
+
+std::string shape_string(const at::Tensor& t) {
+  std::ostringstream out;
+  out << t.sizes();
+  return out.str();
+}
+
+class CpuLaneOps final : public LaneOps {
+ public:
+  void wait(const Lane&, const Lane&) override {}  // the CPU runs in program order
+  void add_(const at::Tensor& dst, const Lane&, const at::Tensor& src, const Lane&) override { dst.add_(src); }
+  void copy_(const at::Tensor& dst, const Lane&, const at::Tensor& src, const Lane&) override { dst.copy_(src); }
+};
+
+bool all_cpu(const std::vector<Lane>& lanes) {
+  for (const auto& lane : lanes) {
+    if (!lane.device.is_cpu()) return false;
+  }
+  return true;
+}
+
+bool all_cuda(const std::vector<Lane>& lanes) {
+  for (const auto& lane : lanes) {
+    if (!lane.device.is_cuda()) return false;
+  }
+  return true;
+}
+
+std::unique_ptr<LaneOps> lane_ops_for(const char* op, const std::vector<Lane>& lanes, bool allow_p2p) {
+  if (all_cpu(lanes)) return make_cpu_lane_ops();
+  TORCH_CHECK(all_cuda(lanes), "dpfast.", op, ": expected all lanes on CPU or all on CUDA devices, but got a mix");
+#ifdef DPFAST_WITH_CUDA
+  return cuda::make_cuda_lane_ops(allow_p2p);
+#else
+  (void)allow_p2p;
+  TORCH_CHECK(false, "dpfast.", op, ": got CUDA tensors, but dpfast._C was built without CUDA (python -m dpfast.info)");
+#endif
+}
+
+// The checks shared by the tree ops, worded like torch.cuda.comm's.
+void check_tree_buffers(const char* op, const std::vector<at::Tensor>& buffers, const std::vector<Lane>& lanes,
+                        int64_t root) {
+  TORCH_CHECK(!buffers.empty(), "dpfast.", op, ": expected at least one buffer, but got an empty list");
+  TORCH_CHECK(buffers.size() == lanes.size(), "dpfast.", op, ": expected one lane per buffer (", buffers.size(),
+              " buffers), but got ", lanes.size(), " lanes");
+  TORCH_CHECK(root >= 0 && root < static_cast<int64_t>(buffers.size()), "dpfast.", op, ": expected root in [0, ",
+              buffers.size(), "), but got ", root);
+  const at::Tensor& first = buffers[0];
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    const at::Tensor& b = buffers[i];
+    TORCH_CHECK(b.defined(), "dpfast.", op, ": expected a tensor at buffers[", i, "], but got None");
+    TORCH_CHECK(b.sizes().equals(first.sizes()), "dpfast.", op, ": expected all buffers to have shape ",
+                shape_string(first), " (buffers[0]), but buffers[", i, "] has shape ", shape_string(b));
+    TORCH_CHECK(b.scalar_type() == first.scalar_type(), "dpfast.", op, ": expected all buffers to have dtype ",
+                first.scalar_type(), " (buffers[0]), but buffers[", i, "] has dtype ", b.scalar_type());
+    TORCH_CHECK(b.is_contiguous(), "dpfast.", op, ": expected contiguous buffers, but buffers[", i,
+                "] is not contiguous");
+    TORCH_CHECK(b.device() == lanes[i].device, "dpfast.", op, ": expected buffers[", i, "] on lane ", i,
+                "'s device ", lanes[i].device, ", but it is on ", b.device());
+    TORCH_CHECK(!b.is_sparse(), "dpfast.", op, ": expected dense buffers, but buffers[", i, "] is sparse");
+    for (size_t j = 0; j < i; ++j) {
+      TORCH_CHECK(!(b.numel() > 0 && b.data_ptr() == buffers[j].data_ptr()), "dpfast.", op, ": expected distinct buffers, but buffers[",
+                  j, "] and buffers[", i, "] share memory");
+    }
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<LaneOps> make_cpu_lane_ops() { return std::make_unique<CpuLaneOps>(); }
+
+bool cuda_built() {
+#ifdef DPFAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool can_access_peer(int64_t device, int64_t peer) {
+#ifdef DPFAST_WITH_CUDA
+  return cuda::can_access_peer(device, peer);
+#else
+  (void)device;
+  (void)peer;
+  return false;
+#endif
+}
+
+plan::TreeShape resolve_shape(const TreeOptions& options, int64_t bytes, int num_lanes) {
+  if (options.shape == "auto") return plan::choose_tree(bytes, num_lanes, options.link);
+  try {
+    return plan::tree_shape_from_string(options.shape);
+  } catch (const std::invalid_argument&) {
+    TORCH_CHECK(false, "dpfast: tree shape: expected 'auto', 'chain' or 'binomial', but got '", options.shape, "'");
+  }
+}
+
+int64_t resolve_chunk_bytes(const TreeOptions& options, plan::TreeShape shape, int64_t bytes, int num_lanes) {
+  TORCH_CHECK(options.chunk_bytes >= 0, "dpfast: chunk_bytes: expected a value >= 0 (0 = automatic), but got ",
+              options.chunk_bytes);
+  if (options.chunk_bytes > 0) return options.chunk_bytes;
+  return plan::choose_chunk_bytes(shape, bytes, num_lanes, options.link);
+}
+
+void reduce_add_(const std::vector<at::Tensor>& buffers, const std::vector<Lane>& lanes, int64_t root,
+                 const TreeOptions& options) {
+  check_tree_buffers("reduce_add_", buffers, lanes, root);
+  TORCH_CHECK(buffers[0].scalar_type() != at::kBool && !buffers[0].is_complex(),
+              "dpfast.reduce_add_: expected a real floating-point or integer dtype, but got ", buffers[0].scalar_type());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // NOTE [Engine writes and version counters]
+  const int n = static_cast<int>(buffers.size());
+  const int64_t numel = buffers[0].numel();
+  if (n == 1 || numel == 0) return;
+  auto ops = lane_ops_for("reduce_add_", lanes, options.allow_p2p);
+  const int64_t bytes = numel * buffers[0].element_size();
+  const plan::TreeShape shape = resolve_shape(options, bytes, n);
+  const plan::TreePlan tree = plan::make_tree(n, static_cast<int>(root), shape);
+  const auto chunks =
+      plan::make_chunks(numel, buffers[0].element_size(), resolve_chunk_bytes(options, shape, bytes, n));
+  std::vector<at::Tensor> flat;
+  for (const auto& b : buffers) flat.push_back(b.view(-1));
+  // Chunk-major order: each lane's stream receives its chunks in order, so a
+  // parent adds chunk c while its child already works on chunk c + 1.
+  for (const plan::Chunk& chunk : chunks) {
+    for (const auto& round : tree.rounds) {
+      for (const plan::Edge& edge : round) {
+        ops->wait(lanes[edge.parent], lanes[edge.child]);
+        ops->add_(flat[edge.parent].narrow(0, chunk.begin, chunk.numel), lanes[edge.parent],
+                  flat[edge.child].narrow(0, chunk.begin, chunk.numel), lanes[edge.child]);
+      }
+    }
+  }
+  // A child's buffer is read by its parent: later work on the child's lane
+  // (the caller zeroing it, say) must wait for those reads.
+  for (const auto& round : tree.rounds) {
+    for (const plan::Edge& edge : round) ops->wait(lanes[edge.child], lanes[edge.parent]);
+  }
+}
+
+void broadcast_(const std::vector<at::Tensor>& buffers, const std::vector<Lane>& lanes, int64_t root,
+                const TreeOptions& options) {
+  check_tree_buffers("broadcast_", buffers, lanes, root);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // NOTE [Engine writes and version counters]
+  const int n = static_cast<int>(buffers.size());
+  const int64_t numel = buffers[0].numel();
+  if (n == 1 || numel == 0) return;
+  auto ops = lane_ops_for("broadcast_", lanes, options.allow_p2p);
+  const int64_t bytes = numel * buffers[0].element_size();
+  const plan::TreeShape shape = resolve_shape(options, bytes, n);
+  const plan::TreePlan tree = plan::make_tree(n, static_cast<int>(root), shape);
+  const auto chunks =
+      plan::make_chunks(numel, buffers[0].element_size(), resolve_chunk_bytes(options, shape, bytes, n));
+  std::vector<at::Tensor> flat;
+  for (const auto& b : buffers) flat.push_back(b.view(-1));
+  for (const plan::Chunk& chunk : chunks) {
+    for (auto round = tree.rounds.rbegin(); round != tree.rounds.rend(); ++round) {
+      for (const plan::Edge& edge : *round) {
+        ops->wait(lanes[edge.child], lanes[edge.parent]);
+        ops->copy_(flat[edge.child].narrow(0, chunk.begin, chunk.numel), lanes[edge.child],
+                   flat[edge.parent].narrow(0, chunk.begin, chunk.numel), lanes[edge.parent]);
+      }
+    }
+  }
+  // A parent's buffer is read by its children: later writes on the parent's
+  // lane (the next step's parameters) must wait for those reads.
+  for (const auto& round : tree.rounds) {
+    for (const plan::Edge& edge : round) ops->wait(lanes[edge.parent], lanes[edge.child]);
+  }
+}
+
+std::vector<at::Tensor> scatter(const at::Tensor& tensor, const std::vector<Lane>& lanes,
+                                const std::vector<int64_t>& chunk_sizes, int64_t dim) {
+  TORCH_CHECK(tensor.defined(), "dpfast.scatter: expected a tensor, but got None");
+  TORCH_CHECK(!lanes.empty(), "dpfast.scatter: expected at least one lane, but got an empty list");
+  TORCH_CHECK(chunk_sizes.size() == lanes.size(), "dpfast.scatter: expected one chunk size per lane (", lanes.size(),
+              " lanes), but got ", chunk_sizes.size(), " chunk sizes");
+  TORCH_CHECK(tensor.dim() > 0, "dpfast.scatter: expected a tensor with at least one dimension, but got a 0-dim tensor");
+  TORCH_CHECK(dim >= -tensor.dim() && dim < tensor.dim(), "dpfast.scatter: expected dim in [", -tensor.dim(), ", ",
+              tensor.dim(), ") for a tensor of shape ", shape_string(tensor), ", but got ", dim);
+  const int64_t wrapped_dim = dim < 0 ? dim + tensor.dim() : dim;
+  int64_t total = 0;
+  for (size_t i = 0; i < chunk_sizes.size(); ++i) {
+    TORCH_CHECK(chunk_sizes[i] >= 0, "dpfast.scatter: expected non-negative chunk sizes, but chunk_sizes[", i,
+                "] is ", chunk_sizes[i]);
+    total += chunk_sizes[i];
+  }
+  TORCH_CHECK(total == tensor.size(wrapped_dim), "dpfast.scatter: expected chunk sizes that sum to the size of dim ",
+              wrapped_dim, " (", tensor.size(wrapped_dim), "), but they sum to ", total);
+  std::vector<at::Tensor> pieces;
+  pieces.reserve(lanes.size());
+  int64_t offset = 0;
+  for (size_t i = 0; i < lanes.size(); ++i) {
+    at::Tensor piece = tensor.narrow(wrapped_dim, offset, chunk_sizes[i]);
+    offset += chunk_sizes[i];
+    if (lanes[i].device == tensor.device() && tensor.is_cpu()) {
+      pieces.push_back(piece);  // a view, as torch.cuda.comm.scatter gives on the source device
+      continue;
+    }
+#ifdef DPFAST_WITH_CUDA
+    if (lanes[i].device.is_cuda()) {
+      if (lanes[i].device == tensor.device()) {
+        // A view again, but the lane's stream must see the source's producer.
+        cuda::wait_all(lanes[i], {Lane{tensor.device(), -1}});
+        cuda::record_stream(tensor, lanes[i]);
+        pieces.push_back(piece);
+      } else {
+        pieces.push_back(cuda::copy_to_lane(piece, lanes[i]));
+      }
+      continue;
+    }
+#endif
+    TORCH_CHECK(lanes[i].device.is_cpu(), "dpfast.scatter: lane ", i, " is on ", lanes[i].device,
+                ", but dpfast._C was built without CUDA");
+    pieces.push_back(piece.to(lanes[i].device, /*non_blocking=*/false, /*copy=*/true));
+  }
+  return pieces;
+}
+
+at::Tensor gather(const std::vector<at::Tensor>& tensors, const std::vector<Lane>& lanes, const Lane& destination,
+                  int64_t dim) {
+  TORCH_CHECK(!tensors.empty(), "dpfast.gather: expected at least one tensor, but got an empty list");
+  TORCH_CHECK(tensors.size() == lanes.size(), "dpfast.gather: expected one lane per tensor (", tensors.size(),
+              " tensors), but got ", lanes.size(), " lanes");
+  const at::Tensor& first = tensors[0];
+  TORCH_CHECK(first.dim() > 0, "dpfast.gather: expected tensors with at least one dimension, but tensors[0] is 0-dim");
+  TORCH_CHECK(dim >= -first.dim() && dim < first.dim(), "dpfast.gather: expected dim in [", -first.dim(), ", ",
+              first.dim(), "), but got ", dim);
+  const int64_t wrapped_dim = dim < 0 ? dim + first.dim() : dim;
+  std::vector<int64_t> out_sizes = first.sizes().vec();
+  out_sizes[wrapped_dim] = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.dim() == first.dim(), "dpfast.gather: expected all tensors to have ", first.dim(),
+                " dimensions (tensors[0]), but tensors[", i, "] has ", t.dim());
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      TORCH_CHECK(d == wrapped_dim || t.size(d) == first.size(d), "dpfast.gather: expected all tensors to match ",
+                  shape_string(first), " (tensors[0]) in every dimension but ", wrapped_dim, ", but tensors[", i,
+                  "] has shape ", shape_string(t));
+    }
+    TORCH_CHECK(t.scalar_type() == first.scalar_type(), "dpfast.gather: expected all tensors to have dtype ",
+                first.scalar_type(), " (tensors[0]), but tensors[", i, "] has dtype ", t.scalar_type());
+    TORCH_CHECK(t.device() == lanes[i].device, "dpfast.gather: expected tensors[", i, "] on lane ", i, "'s device ",
+                lanes[i].device, ", but it is on ", t.device());
+    out_sizes[wrapped_dim] += t.size(wrapped_dim);
+  }
+  if (destination.device.is_cpu() && all_cpu(lanes)) return at::cat(tensors, wrapped_dim);
+#ifdef DPFAST_WITH_CUDA
+  if (destination.device.is_cuda()) {
+    cuda::wait_all(destination, lanes);
+    at::Tensor out;
+    cuda::with_lane_stream(destination, [&] {
+      out = at::empty(out_sizes, first.options().device(destination.device));
+      int64_t offset = 0;
+      for (size_t i = 0; i < tensors.size(); ++i) {
+        const int64_t size = tensors[i].size(wrapped_dim);
+        // Same device: the copy runs on the destination's stream. Another
+        // device: ATen copies on the source's current stream and orders it
+        // against the destination's; make that the source lane's stream.
+        if (tensors[i].device() == destination.device) {
+          cuda::record_stream(tensors[i], destination);
+          out.narrow(wrapped_dim, offset, size).copy_(tensors[i], /*non_blocking=*/true);
+        } else {
+          cuda::with_lane_stream(lanes[i], [&] { out.narrow(wrapped_dim, offset, size).copy_(tensors[i], true); });
+        }
+        offset += size;
+      }
+    });
+    return out;
+  }
+#endif
+  std::vector<at::Tensor> moved;
+  for (const auto& t : tensors) moved.push_back(t.to(destination.device));
+  return at::cat(moved, wrapped_dim);
+}
+
+namespace {
+int64_t check_coalesce(const char* op, const std::vector<at::Tensor>& tensors, const at::Tensor& flat) {
+  TORCH_CHECK(flat.defined() && flat.dim() == 1 && flat.is_contiguous(), "dpfast.", op,
+              ": expected a contiguous 1-D flat buffer, but got ", flat.defined() ? shape_string(flat) : "None");
+  int64_t total = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.defined(), "dpfast.", op, ": expected a tensor at tensors[", i, "], but got None");
+    TORCH_CHECK(t.scalar_type() == flat.scalar_type(), "dpfast.", op, ": expected tensors of the flat buffer's dtype ",
+                flat.scalar_type(), ", but tensors[", i, "] has dtype ", t.scalar_type());
+    TORCH_CHECK(t.device() == flat.device(), "dpfast.", op, ": expected tensors on the flat buffer's device ",
+                flat.device(), ", but tensors[", i, "] is on ", t.device());
+    total += t.numel();
+  }
+  TORCH_CHECK(total <= flat.numel(), "dpfast.", op, ": expected a flat buffer of at least ", total,
+              " elements (the tensors' total), but it has ", flat.numel());
+  return total;
+}
+}  // namespace
+
+void coalesce_into(const std::vector<at::Tensor>& tensors, const at::Tensor& flat) {
+  const int64_t total = check_coalesce("coalesce_into", tensors, flat);
+  if (tensors.empty() || total == 0) return;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  std::vector<at::Tensor> pieces;
+  pieces.reserve(tensors.size());
+  for (const auto& t : tensors) pieces.push_back(t.reshape(-1));
+  at::Tensor target = flat.narrow(0, 0, total);
+  at::cat_out(target, pieces, 0);  // one batched copy kernel on CUDA
+}
+
+void uncoalesce_from(const at::Tensor& flat, const std::vector<at::Tensor>& tensors) {
+  const int64_t total = check_coalesce("uncoalesce_from", tensors, flat);
+  if (tensors.empty() || total == 0) return;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  std::vector<at::Tensor> targets;
+  std::vector<at::Tensor> pieces;
+  int64_t offset = 0;
+  for (const auto& t : tensors) {
+    if (t.numel() == 0) continue;
+    targets.push_back(t);
+    pieces.push_back(flat.narrow(0, offset, t.numel()).view(t.sizes()));
+    offset += t.numel();
+  }
+  at::_foreach_copy_(targets, pieces);  // one fused launch on CUDA
+}
+
+}  // namespace dpfast

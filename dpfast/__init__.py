@@ -1,0 +1,12 @@
+"""dpfast: a drop-in replacement for torch.nn.DataParallel.
+
+    model = dpfast.DataParallel(model)   # was: torch.nn.DataParallel(model)
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # noqa: F401
+from .data_parallel import DataParallel
+
+__all__ = ["DataParallel"]
+__version__ = "0.1.0"

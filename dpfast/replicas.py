@@ -1,0 +1,198 @@
+"""Persistent replicas of the root module, kept consistent with it.
+
+Replica 0 is the root module itself. Replicas 1..n-1 are built once: a
+shallow copy of every submodule whose parameters and buffers are views into
+one flat buffer per dtype on the replica's device. Before each forward,
+``ReplicaSet.sync`` makes them equal to what nn.DataParallel's per-call
+``replicate`` would build.
+
+NOTE [Replica consistency]
+What a user can change on the root between calls, and how a replica sees it:
+- Values of parameters and buffers (optimizer steps, load_state_dict,
+  in-place edits under no_grad or through ``.data``): the root's tensors are
+  coalesced into a flat buffer and tree-broadcast into the replicas' flat
+  buffers before every forward. ``.data`` edits do not bump version counters,
+  so by default this happens on every call; ``trust_version_counters=True``
+  skips a dtype group whose root and replica tensors kept their versions and
+  storage since the last broadcast (wrong after ``.data`` edits: opt-in).
+- Everything else a module holds in its ``__dict__`` (training flags, plain
+  attributes such as ``dropout.p``, hook dictionaries): every replica
+  submodule's ``__dict__`` is re-copied (shallow) from its root submodule on
+  every call, with only ``_parameters``, ``_buffers`` and ``_modules``
+  pointing at the replica's own. Hook dictionaries are shared objects, so a
+  hook registered on the root is a hook of every replica.
+- Structure (a submodule, parameter or buffer replaced, added or removed; a
+  dtype, shape, device or requires_grad change): detected by comparing the
+  identity of every entry of those three dictionaries and the metadata of
+  every tensor with a snapshot; any difference rebuilds the replicas.
+Attributes written inside a replica's forward are lost at the next call, as
+with nn.DataParallel; replica 0 is the root, so its writes stay (as on one
+device).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import _C, streams as lane_streams
+
+
+def _tensor_meta(t: torch.Tensor) -> tuple:
+    return (t.dtype, t.shape, t.device, t.requires_grad)
+
+
+def _module_entries(module: nn.Module) -> tuple:
+    d = module.__dict__
+    return (tuple((k, id(v)) for k, v in d["_parameters"].items()),
+            tuple((k, id(v)) for k, v in d["_buffers"].items()),
+            tuple((k, id(v)) for k, v in d["_modules"].items()))
+
+
+class ReplicaSet:
+    """The replicas of ``root`` on ``devices`` (devices[0] is the root's)."""
+
+    def __init__(self, root: nn.Module, devices: List[torch.device], streams: Optional[list],
+                 trust_version_counters: bool = False, tree_shape: str = "auto"):
+        self.root = root
+        self.devices = list(devices)
+        self.streams = streams
+        self.lane_stream_ids = lane_streams.ids(streams)
+        self.trust_version_counters = trust_version_counters
+        self.tree_shape = tree_shape
+        self.build_count = 0
+        self.broadcast_count = 0
+        self._build()
+
+    # -- building ------------------------------------------------------------------------------
+    def _build(self) -> None:
+        root, devices = self.root, self.devices
+        self.modules: List[nn.Module] = [m for _, m in root.named_modules()]
+        self.entries = [_module_entries(m) for m in self.modules]
+        tensors: List[torch.Tensor] = []
+        index_of: Dict[int, int] = {}
+        for m in self.modules:
+            for t in list(m._parameters.values()) + list(m._buffers.values()):
+                if t is not None and id(t) not in index_of:
+                    index_of[id(t)] = len(tensors)
+                    tensors.append(t)
+        self.tensors = tensors
+        self.is_param = [isinstance(t, nn.Parameter) for t in tensors]
+        self.meta = [_tensor_meta(t) for t in tensors]
+        for i, t in enumerate(tensors):
+            if t.device != devices[0]:
+                raise RuntimeError(f"dpfast.DataParallel: module must have its parameters and buffers on device "
+                                   f"{devices[0]} (device_ids[0]) but found one of them on device: {t.device}")
+            if t.is_sparse or t.layout != torch.strided:
+                raise RuntimeError(f"dpfast.DataParallel: expected dense parameters and buffers, but found one with "
+                                   f"layout {t.layout}")
+        # One flat buffer per dtype group, in first-appearance order.
+        self.groups: List[Tuple[torch.dtype, List[int]]] = []
+        group_of: Dict[torch.dtype, int] = {}
+        for i, t in enumerate(tensors):
+            if t.dtype not in group_of:
+                group_of[t.dtype] = len(self.groups)
+                self.groups.append((t.dtype, []))
+            self.groups[group_of[t.dtype]][1].append(i)
+        self.offsets = [0] * len(tensors)
+        self.group_numel = []
+        for _, members in self.groups:
+            offset = 0
+            for i in members:
+                self.offsets[i] = offset
+                offset += tensors[i].numel()
+            self.group_numel.append(offset)
+        n = len(devices)
+        # flats[k][g]: replica k's buffer of group g; flats[0][g] is the root's coalescing buffer.
+        self.flats = [[torch.empty(numel, dtype=dtype, device=devices[k])
+                       for (dtype, _), numel in zip(self.groups, self.group_numel)] for k in range(n)]
+        group_index = {i: g for g, (_, members) in enumerate(self.groups) for i in members}
+        # replica_tensors[k][i]: replica k's version of root tensor i (k = 0: the root's own).
+        self.replica_tensors: List[List[torch.Tensor]] = [tensors]
+        for k in range(1, n):
+            own = []
+            for i, t in enumerate(tensors):
+                view = self.flats[k][group_index[i]].narrow(0, self.offsets[i], t.numel()).view(t.shape)
+                own.append(nn.Parameter(view, requires_grad=t.requires_grad) if self.is_param[i] else view)
+            self.replica_tensors.append(own)
+        # replica_modules[k][j]: replica k's copy of self.modules[j]; with their own three dictionaries.
+        module_index = {id(m): j for j, m in enumerate(self.modules)}
+        self.replica_modules: List[List[nn.Module]] = [self.modules]
+        self.replica_dicts: List[List[tuple]] = [[]]
+        for k in range(1, n):
+            mods = [m.__class__.__new__(m.__class__) for m in self.modules]
+            dicts = []
+            for j, m in enumerate(self.modules):
+                own = self.replica_tensors[k]
+                params = {name: None if p is None else own[index_of[id(p)]] for name, p in m._parameters.items()}
+                buffers = {name: None if b is None else own[index_of[id(b)]] for name, b in m._buffers.items()}
+                children = {name: None if c is None else mods[module_index[id(c)]] for name, c in m._modules.items()}
+                dicts.append((params, buffers, children))
+            self.replica_modules.append(mods)
+            self.replica_dicts.append(dicts)
+        self.versions: Optional[list] = None  # per group, at the last broadcast (trust_version_counters)
+        self.versions_replicas = 0
+        self.build_count += 1
+        self._refresh_attributes(n)
+
+    # -- per call ------------------------------------------------------------------------------
+    def structure_changed(self) -> bool:
+        # The tree of modules is unchanged as long as every _modules dictionary is.
+        for m, entries in zip(self.modules, self.entries):
+            if _module_entries(m) != entries:
+                return True
+        return any(_tensor_meta(t) != meta for t, meta in zip(self.tensors, self.meta))
+
+    def _refresh_attributes(self, num_replicas: int) -> None:
+        for k in range(1, num_replicas):
+            for m, replica, (params, buffers, children) in zip(self.modules, self.replica_modules[k],
+                                                               self.replica_dicts[k]):
+                d = m.__dict__.copy()
+                d["_parameters"] = params
+                d["_buffers"] = buffers
+                d["_modules"] = children
+                object.__setattr__(replica, "__dict__", d)
+
+    def _current_versions(self, g: int, num_replicas: int) -> list:
+        members = self.groups[g][1]
+        return [(t._version, t.data_ptr()) for t in (self.tensors[i] for i in members)] + [
+            self.replica_tensors[k][i]._version for k in range(1, num_replicas) for i in members]
+
+    def _broadcast_values(self, num_replicas: int) -> None:
+        if self.versions is None or self.versions_replicas != num_replicas:
+            self.versions = [None] * len(self.groups)
+            self.versions_replicas = num_replicas
+        # The root's flat buffer is written on the current stream and read on the lanes' (NOTE [Stream ordering]).
+        current = lane_streams.current_stream(self.devices[0])
+        root_lane = self.streams[0] if self.streams else None
+        lane_streams.wait(current, root_lane)
+        for g, (_, members) in enumerate(self.groups):
+            if self.trust_version_counters:
+                current = self._current_versions(g, num_replicas)
+                if current == self.versions[g]:
+                    continue
+            _C.coalesce_into([self.tensors[i] for i in members], self.flats[0][g])
+            lane_streams.wait(root_lane, current)
+            _C.broadcast_([self.flats[k][g] for k in range(num_replicas)], 0,
+                          self.lane_stream_ids[:num_replicas], self.tree_shape)
+            self.broadcast_count += 1
+            if self.trust_version_counters:
+                self.versions[g] = self._current_versions(g, num_replicas)
+
+    def sync(self, num_replicas: int) -> List[nn.Module]:
+        """The first num_replicas replicas (replica 0 is the root), made equal to the root."""
+        if self.structure_changed():
+            self._build()
+        self._refresh_attributes(num_replicas)
+        if num_replicas > 1:
+            self._broadcast_values(num_replicas)
+        return [mods[0] for mods in self.replica_modules[:num_replicas]]
+
+    def replica_params(self, k: int) -> List[torch.Tensor]:
+        """Replica k's parameters that need gradients, aligned with the root's (self.root_grad_params())."""
+        return [self.replica_tensors[k][i] for i, t in enumerate(self.tensors) if self.is_param[i] and t.requires_grad]
+
+    def root_grad_params(self) -> List[torch.Tensor]:
+        return [t for i, t in enumerate(self.tensors) if self.is_param[i] and t.requires_grad]

@@ -1,0 +1,216 @@
+"""Scatter of nested inputs onto the replicas and gather of their outputs.
+
+The same structures as torch.nn.parallel.scatter_gather (tensors, lists,
+tuples, namedtuples, dicts and dict subclasses, with the type kept) plus
+dataclasses; non-tensor values go to every replica unchanged. Unlike
+nn.DataParallel, tensors whose batch sizes disagree are rejected, 0-dim input
+tensors are given whole to every replica instead of failing, and 0-dim outputs
+are gathered into a vector without a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _C
+
+
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(obj, "_asdict") and hasattr(obj, "_fields")
+
+
+def _is_dataclass_instance(obj: Any) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def _dataclass_items(obj: Any):
+    return [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init]
+
+
+def _rebuild_dataclass(template: Any, values: Dict[str, Any]) -> Any:
+    out = type(template)(**values)
+    for f in dataclasses.fields(template):  # fields outside __init__ keep the first replica's value
+        if not f.init:
+            object.__setattr__(out, f.name, getattr(template, f.name))
+    return out
+
+
+def iter_tensors(obj: Any, path: str):
+    """(path, tensor) for every tensor in a nested structure, in a stable order."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from iter_tensors(value, f"{path}[{key!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from iter_tensors(value, f"{path}[{i}]")
+    elif _is_dataclass_instance(obj):
+        for name, value in _dataclass_items(obj):
+            yield from iter_tensors(value, f"{path}.{name}")
+
+
+def find_batch_size(inputs: tuple, kwargs: dict, dim: int) -> Optional[int]:
+    """The common size along ``dim`` of every input tensor that has a batch
+    dimension, or None when there is none. Raises on disagreement."""
+    first_path, batch = None, None
+    for path, tensor in list(iter_tensors(inputs, "inputs")) + list(iter_tensors(kwargs, "kwargs")):
+        if tensor.dim() == 0:
+            continue  # given whole to every replica
+        if not -tensor.dim() <= dim < tensor.dim():
+            raise ValueError(f"dpfast.DataParallel: dim: expected a dimension in [{-tensor.dim()}, {tensor.dim()}) "
+                             f"of every input tensor, but got dim={dim} and {path} has shape {tuple(tensor.shape)}")
+        size = tensor.size(dim)
+        if batch is None:
+            first_path, batch = path, size
+        elif size != batch:
+            raise ValueError(f"dpfast.DataParallel: inputs: expected every input tensor to have the same size along "
+                             f"dim {dim} (the batch), but {first_path} has {batch} and {path} has {size}")
+    return batch
+
+
+def even_chunk_sizes(batch: int, num_devices: int) -> List[int]:
+    """torch.chunk's split, which nn.DataParallel uses: ceil(batch / n) rows per
+    replica, so a small batch uses fewer replicas."""
+    if batch <= 0:
+        return []
+    per_replica = -(-batch // num_devices)
+    sizes = []
+    while sum(sizes) < batch:
+        sizes.append(min(per_replica, batch - sum(sizes)))
+    return sizes
+
+
+def stream_ids(streams: Optional[Sequence[Any]]) -> List[int]:
+    return [s.stream_id for s in streams] if streams else []
+
+
+class Scatter(torch.autograd.Function):
+    """Differentiable scatter: the backward gathers the pieces' gradients back
+    onto the input's device."""
+
+    @staticmethod
+    def forward(ctx, devices, chunk_sizes, dim, lane_stream_ids, tensor):
+        ctx.source_device = tensor.device
+        ctx.devices = devices
+        ctx.dim = dim
+        pieces = tuple(_C.scatter(tensor, devices, chunk_sizes, dim, lane_stream_ids))
+        ctx.piece_shapes = [p.shape for p in pieces]
+        ctx.dtype = tensor.dtype
+        return pieces
+
+    @staticmethod
+    def backward(ctx, *grads):
+        grads = [torch.zeros(shape, dtype=ctx.dtype, device=device) if g is None else g
+                 for g, shape, device in zip(grads, ctx.piece_shapes, ctx.devices)]
+        return None, None, None, None, Gather.apply(ctx.source_device, ctx.dim, ctx.devices, [], *grads)
+
+
+class Gather(torch.autograd.Function):
+    """Differentiable gather: the backward scatters the gradient back onto the
+    replicas' devices, in the pieces' sizes."""
+
+    @staticmethod
+    def forward(ctx, destination, dim, devices, lane_stream_ids, *tensors):
+        ctx.devices = devices
+        ctx.dim = dim
+        ctx.chunk_sizes = [t.size(dim) for t in tensors]
+        return _C.gather(list(tensors), devices, destination, dim, lane_stream_ids)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Backward runs on the current streams (autograd's stream semantics).
+        grads = Scatter.apply(ctx.devices, ctx.chunk_sizes, ctx.dim, [], grad)
+        return (None, None, None, None) + tuple(grads)
+
+
+def scatter_tensor(tensor: torch.Tensor, devices: List[torch.device], chunk_sizes: List[int], dim: int,
+                   lane_stream_ids: List[int]) -> List[torch.Tensor]:
+    if tensor.dim() == 0:
+        return [tensor.to(d) for d in devices]
+    if torch.is_grad_enabled() and tensor.requires_grad:
+        return list(Scatter.apply(devices, chunk_sizes, dim, lane_stream_ids, tensor))
+    return _C.scatter(tensor, devices, chunk_sizes, dim, lane_stream_ids)
+
+
+def scatter(obj: Any, devices: List[torch.device], chunk_sizes: List[int], dim: int,
+            lane_stream_ids: List[int] = ()) -> List[Any]:
+    """One object per replica: tensors split along dim in chunk_sizes, the
+    containers rebuilt with their own types, everything else shared."""
+    lane_stream_ids = list(lane_stream_ids)
+
+    def scatter_map(value):
+        if isinstance(value, torch.Tensor):
+            return scatter_tensor(value, devices, chunk_sizes, dim, lane_stream_ids)
+        if _is_namedtuple(value):
+            return [type(value)(*fields) for fields in zip(*map(scatter_map, value))]
+        if isinstance(value, tuple) and len(value) > 0:
+            return [type(value)(items) if type(value) is not tuple else tuple(items)
+                    for items in zip(*map(scatter_map, value))]
+        if isinstance(value, list) and len(value) > 0:
+            return [type(value)(items) for items in zip(*map(scatter_map, value))]
+        if isinstance(value, dict) and len(value) > 0:
+            keys = list(value.keys())
+            per_key = [scatter_map(value[k]) for k in keys]
+            return [type(value)(zip(keys, values)) for values in zip(*per_key)]
+        if _is_dataclass_instance(value):
+            items = _dataclass_items(value)
+            per_field = [scatter_map(v) for _, v in items]
+            return [_rebuild_dataclass(value, {name: vals[i] for i, (name, _) in enumerate(items)})
+                    for vals in zip(*per_field)] if items else [value for _ in devices]
+        return [value for _ in devices]
+
+    return scatter_map(obj)
+
+
+def scatter_kwargs(inputs: tuple, kwargs: Optional[dict], devices: List[torch.device], chunk_sizes: List[int],
+                   dim: int, lane_stream_ids: List[int] = ()) -> Tuple[List[tuple], List[dict]]:
+    scattered_inputs = scatter(tuple(inputs), devices, chunk_sizes, dim, lane_stream_ids) if inputs else []
+    scattered_kwargs = scatter(dict(kwargs), devices, chunk_sizes, dim, lane_stream_ids) if kwargs else []
+    n = len(devices)
+    scattered_inputs = list(scattered_inputs) + [() for _ in range(n - len(scattered_inputs))]
+    scattered_kwargs = list(scattered_kwargs) + [{} for _ in range(n - len(scattered_kwargs))]
+    return [tuple(i) for i in scattered_inputs], [dict(k) for k in scattered_kwargs]
+
+
+def gather(outputs: List[Any], destination: torch.device, dim: int, devices: List[torch.device],
+           lane_stream_ids: List[int] = ()) -> Any:
+    """The replicas' outputs concatenated along dim on ``destination`` (ready
+    on its current stream), nested
+    structures rebuilt with their own types. 0-dim tensors become a vector of
+    one value per replica. Other values are kept when every replica returned
+    an equal one, else gathered into a list."""
+    lane_stream_ids = list(lane_stream_ids)
+
+    def gather_map(values: List[Any]):
+        first = values[0]
+        if isinstance(first, torch.Tensor):
+            tensors = [v.unsqueeze(0) if v.dim() == 0 else v for v in values]
+            if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
+                return Gather.apply(destination, dim, devices, lane_stream_ids, *tensors)
+            return _C.gather(tensors, devices, destination, dim, lane_stream_ids)
+        if first is None:
+            return None
+        if isinstance(first, dict):
+            if not all(len(v) == len(first) for v in values):
+                raise ValueError("dpfast.DataParallel: outputs: expected every replica to return a dict with the same "
+                                 "keys, but they differ")
+            return type(first)((k, gather_map([v[k] for v in values])) for k in first)
+        if _is_namedtuple(first):
+            return type(first)._make(map(gather_map, zip(*values)))
+        if isinstance(first, (list, tuple)):
+            return type(first)(map(gather_map, zip(*values)))
+        if _is_dataclass_instance(first):
+            return _rebuild_dataclass(first, {name: gather_map([getattr(v, name) for v in values])
+                                              for name, _ in _dataclass_items(first)})
+        try:
+            if all(v == first for v in values[1:]):
+                return first
+        except Exception:  # values whose == is not a plain bool
+            pass
+        return list(values)
+
+    return gather_map(outputs)

@@ -1,0 +1,43 @@
+"""Small helpers for the lanes' CUDA streams; every one is a no-op on the CPU.
+
+NOTE [Stream ordering] in csrc/comm.h states the engine's rules: an engine op
+starts after the work already on its lanes' streams and leaves its results on
+them. The front end adds the edges between a lane and the caller's current
+stream with these helpers, always by events (wait_stream), never by a
+device-wide synchronize.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional
+
+import torch
+
+
+def make_lane_streams(devices: List[torch.device]) -> Optional[List["torch.cuda.Stream"]]:
+    """One stream per replica (several may share a device), or None on the CPU."""
+    if devices[0].type != "cuda":
+        return None
+    return [torch.cuda.Stream(device=d) for d in devices]
+
+
+def current_stream(device: torch.device):
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def wait(consumer, producer) -> None:
+    """Work enqueued on `consumer` from now on runs after the work already on `producer`."""
+    if consumer is not None and producer is not None and consumer != producer:
+        consumer.wait_stream(producer)
+
+
+def on(stream):
+    """Makes `stream` current (and its device) for the block; nothing on the CPU."""
+    if stream is None:
+        return contextlib.nullcontext()
+    return torch.cuda.stream(stream)
+
+
+def ids(streams) -> List[int]:
+    return [s.stream_id for s in streams] if streams else []

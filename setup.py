@@ -1,0 +1,102 @@
+"""Builds dpfast and its one compiled extension, dpfast._C.
+
+The CUDA variant is built when torch was built with CUDA and nvcc is found,
+whether or not a GPU is visible (so a CPU-only CI machine still compiles the
+CUDA code). DPFAST_FORCE_CUDA=1 / DPFAST_SKIP_CUDA=1 override the choice.
+TORCH_CUDA_ARCH_LIST is honoured; without it and without a visible GPU the
+default is sm_80 and sm_90 (A100 and H100/H200).
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+
+def _find_cuda_home():
+    """torch guesses CUDA_HOME from `which nvcc`; where that nvcc is a link or a
+    wrapper script in /usr/local/bin, the guess (/usr/local) has no CUDA
+    headers. Pick a folder that has them."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import shutil
+
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and os.path.exists(
+                os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_find_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def want_cuda():
+    if env_flag("DPFAST_SKIP_CUDA"):
+        return False, "DPFAST_SKIP_CUDA is set"
+    if env_flag("DPFAST_FORCE_CUDA"):
+        return True, "DPFAST_FORCE_CUDA is set"
+    if torch.version.cuda is None:
+        return False, "torch was built without CUDA"
+    if CUDA_HOME is None:
+        return False, "nvcc was not found (set CUDA_HOME)"
+    return True, f"torch {torch.__version__} has CUDA {torch.version.cuda}, nvcc found under {CUDA_HOME}"
+
+
+def extra_cuda_includes():
+    """Headers that torch's headers include but a bare CUDA toolkit may lack
+    (cuSPARSE and friends) ship in torch's own nvidia-* wheels."""
+    found = []
+    for entry in sys.path:
+        for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
+            found.extend(d for d in glob.glob(os.path.join(entry, pattern)) if os.path.isdir(d))
+    return sorted(set(found))
+
+
+def extension():
+    with_cuda, reason = want_cuda()
+    print(f"dpfast: building the {'CUDA' if with_cuda else 'CPU'} variant of dpfast._C ({reason})")
+    sources = ["csrc/plan.cpp", "csrc/comm.cpp", "csrc/bindings.cpp"]
+    cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for
+    if not with_cuda:
+        return CppExtension("dpfast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                            extra_compile_args={"cxx": cxx_flags})
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    sources += ["csrc/cuda/comm_cuda.cpp", "csrc/cuda/add_kernel.cu"]
+    return CUDAExtension(
+        "dpfast._C",
+        sources,
+        # The toolkit's own headers first; torch's nvidia wheels only fill its gaps.
+        include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(CUDA_HOME, "include")] + extra_cuda_includes(),
+        define_macros=[("DPFAST_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DDPFAST_WITH_CUDA=1"]},
+    )
+
+
+setup(
+    name="dpfast",
+    version="0.1.0",
+    description="A drop-in, faster torch.nn.DataParallel with persistent replicas and tree reductions",
+    packages=find_packages(include=["dpfast", "dpfast.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch", "nvidia-ml-py"],
+)

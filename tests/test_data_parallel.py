@@ -1,0 +1,407 @@
+"""dpfast.DataParallel against the unwrapped module on the full batch (float64
+on CPU replicas, several replicas on one device), and nn.DataParallel's
+documented behaviour."""
+
+import collections
+import copy
+import dataclasses
+import threading
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import dpfast
+
+CPU4 = ["cpu"] * 4
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def pair(factory, device_ids=CPU4, **kwargs):
+    torch.manual_seed(0)
+    reference = factory().double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=device_ids, **kwargs)
+    return reference, wrapped
+
+
+def assert_same_grads(reference, wrapped, rtol=1e-10, atol=1e-12):
+    for (name, p), q in zip(reference.named_parameters(), wrapped.module.parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+        else:
+            assert q.grad is not None, name
+            torch.testing.assert_close(q.grad, p.grad, rtol=rtol, atol=atol, msg=name)
+
+
+def assert_same_params(reference, wrapped, rtol=1e-10, atol=1e-12):
+    for (name, p), q in zip(reference.state_dict().items(), wrapped.module.state_dict().values()):
+        torch.testing.assert_close(q, p, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4, 10, 33])
+def test_mlp_forward_and_grads_match_full_batch(batch):
+    reference, wrapped = pair(mlp)
+    x = torch.randn(batch, 6, dtype=torch.float64)
+    out_ref, out = reference(x), wrapped(x)
+    assert torch.allclose(out, out_ref, rtol=1e-12, atol=1e-12)
+    out_ref.square().mean().backward()
+    out.square().mean().backward()
+    assert_same_grads(reference, wrapped)
+
+
+def test_integer_valued_gradients_reduce_exactly():
+    reference, wrapped = pair(lambda: nn.Linear(5, 3, bias=True))
+    x = torch.randint(-3, 4, (16, 5)).double()
+    reference(x).sum().backward()
+    wrapped(x).sum().backward()
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("make_opt", [lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+                                      lambda ps: torch.optim.Adam(ps, lr=0.01)], ids=["sgd_momentum", "adam"])
+def test_multi_step_trajectories_identical(make_opt):
+    reference, wrapped = pair(mlp)
+    opt_ref, opt = make_opt(reference.parameters()), make_opt(wrapped.parameters())
+    for step in range(6):
+        x, y = torch.randn(12, 6, dtype=torch.float64), torch.randn(12, 3, dtype=torch.float64)
+        for model, optimizer in ((reference, opt_ref), (wrapped, opt)):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+    assert_same_params(reference, wrapped, rtol=1e-9, atol=1e-11)
+    assert wrapped.stats()["replica_builds"] == 1  # replicas persist across steps
+
+
+def test_gradient_accumulation_and_repeated_backward():
+    reference, wrapped = pair(mlp)
+    for _ in range(3):
+        x = torch.randn(8, 6, dtype=torch.float64)
+        reference(x).sum().backward()
+        wrapped(x).sum().backward()
+    assert_same_grads(reference, wrapped)
+    # retain_graph: a second backward through the same graph accumulates again
+    x = torch.randn(8, 6, dtype=torch.float64)
+    loss_ref, loss = reference(x).sum(), wrapped(x).sum()
+    loss_ref.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    loss_ref.backward()
+    loss.backward()
+    assert_same_grads(reference, wrapped)
+
+
+def test_two_forwards_then_one_backward():
+    reference, wrapped = pair(mlp)
+    a, b = torch.randn(8, 6, dtype=torch.float64), torch.randn(6, 6, dtype=torch.float64)
+    (reference(a).sum() + reference(b).pow(2).sum()).backward()
+    (wrapped(a).sum() + wrapped(b).pow(2).sum()).backward()
+    assert_same_grads(reference, wrapped)
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)).relu().mean((2, 3)))
+
+
+def test_conv_batchnorm_eval_matches_and_train_updates_root_stats():
+    reference, wrapped = pair(ConvBN)
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    wrapped(x)  # train mode: replica 0 is the root module, so its running stats move
+    # nn.DataParallel keeps replica 0's statistics: those of the first chunk.
+    reference(x[:2])
+    torch.testing.assert_close(wrapped.module.bn.running_mean, reference.bn.running_mean)
+    torch.testing.assert_close(wrapped.module.bn.running_var, reference.bn.running_var)
+    assert wrapped.module.bn.num_batches_tracked.item() == 1
+    reference.eval()
+    wrapped.eval()
+    torch.testing.assert_close(wrapped(x), reference(x), rtol=1e-12, atol=1e-12)
+
+
+class LSTMModel(nn.Module):
+    def __init__(self, batch_first):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 8, batch_first=batch_first)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        return self.out(y)
+
+
+@pytest.mark.parametrize("batch_first,dim", [(True, 0), (False, 1)])
+def test_lstm_batch_first_and_dim1(batch_first, dim):
+    reference, wrapped = pair(lambda: LSTMModel(batch_first), dim=dim)
+    x = torch.randn(6, 5, 4, dtype=torch.float64)  # (batch, seq) or (seq, batch)
+    out_ref, out = reference(x), wrapped(x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    out_ref.sum().backward()
+    out.sum().backward()
+    assert_same_grads(reference, wrapped)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.decode = nn.Linear(6, 10, bias=False)
+        self.decode.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.decode(self.embed(tokens).tanh())
+
+
+def test_tied_weights():
+    reference, wrapped = pair(Tied)
+    tokens = torch.randint(0, 10, (9, 3))
+    reference(tokens).sum().backward()
+    wrapped(tokens).sum().backward()
+    assert len(list(wrapped.parameters())) == 1
+    assert_same_grads(reference, wrapped)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(4, 4)
+        self.unused = nn.Linear(4, 4)
+        self.frozen = nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+        self.sometimes = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.frozen(self.used(x))
+        if x[0, 0] > 0:  # depends on the chunk: some replicas use it, others not
+            y = y + self.sometimes(x)
+        return y
+
+
+def test_frozen_unused_and_conditionally_used_parameters():
+    reference, wrapped = pair(Branchy)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    x[0, 0], x[2, 0], x[4, 0], x[6, 0] = -1, 1, -1, -1  # only the second of four chunks takes the branch
+    expected = sum(reference(x[i:i + 2]).sum() for i in range(0, 8, 2))
+    expected.backward()
+    wrapped(x).sum().backward()
+    assert wrapped.module.unused.weight.grad is None and wrapped.module.frozen.weight.grad is None
+    assert wrapped.module.sometimes.weight.grad is not None
+    assert_same_grads(reference, wrapped)
+
+
+Pair = collections.namedtuple("Pair", ["left", "right"])
+
+
+class OrderedOut(collections.OrderedDict):
+    pass
+
+
+@dataclasses.dataclass
+class Batch:
+    features: torch.Tensor
+    scale: float
+
+
+class Structured(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, batch, pair, *, mask=None, tag="t"):
+        out = self.lin(batch.features * batch.scale) + pair.left.sum(1, keepdim=True) * pair.right
+        if mask is not None:
+            out = out * mask
+        return OrderedOut(out=out, pair=Pair(out.sum(1), None), tag=tag, items=[out.mean(), {"k": out}])
+
+
+def test_nested_inputs_and_outputs_keep_types():
+    reference, wrapped = pair(Structured)
+    b = 7
+    features, left = torch.randn(b, 3, dtype=torch.float64), torch.randn(b, 2, dtype=torch.float64)
+    mask = torch.randint(0, 2, (b, 1)).double()
+    args = (Batch(features, 0.5), Pair(left, torch.tensor(2.0, dtype=torch.float64)))
+    out = wrapped(*args, mask=mask, tag="x")
+    ref = reference(*args, mask=mask, tag="x")
+    assert type(out) is OrderedOut and type(out["pair"]) is Pair and out["pair"].right is None
+    assert out["tag"] == "x"
+    torch.testing.assert_close(out["out"], ref["out"])
+    torch.testing.assert_close(out["items"][1]["k"], ref["out"])
+    assert out["items"][0].shape == (4,)  # one scalar per replica, as a vector
+
+
+def test_scalar_outputs_become_a_vector_without_warning():
+    class Loss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.lin(x).pow(2).mean()
+
+    _, wrapped = pair(Loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = wrapped(torch.randn(8, 3, dtype=torch.float64))
+    assert loss.shape == (4,)
+    loss.mean().backward()
+    assert wrapped.module.lin.weight.grad is not None
+
+
+def test_small_batch_uses_fewer_replicas():
+    reference, wrapped = pair(mlp)
+    x = torch.randn(5, 6, dtype=torch.float64)  # torch.chunk: 2 + 2 + 1, three replicas
+    assert wrapped(x).shape == (5, 3)
+    wrapped(x).sum().backward()
+    reference(x).sum().backward()
+    assert_same_grads(reference, wrapped)
+
+
+def test_root_changes_are_seen_by_replicas():
+    reference, wrapped = pair(mlp)
+    x = torch.randn(8, 6, dtype=torch.float64)
+
+    def check():
+        torch.testing.assert_close(wrapped(x), reference(x), rtol=1e-12, atol=1e-12)
+
+    check()
+    version = wrapped.module[0].weight._version
+    for model in (reference, wrapped.module):  # WGAN weight clipping, through .data: no version bump
+        for p in model.parameters():
+            p.data.clamp_(-0.1, 0.1)
+    assert wrapped.module[0].weight._version == version
+    check()
+    with torch.no_grad():
+        for model in (reference, wrapped.module):
+            model[0].bias.add_(1.0)
+    check()
+    state = {k: v + 0.5 for k, v in reference.state_dict().items()}
+    reference.load_state_dict(state)
+    wrapped.module.load_state_dict(state)
+    check()
+    # A forward hook and a pre-hook registered after wrapping.
+    for model in (reference, wrapped.module):
+        model[2].register_forward_hook(lambda m, i, o: o * 2)
+        model[0].register_forward_pre_hook(lambda m, i: (i[0] + 1,))
+    check()
+    # Structure: a new head for fine-tuning.
+    torch.manual_seed(1)
+    head = nn.Linear(16, 3).double()
+    reference[4] = head
+    wrapped.module[4] = copy.deepcopy(head)
+    check()
+    reference(x).sum().backward()
+    wrapped(x).sum().backward()
+    assert_same_grads(reference, wrapped)
+    assert wrapped.stats()["replica_builds"] == 2
+
+
+class Tempered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+        self.temperature = 1.0
+
+    def forward(self, x):
+        return self.drop(self.lin(x)) / self.temperature
+
+
+def test_modes_and_plain_attributes_are_seen_by_replicas():
+    reference, wrapped = pair(Tempered)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    wrapped.eval()
+    reference.eval()
+    torch.testing.assert_close(wrapped(x), reference(x))
+    wrapped.train()
+    wrapped.module.drop.p = 0.0
+    reference.drop.p = 0.0
+    wrapped.module.temperature = 0.5
+    reference.temperature = 0.5
+    torch.testing.assert_close(wrapped(x), reference(x))
+    wrapped.module.drop.p = 1.0  # every replica now drops everything
+    assert torch.count_nonzero(wrapped(x)) == 0
+    wrapped.module.drop.p = 0.0
+    wrapped.module.drop.eval()  # mode of one submodule
+    assert not wrapped.module.drop.training and wrapped.module.training
+    torch.testing.assert_close(wrapped(x), reference(x))
+
+
+def test_trust_version_counters_mode_skips_unchanged_and_sees_optimizer_steps():
+    reference, wrapped = pair(mlp, trust_version_counters=True)
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    wrapped(x)
+    count = wrapped.stats()["broadcasts"]
+    wrapped(x)
+    assert wrapped.stats()["broadcasts"] == count  # nothing changed: no broadcast
+    for model, optimizer in ((reference, opt_ref), (wrapped, opt)):
+        model(x).sum().backward()
+        optimizer.step()
+    torch.testing.assert_close(wrapped(x), reference(x))
+
+
+def test_checkpoints_move_both_ways_with_nn_dataparallel():
+    model = mlp()
+    ours = dpfast.DataParallel(copy.deepcopy(model), device_ids=CPU4)
+    theirs = nn.DataParallel(copy.deepcopy(model))
+    assert list(ours.state_dict().keys()) == list(theirs.state_dict().keys())
+    assert all(k.startswith("module.") for k in ours.state_dict())
+    torch.manual_seed(3)
+    other = nn.DataParallel(mlp())
+    ours.load_state_dict(other.state_dict())
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(ours(x), other(x))
+    theirs.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(theirs(x), ours(x))
+
+
+def test_workers_persist_and_state_is_carried():
+    _, wrapped = pair(mlp)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    wrapped(x)
+    threads = threading.active_count()
+    for _ in range(5):
+        wrapped(x).sum().backward()
+    assert threading.active_count() == threads
+    with torch.no_grad():
+        assert not wrapped(x).requires_grad
+
+
+def test_autocast_dtype_is_carried_into_every_replica():
+    seen = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            seen.append((threading.current_thread().name, y.dtype, torch.get_autocast_dtype("cpu")))
+            return y
+
+    wrapped = dpfast.DataParallel(Probe(), device_ids=CPU4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = wrapped(torch.randn(8, 4))
+    assert out.dtype == torch.bfloat16
+    assert len(seen) == 4 and {s[1] for s in seen} == {torch.bfloat16}
+    assert len({s[0] for s in seen}) == 4  # four threads: the caller and three persistent workers
+
+
+def test_one_device_and_no_device_run_the_module_directly():
+    model = mlp()
+    x = torch.randn(3, 6)
+    one = dpfast.DataParallel(model, device_ids=["cpu"])
+    torch.testing.assert_close(one(x), model(x))
+    if not torch.cuda.is_available():
+        plain = dpfast.DataParallel(model)
+        assert plain.device_ids == [] and plain(x).shape == (3, 3)

@@ -1,0 +1,129 @@
+"""The engine (dpfast._C) against reference implementations, one body per device."""
+
+import pytest
+import torch
+
+from dpfast import _C
+
+from conftest import DEVICES
+
+CPU = torch.device("cpu")
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.int32, torch.int64]
+SIZES = [0, 1, 7, 1000, 3 * 2**20 + 5]  # several MB, odd
+
+
+def integer_valued(numel, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-8, 9, (numel,), generator=g).to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", range(1, 10))
+@pytest.mark.parametrize("shape", ["chain", "binomial", "auto"])
+def test_reduce_add_matches_sum_exactly(device, n, shape):
+    for dtype in DTYPES:
+        for numel in SIZES if n in (1, 2, 5, 8) else [7, 1000]:
+            buffers = [integer_valued(numel, dtype, device, seed=k) for k in range(n)]
+            expected = torch.stack([b.double().cpu() for b in buffers]).sum(0) if numel else torch.zeros(0)
+            for root in sorted({0, n - 1}):
+                work = [b.clone() for b in buffers]
+                _C.reduce_add_(work, root, [], shape, 4096)  # small chunks: many pipeline steps
+                assert torch.equal(work[root].double().cpu(), expected), (dtype, numel, root)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reduce_add_float_close_to_reference(device):
+    buffers = [torch.randn(100_003, dtype=torch.float32, device=device) for _ in range(5)]
+    expected = torch.stack([b.double() for b in buffers]).sum(0)
+    work = [b.clone() for b in buffers]
+    _C.reduce_add_(work, 0)
+    torch.testing.assert_close(work[0].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", range(1, 10))
+@pytest.mark.parametrize("shape", ["chain", "binomial"])
+def test_broadcast_copies_exactly(device, n, shape):
+    for dtype in DTYPES:
+        for numel in SIZES if n in (1, 3, 8) else [1, 1000]:
+            source = torch.randn(numel).to(dtype=dtype, device=device)
+            for root in sorted({0, n // 2}):
+                buffers = [torch.full((numel,), -1, dtype=dtype, device=device) for _ in range(n)]
+                buffers[root].copy_(source)
+                _C.broadcast_(buffers, root, [], shape, 4096)
+                for b in buffers:
+                    assert torch.equal(b, source)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_scatter_and_gather_round_trip_exactly(device, n, dim):
+    tensor = torch.randn(13, 6, 5, device=device)
+    size = tensor.size(dim)
+    base, extra = divmod(size, n)
+    chunk_sizes = [base + (1 if i < extra else 0) for i in range(n)]
+    devices = [torch.device(device, 0) if device == "cuda" else torch.device("cpu")] * n
+    pieces = _C.scatter(tensor, devices, chunk_sizes, dim)
+    expected = torch.split(tensor, chunk_sizes, dim)
+    assert len(pieces) == n
+    for piece, ref in zip(pieces, expected):
+        assert torch.equal(piece, ref)
+    assert torch.equal(_C.gather(pieces, devices, devices[0], dim), tensor)
+
+
+def test_scatter_from_cpu_to_repeated_device_copies_exactly():
+    tensor = torch.arange(40, dtype=torch.int64).view(10, 4)
+    pieces = _C.scatter(tensor, [torch.device("cpu")] * 3, [4, 0, 6], 0)
+    assert [p.shape[0] for p in pieces] == [4, 0, 6]
+    assert torch.equal(torch.cat(pieces), tensor)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_coalesce_round_trip(device):
+    tensors = [torch.randn(3, 4, device=device), torch.randn(5, device=device), torch.randn(0, device=device),
+               torch.randn(2, 2, 2, device=device).transpose(0, 2)]  # a non-contiguous one
+    total = sum(t.numel() for t in tensors)
+    flat = torch.empty(total + 3, device=device)
+    _C.coalesce_into(tensors, flat)
+    assert torch.equal(flat[:total], torch.cat([t.reshape(-1) for t in tensors]))
+    back = [torch.empty_like(t) for t in tensors]
+    _C.uncoalesce_from(flat, back)
+    for a, b in zip(back, tensors):
+        assert torch.equal(a, b)
+
+
+def test_engine_errors_name_op_argument_expected_and_actual():
+    a, b = torch.zeros(4), torch.zeros(5)
+    with pytest.raises(RuntimeError, match=r"dpfast.reduce_add_: expected all buffers to have shape \[4\].*buffers\[1\] has shape \[5\]"):
+        _C.reduce_add_([a, b], 0)
+    with pytest.raises(RuntimeError, match=r"dpfast.reduce_add_: expected root in \[0, 2\), but got 2"):
+        _C.reduce_add_([a, a.clone()], 2)
+    with pytest.raises(RuntimeError, match=r"dpfast.broadcast_: expected all buffers to have dtype Float.*buffers\[1\] has dtype Double"):
+        _C.broadcast_([a, a.double()], 0)
+    with pytest.raises(RuntimeError, match=r"expected contiguous buffers, but buffers\[1\] is not contiguous"):
+        _C.broadcast_([torch.zeros(2, 3), torch.zeros(3, 2).t()], 0)
+    with pytest.raises(RuntimeError, match=r"expected distinct buffers, but buffers\[0\] and buffers\[1\] share memory"):
+        _C.reduce_add_([a, a], 0)
+    with pytest.raises(RuntimeError, match=r"dpfast.scatter: expected chunk sizes that sum to the size of dim 0 \(4\), but they sum to 5"):
+        _C.scatter(a, [CPU, CPU], [2, 3], 0)
+    with pytest.raises(RuntimeError, match=r"dpfast.scatter: expected dim in \[-1, 1\) .* but got 1"):
+        _C.scatter(a, [CPU], [4], 1)
+    with pytest.raises(RuntimeError, match=r"dpfast.gather: expected all tensors to match"):
+        _C.gather([torch.zeros(2, 3), torch.zeros(2, 4)], [CPU, CPU], CPU, 0)
+    with pytest.raises(RuntimeError, match=r"tree shape: expected 'auto', 'chain' or 'binomial', but got 'ring'"):
+        _C.reduce_add_([a, a.clone()], 0, [], "ring")
+    with pytest.raises(RuntimeError, match=r"expected a real floating-point or integer dtype, but got Bool"):
+        _C.reduce_add_([a.bool(), a.bool().clone()], 0)
+
+
+def test_planner_bindings():
+    rounds = _C.make_tree(8, 0, "binomial")
+    assert rounds == [[(1, 0), (3, 2), (5, 4), (7, 6)], [(2, 0), (6, 4)], [(4, 0)]]
+    assert _C.make_tree(3, 1, "chain") == [[(0, 2)], [(2, 1)]]
+    shape, chunk, predicted = _C.plan_for(100 * 10**6, 8)
+    assert shape == "chain" and 0 < chunk < 100 * 10**6 and predicted > 4000
+    assert _C.plan_for(4096, 8)[0] == "binomial"
+    with pytest.raises(ValueError, match="make_tree: expected root in"):
+        _C.make_tree(2, 5, "chain")
