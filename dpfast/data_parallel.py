@@ -75,6 +75,9 @@ class DataParallel(nn.Module):
             raise ValueError(f"dpfast.DataParallel: bucket_cap_mb: expected a positive size, but got {bucket_cap_mb!r}")
         self.module = module
         self.dim = dim
+        # An object with .phase(name) -> context manager, told about each step's phases
+        # ("scatter", "param_sync", "forward", "gather", "reduce"); the benchmark sets it.
+        self.phase_timer = None
         self.trust_version_counters = trust_version_counters
         self.bucket_cap_mb = bucket_cap_mb
         self.tree_shape = tree_shape
@@ -111,10 +114,14 @@ class DataParallel(nn.Module):
                                                                self.dim)
                 return self.module(*inputs[0], **kwargs[0])
             streams = runtime.streams[:num_replicas] if runtime.streams else None
-            scattered_inputs, scattered_kwargs = self.scatter(inputs, kwargs, devices, chunk_sizes, streams)
-            replicas = self.replicate(self.module, num_replicas)
-            outputs = self.parallel_apply(replicas, scattered_inputs, scattered_kwargs, chunk_sizes)
-            return self.gather(outputs, self.output_device_obj, devices, streams)
+            with self._phase("scatter"):
+                scattered_inputs, scattered_kwargs = self.scatter(inputs, kwargs, devices, chunk_sizes, streams)
+            with self._phase("param_sync"):
+                replicas = self.replicate(self.module, num_replicas)
+            with self._phase("forward"):
+                outputs = self.parallel_apply(replicas, scattered_inputs, scattered_kwargs, chunk_sizes)
+            with self._phase("gather"):
+                return self.gather(outputs, self.output_device_obj, devices, streams)
 
     def scatter(self, inputs, kwargs, devices, chunk_sizes, streams=None):
         return scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim,
@@ -176,6 +183,12 @@ class DataParallel(nn.Module):
                 "buckets": len(runtime.reducer.buckets) if runtime.reducer else 0}
 
     # -- internals -------------------------------------------------------------------------------
+    def _phase(self, name: str):
+        """``with self._phase(name)``: reports the block to ``self.phase_timer`` when one is
+        set (the benchmark's), else does nothing."""
+        timer = self.__dict__.get("phase_timer")
+        return timer.phase(name) if timer is not None else contextlib.nullcontext()
+
     def _check_module_device(self) -> None:
         for t in list(self.module.parameters()) + list(self.module.buffers()):
             if t.device != self.src_device_obj:
@@ -205,7 +218,8 @@ class DataParallel(nn.Module):
             runtime.reducer = GradReducer(
                 replicas.root_grad_params(),
                 [replicas.replica_params(k) for k in range(1, len(self.devices))],
-                self.devices, runtime.streams, bucket_cap_mb=self.bucket_cap_mb, tree_shape=self.tree_shape)
+                self.devices, runtime.streams, bucket_cap_mb=self.bucket_cap_mb, tree_shape=self.tree_shape,
+                phase=self._phase)
             runtime.reducer_build = replicas.build_count
         return runtime.reducer
 

@@ -33,7 +33,7 @@ _MB = 1024 * 1024
 class GradReducer:
     def __init__(self, root_params: List[torch.Tensor], replica_params: List[List[torch.Tensor]],
                  devices: List[torch.device], streams: Optional[list], bucket_cap_mb: float = 25.0,
-                 first_bucket_cap_mb: float = 1.0, tree_shape: str = "auto"):
+                 first_bucket_cap_mb: float = 1.0, tree_shape: str = "auto", phase=None):
         """replica_params[k - 1][i] is replica k's copy of root_params[i]."""
         self.root_params = root_params
         self.replica_params = replica_params
@@ -41,6 +41,7 @@ class GradReducer:
         self.streams = streams
         self.lane_stream_ids = lane_streams.ids(streams)
         self.tree_shape = tree_shape
+        self._phase = phase
         self.num_replicas = len(replica_params) + 1
         self.sync_enabled = True
         self.reduction_count = 0  # buckets reduced, for tests and benchmarks
@@ -100,7 +101,11 @@ class GradReducer:
             self._callback_queued = False
             if not self.sync_enabled:
                 return  # no_sync(): gradients keep accumulating in the replicas' buckets
-            self.reduce()
+            if self._phase is None:
+                self.reduce()
+            else:
+                with self._phase("reduce"):
+                    self.reduce()
 
     def reduce(self) -> None:
         """Reduces every bucket holding a gradient into the root's .grad, then zeroes the buckets."""
