@@ -1,0 +1,134 @@
+"""Bad input gets a clear error naming the argument, the expectation and what
+was given, before any device work; an error inside a replica names the
+replica and device; afterwards the wrapper still works."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import dpfast
+
+CPU4 = ["cpu"] * 4
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+
+
+@pytest.mark.parametrize("device_ids,error,pattern", [
+    (["tpu"], ValueError, r"device_ids\[0\]: expected a device such as 'cpu' or 'cuda:0', but got 'tpu'"),
+    (["cpu", 3.5], TypeError, r"device_ids\[1\]: expected a CUDA index, 'cpu', 'cuda:N' or a torch.device, but got 3.5"),
+    ("cpu", TypeError, r"device_ids: expected a list of devices, but got 'cpu' \(str\); write \['cpu'\]"),
+    ([], ValueError, r"device_ids: expected at least one device, but got an empty list"),
+    ([True], TypeError, r"device_ids\[0\]: expected a CUDA index"),
+])
+def test_bad_device_ids(device_ids, error, pattern):
+    with pytest.raises(error, match=pattern):
+        dpfast.DataParallel(make(), device_ids=device_ids)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda():
+    with pytest.raises(ValueError, match=r"device_ids\[0\]: expected an available device, but got cuda:0 and CUDA is "
+                                         r"not available here"):
+        dpfast.DataParallel(make(), device_ids=[0, 1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mixing_cpu_and_cuda_is_rejected():
+    with pytest.raises(ValueError, match=r"expected devices of one type, but got a mix of CPU and CUDA"):
+        dpfast.DataParallel(make().cuda(), device_ids=[0, "cpu"])
+
+
+def test_module_on_the_wrong_device():
+    module = make().to("meta")
+    with pytest.raises(RuntimeError, match=r"module must have its parameters and buffers on device cpu \(device_ids\[0\]\) "
+                                           r"but found one of them on device: meta"):
+        dpfast.DataParallel(module, device_ids=CPU4)
+
+
+def test_module_moved_after_wrapping_is_caught_at_forward():
+    wrapped = dpfast.DataParallel(make(), device_ids=CPU4)
+    wrapped(torch.randn(4, 4, dtype=torch.float64))
+    wrapped.module.to("meta")
+    with pytest.raises(RuntimeError, match=r"module must have its parameters and buffers on device cpu"):
+        wrapped(torch.randn(4, 4, dtype=torch.float64))
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match=r"module: expected a torch.nn.Module, but got Tensor"):
+        dpfast.DataParallel(torch.zeros(1), device_ids=CPU4)
+    with pytest.raises(TypeError, match=r"dim: expected an int, but got '0' \(str\)"):
+        dpfast.DataParallel(make(), device_ids=CPU4, dim="0")
+    with pytest.raises(ValueError, match=r"tree_shape: expected 'auto', 'chain' or 'binomial', but got 'ring'"):
+        dpfast.DataParallel(make(), device_ids=CPU4, tree_shape="ring")
+    with pytest.raises(ValueError, match=r"bucket_cap_mb: expected a positive size, but got 0"):
+        dpfast.DataParallel(make(), device_ids=CPU4, bucket_cap_mb=0)
+
+
+def test_mismatched_batch_sizes():
+    class Two(nn.Module):
+        def forward(self, a, b=None):
+            return a
+
+    wrapped = dpfast.DataParallel(Two(), device_ids=CPU4)
+    with pytest.raises(ValueError, match=r"inputs: expected every input tensor to have the same size along dim 0 "
+                                         r"\(the batch\), but inputs\[0\] has 8 and kwargs\['b'\] has 6"):
+        wrapped(torch.zeros(8, 2), b=torch.zeros(6, 2))
+
+
+def test_empty_batch_and_dim_out_of_range():
+    wrapped = dpfast.DataParallel(make(), device_ids=CPU4)
+    with pytest.raises(ValueError, match=r"expected a non-empty batch, but the batch dimension \(dim 0\) has size 0"):
+        wrapped(torch.zeros(0, 4, dtype=torch.float64))
+    wrapped3 = dpfast.DataParallel(make(), device_ids=CPU4, dim=3)
+    with pytest.raises(ValueError, match=r"dim: expected a dimension in \[-2, 2\) of every input tensor, but got dim=3 "
+                                         r"and inputs\[0\] has shape \(8, 4\)"):
+        wrapped3(torch.zeros(8, 4, dtype=torch.float64))
+
+
+class Faulty(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.fail_on = None
+
+    def forward(self, x):
+        if self.fail_on is not None and bool((x[:, 0] == self.fail_on).any()):
+            raise self.error
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("error", [ValueError("boom"), KeyError("missing"), KeyboardInterrupt(),
+                                   ZeroDivisionError("zero")])
+def test_exception_in_a_replica_names_it_and_the_wrapper_trains_on(error):
+    torch.manual_seed(0)
+    reference = Faulty().double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    wrapped(x)  # starts the persistent workers
+    threads = threading.active_count()
+    x[5, 0] = 99.0  # rows 4..5: replica 2
+    wrapped.module.fail_on, wrapped.module.error = 99.0, error
+    with pytest.raises(type(error), match=r"in replica 2 on device cpu \(a batch chunk of 2 rows\)"):
+        wrapped(x)
+    wrapped.module.fail_on = None
+    x[5, 0] = 0.5
+    reference(x).sum().backward()
+    wrapped(x).sum().backward()
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad)
+    assert threading.active_count() == threads  # no worker leaked or lost
+
+
+def test_exception_in_replica_zero_is_named_too():
+    wrapped = dpfast.DataParallel(Faulty(), device_ids=CPU4)
+    x = torch.randn(8, 4)
+    x[0, 0] = 7.0
+    wrapped.module.fail_on, wrapped.module.error = 7.0, RuntimeError("first chunk")
+    with pytest.raises(RuntimeError, match=r"in replica 0 on device cpu"):
+        wrapped(x)
