@@ -24,10 +24,11 @@ class _Runtime:
 
     def __init__(self, wrapper: "DataParallel"):
         self.module = wrapper.module
-        self.streams = lane_streams.make_lane_streams(wrapper.devices)
+        self.streams = lane_streams.make_lane_streams(wrapper.devices)  # replicas' compute
+        self.comm_streams = lane_streams.make_lane_streams(wrapper.devices)  # gradient reductions
         self.replicas = ReplicaSet(wrapper.module, wrapper.devices, self.streams,
                                    trust_version_counters=wrapper.trust_version_counters,
-                                   tree_shape=wrapper.tree_shape)
+                                   tree_shape=wrapper.tree_shape, allow_p2p=_devices.p2p_allowed())
         self.reducer: Optional[GradReducer] = None
         self.reducer_build = -1
         self.pool = WorkerPool(len(wrapper.devices) - 1)
@@ -177,9 +178,10 @@ class DataParallel(nn.Module):
         broadcasts and bucket reductions so far."""
         runtime = self._runtime
         if runtime is None:
-            return {"replica_builds": 0, "broadcasts": 0, "reductions": 0}
+            return {"replica_builds": 0, "broadcasts": 0, "reductions": 0, "early_reductions": 0, "buckets": 0}
         return {"replica_builds": runtime.replicas.build_count, "broadcasts": runtime.replicas.broadcast_count,
                 "reductions": runtime.reducer.reduction_count if runtime.reducer else 0,
+                "early_reductions": runtime.reducer.early_reduction_count if runtime.reducer else 0,
                 "buckets": len(runtime.reducer.buckets) if runtime.reducer else 0}
 
     # -- internals -------------------------------------------------------------------------------
@@ -218,8 +220,8 @@ class DataParallel(nn.Module):
             runtime.reducer = GradReducer(
                 replicas.root_grad_params(),
                 [replicas.replica_params(k) for k in range(1, len(self.devices))],
-                self.devices, runtime.streams, bucket_cap_mb=self.bucket_cap_mb, tree_shape=self.tree_shape,
-                phase=self._phase)
+                self.devices, runtime.streams, runtime.comm_streams, bucket_cap_mb=self.bucket_cap_mb,
+                tree_shape=self.tree_shape, allow_p2p=_devices.p2p_allowed(), phase=self._phase)
             runtime.reducer_build = replicas.build_count
         return runtime.reducer
 

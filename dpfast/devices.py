@@ -81,3 +81,10 @@ def parse_output_device(output_device: Any, devices: List[torch.device]) -> torc
 def public_device_ids(devices: List[torch.device]) -> list:
     """``device_ids`` as nn.DataParallel exposes it: CUDA indices as ints, CPU devices as torch.device."""
     return [d.index if d.type == "cuda" else d for d in devices]
+
+
+def p2p_allowed() -> bool:
+    """False when DPFAST_DISABLE_P2P=1: peer reads then go through a staging copy."""
+    import os
+
+    return os.environ.get("DPFAST_DISABLE_P2P", "").strip().lower() not in ("1", "true", "yes", "on")

@@ -4,12 +4,15 @@ Replica k's gradients live as views into flat buckets (one per group of
 parameters of a dtype, about ``bucket_cap_mb`` each, in reverse registration
 order so that the first buckets fill first in backward). Autograd
 accumulates into those views in place. A post-accumulate-grad hook on every
-replica parameter marks it; the first mark of a backward queues an autograd
-engine callback that runs when backward ends, tree-reduces every bucket that
-received a gradient into a receive buffer on the root's device, and adds the
-result into the root parameters' ``.grad`` (creating it where it is None),
-exactly as autograd accumulates: replica 0 is the root module, whose
-gradients autograd has already put there.
+replica parameter marks it. As soon as a bucket holds every replica's
+gradient of every one of its parameters, its tree reduction into a receive
+buffer on the root's device is launched (on the comm streams, while backward
+goes on with earlier layers). The first mark of a backward also queues an
+autograd engine callback that runs when backward ends: it launches the
+buckets still open (parameters unused on some replica), adds the reduced
+buckets into the root parameters' ``.grad`` (creating it where it is None),
+exactly as autograd accumulates (replica 0 is the root module, whose
+gradients autograd has already put there), and zeroes the buckets.
 
 NOTE [Unused parameters]
 Only parameters that received a gradient on at least one replica (replica 0
@@ -32,23 +35,27 @@ _MB = 1024 * 1024
 
 class GradReducer:
     def __init__(self, root_params: List[torch.Tensor], replica_params: List[List[torch.Tensor]],
-                 devices: List[torch.device], streams: Optional[list], bucket_cap_mb: float = 25.0,
-                 first_bucket_cap_mb: float = 1.0, tree_shape: str = "auto", phase=None):
-        """replica_params[k - 1][i] is replica k's copy of root_params[i]."""
+                 devices: List[torch.device], streams: Optional[list], comm_streams: Optional[list] = None,
+                 bucket_cap_mb: float = 25.0, first_bucket_cap_mb: float = 1.0, tree_shape: str = "auto",
+                 allow_p2p: bool = True, phase=None):
+        """replica_params[k - 1][i] is replica k's copy of root_params[i]. ``streams`` are the
+        replicas' compute streams (their gradients are produced there), ``comm_streams`` the
+        streams the reductions run on (None on the CPU)."""
         self.root_params = root_params
         self.replica_params = replica_params
         self.devices = devices
         self.streams = streams
-        self.lane_stream_ids = lane_streams.ids(streams)
+        self.comm_streams = comm_streams if comm_streams is not None else streams
+        self.comm_stream_ids = lane_streams.ids(self.comm_streams)
         self.tree_shape = tree_shape
+        self.allow_p2p = allow_p2p
         self._phase = phase
         self.num_replicas = len(replica_params) + 1
         self.sync_enabled = True
-        self.reduction_count = 0  # buckets reduced, for tests and benchmarks
+        self.reduction_count = 0  # bucket reductions so far, for tests and benchmarks
+        self.early_reduction_count = 0  # of which launched during backward
         self._lock = threading.Lock()
         self._callback_queued = False
-        self._got_grad = [False] * len(root_params)
-        self._replicas_used = 1
         self._hooks = []
         # Buckets in reverse registration order: the last layers' gradients come first in backward.
         order = list(reversed(range(len(root_params))))
@@ -56,7 +63,7 @@ class GradReducer:
         groups = [dtype_ids.setdefault(root_params[i].dtype, len(dtype_ids)) for i in order]
         sizes = [root_params[i].numel() * root_params[i].element_size() for i in order]
         self.buckets: List[List[int]] = [[order[j] for j in bucket] for bucket in _C.assign_buckets(
-            sizes, groups, int(bucket_cap_mb * _MB), int(first_bucket_cap_mb * _MB))]
+            sizes, groups, int(bucket_cap_mb * _MB), int(min(first_bucket_cap_mb, bucket_cap_mb) * _MB))]
         self.bucket_of = [0] * len(root_params)
         self.offset_of = [0] * len(root_params)
         # flats[b][k]: bucket b's buffer on replica k; k = 0 is the receive buffer on the root's device.
@@ -68,10 +75,18 @@ class GradReducer:
                 offset += root_params[i].numel()
             dtype = root_params[members[0]].dtype
             self.flats.append([torch.zeros(offset, dtype=dtype, device=devices[k]) for k in range(self.num_replicas)])
+        self._reset_window()
+        self._got_grad = [False] * len(root_params)  # since the last reduction, on any replica
+        self._replicas_used = 1
         for k in range(1, self.num_replicas):
             for i, p in enumerate(replica_params[k - 1]):
                 p.grad = self._view(i, k)
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(i, k)))
+
+    def _reset_window(self) -> None:
+        """Per-backward state: marks per bucket and which buckets were launched."""
+        self._marks = [0] * len(self.buckets)
+        self._launched = [False] * len(self.buckets)
 
     def _view(self, i: int, k: int) -> torch.Tensor:
         p = self.root_params[i]
@@ -91,24 +106,53 @@ class GradReducer:
                 if not self._callback_queued:
                     self._callback_queued = True
                     torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+                b = self.bucket_of[i]
+                self._marks[b] += 1
+                # Every replica's gradient of every parameter of the bucket is in: reduce it now,
+                # while backward goes on with the earlier layers.
+                if (self.sync_enabled and not self._launched[b]
+                        and self._marks[b] == len(self.buckets[b]) * (self._replicas_used - 1)):
+                    self._launch(b)
+                    self.early_reduction_count += 1
         return hook
 
     def note_forward(self, num_replicas: int) -> None:
         self._replicas_used = max(self._replicas_used, num_replicas)
 
+    def _launch(self, b: int) -> None:
+        """Starts bucket b's tree reduction on the comm streams, after the replicas' backward work
+        that produced its gradients (NOTE [Stream ordering])."""
+        used = self._replicas_used
+        if self.streams:
+            for k in range(used):
+                lane_streams.wait(self.comm_streams[k], self.streams[k])
+        with torch.no_grad():
+            _C.reduce_add_([self.flats[b][k] for k in range(used)], 0, self.comm_stream_ids[:used],
+                           self.tree_shape, 0, self.allow_p2p)
+        self._launched[b] = True
+        self.reduction_count += 1
+
     def _end_of_backward(self) -> None:
         with self._lock:
             self._callback_queued = False
             if not self.sync_enabled:
-                return  # no_sync(): gradients keep accumulating in the replicas' buckets
+                self._reset_window()  # no_sync(): gradients keep accumulating in the replicas' buckets
+                return
             if self._phase is None:
-                self.reduce()
+                self._finish()
             else:
                 with self._phase("reduce"):
-                    self.reduce()
+                    self._finish()
 
     def reduce(self) -> None:
-        """Reduces every bucket holding a gradient into the root's .grad, then zeroes the buckets."""
+        """Reduces every bucket holding a gradient into the root's .grad now (outside backward)."""
+        with self._lock:
+            self._reset_window()
+            self._finish()
+
+    def _finish(self) -> None:
+        """Launches the buckets not yet launched, adds every reduced bucket into the root's .grad
+        and zeroes the buckets for the next backward."""
         used = self._replicas_used
         current = lane_streams.current_stream(self.devices[0])
         with torch.no_grad():
@@ -116,10 +160,9 @@ class GradReducer:
                 touched = [i for i in members if self._got_grad[i]]
                 if not touched:
                     continue
-                buffers = [self.flats[b][k] for k in range(used)]
-                _C.reduce_add_(buffers, 0, self.lane_stream_ids[:used], self.tree_shape)
-                self.reduction_count += 1
-                lane_streams.wait(current, self.streams[0] if self.streams else None)
+                if not self._launched[b]:
+                    self._launch(b)
+                lane_streams.wait(current, self.comm_streams[0] if self.comm_streams else None)
                 for i in touched:
                     p = self.root_params[i]
                     reduced = self._view(i, 0)
@@ -127,13 +170,16 @@ class GradReducer:
                         p.grad = torch.empty_like(p).copy_(reduced)
                     else:
                         p.grad.add_(reduced)
-                for k, buffer in enumerate(buffers):
-                    lane = self.streams[k] if self.streams else None
-                    lane_streams.wait(lane, current)
-                    with lane_streams.on(lane):
-                        buffer.zero_()
+                for k in range(used):
+                    comm = self.comm_streams[k] if self.comm_streams else None
+                    lane_streams.wait(comm, current)
+                    with lane_streams.on(comm):
+                        self.flats[b][k].zero_()
+                    if self.streams:  # the next backward accumulates into the zeroed buckets
+                        lane_streams.wait(self.streams[k], comm)
         self._got_grad = [False] * len(self.root_params)
         self._replicas_used = 1
+        self._reset_window()
 
     def has_pending(self) -> bool:
         return any(self._got_grad)

@@ -55,13 +55,14 @@ class ReplicaSet:
     """The replicas of ``root`` on ``devices`` (devices[0] is the root's)."""
 
     def __init__(self, root: nn.Module, devices: List[torch.device], streams: Optional[list],
-                 trust_version_counters: bool = False, tree_shape: str = "auto"):
+                 trust_version_counters: bool = False, tree_shape: str = "auto", allow_p2p: bool = True):
         self.root = root
         self.devices = list(devices)
         self.streams = streams
         self.lane_stream_ids = lane_streams.ids(streams)
         self.trust_version_counters = trust_version_counters
         self.tree_shape = tree_shape
+        self.allow_p2p = allow_p2p
         self.build_count = 0
         self.broadcast_count = 0
         self._build()
@@ -176,7 +177,7 @@ class ReplicaSet:
             _C.coalesce_into([self.tensors[i] for i in members], self.flats[0][g])
             lane_streams.wait(root_lane, current)
             _C.broadcast_([self.flats[k][g] for k in range(num_replicas)], 0,
-                          self.lane_stream_ids[:num_replicas], self.tree_shape)
+                          self.lane_stream_ids[:num_replicas], self.tree_shape, 0, self.allow_p2p)
             self.broadcast_count += 1
             if self.trust_version_counters:
                 self.versions[g] = self._current_versions(g, num_replicas)

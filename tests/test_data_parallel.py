@@ -15,6 +15,20 @@ from torch import nn
 import dpfast
 
 CPU4 = ["cpu"] * 4
+BUCKET_CAP_MB = {"value": 25.0}
+
+
+@pytest.fixture(autouse=True, params=[
+    (25.0, False),    # one bucket per dtype
+    (0.0005, False),  # ~500-byte buckets: many tiny ones, and parameters larger than a bucket alone in theirs
+    (25.0, True),     # DPFAST_DISABLE_P2P=1: the staged path (on GPUs; the CPU has no peer reads)
+], ids=["one_bucket", "tiny_buckets", "no_p2p"])
+def bucket_setting(request, monkeypatch):
+    cap, disable_p2p = request.param
+    BUCKET_CAP_MB["value"] = cap
+    if disable_p2p:
+        monkeypatch.setenv("DPFAST_DISABLE_P2P", "1")
+    yield cap
 
 
 def mlp():
@@ -23,6 +37,7 @@ def mlp():
 
 def pair(factory, device_ids=CPU4, **kwargs):
     torch.manual_seed(0)
+    kwargs.setdefault("bucket_cap_mb", BUCKET_CAP_MB["value"])
     reference = factory().double()
     wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=device_ids, **kwargs)
     return reference, wrapped
