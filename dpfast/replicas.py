@@ -133,10 +133,32 @@ class ReplicaSet:
                 dicts.append((params, buffers, children))
             self.replica_modules.append(mods)
             self.replica_dicts.append(dicts)
+        # Plain attributes that hold the module's own tensors (nn.RNNBase's _flat_weights list, a
+        # cached reference to a weight): replicas get them mapped to their own tensors, as
+        # RNNBase._replicate_for_data_parallel does for nn.DataParallel.
+        self.index_of = index_of
+        self.alias_keys = [[key for key, value in m.__dict__.items()
+                            if key not in ("_parameters", "_buffers", "_modules") and self._holds_own_tensor(value)]
+                           for m in self.modules]
         self.versions: Optional[list] = None  # per group, at the last broadcast (trust_version_counters)
         self.versions_replicas = 0
         self.build_count += 1
         self._refresh_attributes(n)
+
+    def _holds_own_tensor(self, value: Any) -> bool:
+        if isinstance(value, torch.Tensor):
+            return id(value) in self.index_of
+        if isinstance(value, (list, tuple)):
+            return any(isinstance(v, torch.Tensor) and id(v) in self.index_of for v in value)
+        return False
+
+    def _map_to_replica(self, value: Any, k: int) -> Any:
+        own = self.replica_tensors[k]
+        if isinstance(value, torch.Tensor):
+            return own[self.index_of[id(value)]] if id(value) in self.index_of else value
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._map_to_replica(v, k) if isinstance(v, torch.Tensor) else v for v in value)
+        return value
 
     # -- per call ------------------------------------------------------------------------------
     def structure_changed(self) -> bool:
@@ -148,12 +170,15 @@ class ReplicaSet:
 
     def _refresh_attributes(self, num_replicas: int) -> None:
         for k in range(1, num_replicas):
-            for m, replica, (params, buffers, children) in zip(self.modules, self.replica_modules[k],
-                                                               self.replica_dicts[k]):
+            for m, replica, (params, buffers, children), alias_keys in zip(
+                    self.modules, self.replica_modules[k], self.replica_dicts[k], self.alias_keys):
                 d = m.__dict__.copy()
                 d["_parameters"] = params
                 d["_buffers"] = buffers
                 d["_modules"] = children
+                for key in alias_keys:
+                    if key in d:
+                        d[key] = self._map_to_replica(d[key], k)
                 object.__setattr__(replica, "__dict__", d)
 
     def _current_versions(self, g: int, num_replicas: int) -> list:

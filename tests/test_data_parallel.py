@@ -162,6 +162,11 @@ def test_lstm_batch_first_and_dim1(batch_first, dim):
     out_ref.sum().backward()
     out.sum().backward()
     assert_same_grads(reference, wrapped)
+    # The replicas' LSTMs run on their own weights (RNNBase caches them in _flat_weights), so
+    # their gradients come through the reducer rather than straight into the root's.
+    replica = wrapped._ensure_runtime().replicas.replica_modules[1][1]
+    assert all(w is p for w, p in zip(replica._flat_weights, replica.parameters()))
+    assert wrapped.stats()["reductions"] > 0
 
 
 class Tied(nn.Module):

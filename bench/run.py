@@ -1,0 +1,601 @@
+"""``python -m bench``: the time of a training step, phase by phase, for the bare
+module, dpfast, nn.DataParallel and DDP, on whatever this machine has.
+
+Method
+- Every system trains the same model (same seed, same initial weights) on the
+  same random batch with SGD. Before anything is timed, its first
+  CHECK_STEPS steps are compared with the bare module's on the same batches
+  (loss and every root gradient, relative to the largest reference value);
+  a difference above --tolerance raises WrongResult and the run exits with
+  status 2 without reporting any time.
+- Step times are medians over --steps steps after --warmup steps. On the CPU
+  they are time.perf_counter; on CUDA, CUDA events on the output device's
+  current stream (dpfast and nn.DataParallel join their streams back into it
+  before backward and the optimizer step return).
+- Phases come from dpfast's phase_timer hook (scatter, param_sync, forward,
+  gather, reduce), from the same hook on a subclass of nn.DataParallel, and
+  from marks around the loss, backward and optimizer step. "backward" excludes
+  "reduce" (which runs inside backward's wall time); "other" is what is left
+  of the step (Python and wrapper code outside the named phases). On the CPU
+  the phases are timed in the timed steps themselves. On CUDA, timing a phase
+  needs every device synchronised at its boundaries, which would remove any
+  overlap, so phases are timed in separate steps and the step time is never
+  taken from those.
+- Overlap of the reduction with backward: backward's compute time is measured
+  in extra steps under dpfast's no_sync() (no reduction); then
+  overlap = max(0, reduce + backward_compute - backward_wall) / reduce,
+  clamped to [0, 1]. With today's reduction (all of it after backward) it is
+  0 up to timing noise.
+- Speed-up is the bare module's median step time over the system's, in the
+  same process run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import dpfast
+
+from . import common
+from .common import Clock, PhaseTimer, WrongResult, fmt
+from .workloads import WORKLOADS, Workload, make_workload
+
+PHASES = ("scatter", "param_sync", "forward", "gather", "loss", "backward", "reduce", "optimizer", "other")
+WRAPPER_FORWARD_PHASES = ("scatter", "param_sync", "forward", "gather")
+CHECK_STEPS = 2  # the second step checks that the replicas saw the optimizer's update
+SEED = 0
+LEARNING_RATE = 0.01
+
+
+# -- systems ---------------------------------------------------------------------------------------
+
+@dataclass
+class System:
+    label: str
+    kind: str  # "bare", "dpfast", "nn.DataParallel" or "ddp"
+    devices: List[torch.device]
+
+
+def plan_systems(devices: List[torch.device]) -> Tuple[List[System], List[dict]]:
+    """The systems this device list allows, and a line for each that it does not."""
+    unique = common.distinct(devices)
+    n = len(devices)
+    where = "CPU replicas" if devices[0].type == "cpu" else ("on one GPU" if len(unique) == 1 else "GPUs")
+    systems = [System("bare", "bare", devices[:1])]
+    if len(unique) == 1:
+        systems.append(System("dpfast x1", "dpfast", devices[:1]))
+    if n > 1:
+        systems.append(System(f"dpfast x{n} ({where})", "dpfast", list(devices)))
+    gpus = [d for d in unique if d.type == "cuda"]
+    not_run = []
+    if len(gpus) >= 2 and len(unique) == n:
+        systems.append(System(f"nn.DataParallel x{n}", "nn.DataParallel", list(devices)))
+        systems.append(System(f"DDP x{n} (one process per GPU)", "ddp", list(devices)))
+    else:
+        reason = "needs 2+ distinct GPUs" if len(gpus) < 2 else "needs each GPU listed once"
+        not_run.append({"system": "nn.DataParallel", "reason": f"not run: {reason}"})
+        not_run.append({"system": "DDP", "reason": f"not run: {reason} (one process per GPU)"})
+    return systems, not_run
+
+
+class PhasedDataParallel(nn.DataParallel):
+    """nn.DataParallel reporting the same phases as dpfast to a phase_timer.
+    Its gradient reduction runs inside autograd (ReduceAddCoalesced) and cannot
+    be timed apart from backward."""
+
+    phase_timer = None
+
+    def _phase(self, name):
+        return self.phase_timer.phase(name) if self.phase_timer is not None else contextlib.nullcontext()
+
+    def scatter(self, *args, **kwargs):
+        with self._phase("scatter"):
+            return super().scatter(*args, **kwargs)
+
+    def replicate(self, *args, **kwargs):
+        with self._phase("param_sync"):
+            return super().replicate(*args, **kwargs)
+
+    def parallel_apply(self, *args, **kwargs):
+        with self._phase("forward"):
+            return super().parallel_apply(*args, **kwargs)
+
+    def gather(self, *args, **kwargs):
+        with self._phase("gather"):
+            return super().gather(*args, **kwargs)
+
+
+def wrap(system: System, module: nn.Module) -> nn.Module:
+    if system.kind == "bare":
+        return module
+    if system.kind == "dpfast":
+        return dpfast.DataParallel(module, device_ids=system.devices)
+    if system.kind == "nn.DataParallel":
+        return PhasedDataParallel(module, device_ids=[d.index for d in system.devices])
+    raise ValueError(f"unknown system kind {system.kind!r}")
+
+
+def set_phase_timer(model: nn.Module, timer: Optional[PhaseTimer]) -> None:
+    if hasattr(model, "phase_timer"):
+        model.phase_timer = timer
+
+
+def inject_fault(model: nn.Module) -> None:
+    """For the tests: make the system return a wrong output, to prove that the
+    check fails the run. (A constant shift would not change cross-entropy.)"""
+    model.register_forward_hook(lambda module, inputs, output: output * 1.5)
+
+
+def make_optimizer(module: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(module.parameters(), lr=LEARNING_RATE, momentum=0.9)
+
+
+# -- correctness -----------------------------------------------------------------------------------
+
+def relative_error(value: Optional[torch.Tensor], reference: Optional[torch.Tensor]) -> float:
+    """max |value - reference| / max |reference|; inf where one is missing or not finite."""
+    if value is None or reference is None:
+        return 0.0 if value is None and reference is None else math.inf
+    value = value.detach().float().cpu()
+    reference = reference.float()
+    if value.shape != reference.shape or not torch.isfinite(value).all():
+        return math.inf
+    scale = max(reference.abs().max().item(), 1e-12)
+    return (value - reference).abs().max().item() / scale
+
+
+def reference_steps(workload: Workload, batches, device: torch.device) -> List[dict]:
+    """Loss and gradients of the bare module over the check batches, on one device."""
+    module = workload.build(SEED).to(device)
+    optimizer = make_optimizer(module)
+    steps = []
+    for inputs, targets in batches:
+        loss = workload.loss(module(inputs.to(device)), targets.to(device))
+        loss.backward()
+        steps.append({"loss": loss.detach().cpu(),
+                      "grads": [None if p.grad is None else p.grad.detach().cpu().clone() for p in module.parameters()]})
+        optimizer.step()
+        optimizer.zero_grad()
+    return steps
+
+
+def step_errors(loss: torch.Tensor, module: nn.Module, reference: dict) -> Tuple[float, float]:
+    loss_error = relative_error(loss, reference["loss"])
+    grad_error = max((relative_error(p.grad, g) for p, g in zip(module.parameters(), reference["grads"])), default=0.0)
+    return loss_error, grad_error
+
+
+def verify(label: str, errors: List[Tuple[float, float]], tolerance: float) -> dict:
+    """Raises WrongResult when a checked step is off; else the record of the check."""
+    for step, (loss_error, grad_error) in enumerate(errors, start=1):
+        if not (loss_error <= tolerance and grad_error <= tolerance):
+            raise WrongResult(f"{label}: step {step} differs from the bare module on the same batch: loss relative "
+                              f"error {loss_error:.3g}, largest gradient relative error {grad_error:.3g} "
+                              f"(tolerance {tolerance:g})")
+    return {"checked_steps": len(errors), "tolerance": tolerance,
+            "max_loss_relative_error": max(e[0] for e in errors),
+            "max_grad_relative_error": max(e[1] for e in errors)}
+
+
+def check_steps(model: nn.Module, module: nn.Module, optimizer, workload: Workload, batches, reference) -> list:
+    errors = []
+    for (inputs, targets), expected in zip(batches, reference):
+        loss = workload.loss(model(inputs), targets)
+        loss.backward()
+        errors.append(step_errors(loss, module, expected))
+        optimizer.step()
+        optimizer.zero_grad()
+    return errors
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+@dataclass
+class StepTime:
+    total_us: float
+    backward_wall_us: float  # backward as the caller sees it, the reduction included
+    phases_us: Dict[str, float]
+
+
+def train_step(model, optimizer, workload: Workload, inputs, targets, clock: Clock,
+               timer: Optional[PhaseTimer] = None) -> Tuple[torch.Tensor, StepTime]:
+    t_start = clock.mark()
+    outputs = model(inputs)
+    t_forward = clock.mark()
+    loss = workload.loss(outputs, targets)
+    t_loss = clock.mark()
+    loss.backward()
+    t_backward = clock.mark()
+    optimizer.step()
+    optimizer.zero_grad()
+    t_end = clock.mark()
+
+    phases = timer.take_us() if timer is not None else {}
+    forward_call_us = clock.elapsed_us(t_start, t_forward)
+    if not any(name in phases for name in WRAPPER_FORWARD_PHASES):
+        phases["forward"] = forward_call_us
+    phases["loss"] = clock.elapsed_us(t_forward, t_loss)
+    backward_wall_us = clock.elapsed_us(t_loss, t_backward)
+    phases["backward"] = backward_wall_us - phases.get("reduce", 0.0)
+    phases["optimizer"] = clock.elapsed_us(t_backward, t_end)
+    total_us = clock.elapsed_us(t_start, t_end)
+    phases["other"] = total_us - sum(phases.values())
+    return loss.detach(), StepTime(total_us, backward_wall_us, phases)
+
+
+def backward_compute_us(model, workload: Workload, inputs, targets, clock: Clock, steps: int, bar) -> float:
+    """Median wall time of backward with the gradient reduction switched off (no_sync)."""
+    times = []
+    with model.no_sync():
+        for _ in range(steps):
+            loss = workload.loss(model(inputs), targets)
+            start = clock.mark()
+            loss.backward()
+            times.append(clock.elapsed_us(start, clock.mark()))
+            bar.update()
+    return common.median(times)
+
+
+def overlap_fraction(reduce_us: Optional[float], compute_us: Optional[float], wall_us: float) -> Optional[float]:
+    if not reduce_us or compute_us is None:
+        return None
+    return min(1.0, max(0.0, (reduce_us + compute_us - wall_us) / reduce_us))
+
+
+def steps_per_system(system: System, args) -> int:
+    """Progress-bar units: check, warm-up and timed steps, plus the extra steps a system needs."""
+    cuda = system.devices[0].type == "cuda"
+    count = CHECK_STEPS + args.warmup + args.steps * (2 if cuda else 1)
+    if system.kind == "dpfast" and len(system.devices) > 1:
+        count += args.steps
+    return count
+
+
+def run_in_process(system: System, workload: Workload, args, check_batches, reference, batch, bar) -> dict:
+    device = system.devices[0]
+    module = workload.build(SEED).to(device)
+    model = wrap(system, module)
+    if args.inject_fault and system.kind != "bare":
+        inject_fault(model)
+    optimizer = make_optimizer(module)
+    common.reset_peak_memory(system.devices)
+
+    on_device = [(x.to(device), y.to(device)) for x, y in check_batches]
+    correctness = verify(system.label, check_steps(model, module, optimizer, workload, on_device, reference),
+                         args.tolerance)
+    bar.update(CHECK_STEPS)
+
+    inputs, targets = batch[0].to(device), batch[1].to(device)
+    cuda = device.type == "cuda"
+    clock = Clock(system.devices)
+    # On the CPU the phase marks cost nothing and perturb nothing: time phases in the timed steps.
+    set_phase_timer(model, None if cuda else PhaseTimer(clock))
+    timed: List[StepTime] = []
+    for step in range(args.warmup + args.steps):
+        loss, times = train_step(model, optimizer, workload, inputs, targets, clock, model.__dict__.get("phase_timer"))
+        if step >= args.warmup:
+            timed.append(times)
+        bar.update()
+    if not torch.isfinite(loss):
+        raise WrongResult(f"{system.label}: the loss became {loss.item()} during the timed steps")
+
+    phased = timed
+    if cuda:
+        sync_clock = Clock(system.devices, synchronize_marks=True)
+        timer = PhaseTimer(sync_clock)
+        set_phase_timer(model, timer)
+        phased = []
+        for _ in range(args.steps):
+            phased.append(train_step(model, optimizer, workload, inputs, targets, sync_clock, timer)[1])
+            bar.update()
+        set_phase_timer(model, None)
+
+    phases_us = common.median_of_phases([t.phases_us for t in phased])
+    backward_wall_us = common.median([t.backward_wall_us for t in timed])
+    compute_us = None
+    if system.kind == "dpfast" and len(system.devices) > 1:
+        set_phase_timer(model, None)
+        compute_us = backward_compute_us(model, workload, inputs, targets, clock, args.steps, bar)
+
+    record = system_record(system, [t.total_us for t in timed], phases_us, correctness, len(batch[1]))
+    record.update({
+        "backward_wall_us": backward_wall_us,
+        "backward_compute_us": compute_us,
+        "reduce_overlap_fraction": overlap_fraction(phases_us.get("reduce"), compute_us, backward_wall_us),
+        "memory": common.peak_memory(system.devices),
+        "dpfast_stats": model.stats() if system.kind == "dpfast" else None,
+    })
+    return record
+
+
+def system_record(system: System, step_times_us: List[float], phases_us: Dict[str, float], correctness: dict,
+                  batch_size: int) -> dict:
+    step_us = common.median(step_times_us)
+    return {
+        "system": system.label,
+        "kind": system.kind,
+        "devices": common.devices_json(system.devices),
+        "num_replicas": len(system.devices),
+        "status": "ok",
+        "step_time_us": step_us,
+        "step_time_samples_us": step_times_us,
+        "phases_us": {name: phases_us.get(name) for name in PHASES},
+        "phase_timing": ("CUDA events, devices synchronised at every phase boundary, in separate steps"
+                         if system.devices[0].type == "cuda" else "time.perf_counter in the timed steps"),
+        "throughput_samples_per_s": batch_size / (step_us * 1e-6),
+        "speedup_vs_bare": None,
+        "correctness": correctness,
+    }
+
+
+# -- DDP: one process per GPU ----------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, job: dict, results) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device(job["devices"][rank])
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    try:
+        workload = make_workload(job["workload"], job["size"])
+        module = workload.build(SEED).to(device)
+        model = nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if cuda else None)
+        if job["inject_fault"]:
+            inject_fault(model)
+        optimizer = make_optimizer(module)
+        common.reset_peak_memory([device])
+        per_rank = job["batch_size"] // world
+        shard = slice(rank * per_rank, (rank + 1) * per_rank)
+        errors = []
+        for seed, expected in zip(job["check_seeds"], job["reference"]):
+            inputs, targets = workload.make_batch(job["batch_size"], seed)
+            loss = workload.loss(model(inputs[shard].to(device)), targets[shard].to(device))
+            loss.backward()  # DDP averages the gradients: the gradient of the whole batch's mean loss
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            errors.append(step_errors(mean_loss / world, module, expected))
+            optimizer.step()
+            optimizer.zero_grad()
+        inputs, targets = workload.make_batch(job["batch_size"], job["batch_seed"])
+        inputs, targets = inputs[shard].to(device), targets[shard].to(device)
+        clock = Clock([device])
+        timed = []
+        for step in range(job["warmup"] + job["steps"]):
+            loss, times = train_step(model, optimizer, workload, inputs, targets, clock)
+            if step >= job["warmup"]:
+                timed.append(times)
+        results.put({"rank": rank, "errors": errors, "final_loss": loss.item(),
+                     "step_times_us": [t.total_us for t in timed],
+                     "phases_us": common.median_of_phases([t.phases_us for t in timed]),
+                     "memory": common.peak_memory([device])})
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ddp(system: System, workload: Workload, args, check_seeds, reference, batch_seed, bar) -> dict:
+    import torch.multiprocessing as mp
+
+    world = len(system.devices)
+    if args.batch_size % world:
+        return {"system": system.label, "kind": "ddp", "status": f"not run: batch size {args.batch_size} is not "
+                f"divisible by {world} processes (the check needs equal shards)"}
+    job = {"devices": common.devices_json(system.devices), "workload": workload.name, "size": workload.size,
+           "batch_size": args.batch_size, "check_seeds": check_seeds, "reference": reference,
+           "batch_seed": batch_seed, "warmup": args.warmup, "steps": args.steps, "inject_fault": args.inject_fault}
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.start_processes(_ddp_worker, args=(world, free_port(), job, results), nprocs=world, join=True,
+                       start_method="spawn")
+    by_rank = sorted((results.get() for _ in range(world)), key=lambda r: r["rank"])
+    bar.update(steps_per_system(system, args))
+    correctness = verify(system.label, by_rank[0]["errors"], args.tolerance)
+    if not all(math.isfinite(r["final_loss"]) for r in by_rank):
+        raise WrongResult(f"{system.label}: the loss became non-finite during the timed steps")
+    # The slowest rank sets the pace of a synchronous step.
+    step_times_us = [max(times) for times in zip(*(r["step_times_us"] for r in by_rank))]
+    record = system_record(system, step_times_us, by_rank[0]["phases_us"], correctness, args.batch_size)
+    memory = {key: {} for key in ("torch_peak_allocated_bytes", "torch_peak_reserved_bytes", "nvml_used_bytes")}
+    for r in by_rank:
+        for key in memory:
+            if isinstance(r["memory"][key], dict):
+                memory[key].update(r["memory"][key])
+    record.update({"phase_timing": "CUDA events on rank 0 (the all-reduce overlaps backward and is part of it)",
+                   "backward_wall_us": by_rank[0]["phases_us"]["backward"], "backward_compute_us": None,
+                   "reduce_overlap_fraction": None, "memory": memory, "dpfast_stats": None})
+    return record
+
+
+# -- one workload ----------------------------------------------------------------------------------
+
+def model_facts(workload: Workload, batch) -> dict:
+    """What the cost model (bench/model.py) needs besides the times."""
+    module = workload.build(SEED)
+    params = list(module.parameters())
+    with torch.no_grad():
+        outputs = module(batch[0])
+    return {
+        "param_count": sum(p.numel() for p in params),
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "num_param_tensors": len(params),
+        "num_modules": sum(1 for _ in module.modules()),
+        "input_bytes": batch[0].numel() * batch[0].element_size(),
+        "output_bytes": outputs.numel() * outputs.element_size(),
+    }
+
+
+def bench_workload(workload: Workload, systems: List[System], not_run: List[dict], args, bar) -> dict:
+    check_seeds = [1000 + step for step in range(CHECK_STEPS)]
+    check_batches = [workload.make_batch(args.batch_size, seed) for seed in check_seeds]
+    batch_seed = 1
+    batch = workload.make_batch(args.batch_size, batch_seed)
+    reference = reference_steps(workload, check_batches, systems[0].devices[0])
+    record = {"workload": workload.name, "size": workload.size, "description": workload.description,
+              "config": workload.config, "batch_size": args.batch_size, **model_facts(workload, batch),
+              "systems": [], "not_run": list(not_run)}
+    for system in systems:
+        bar.set_postfix_str(f"{workload.name}: {system.label}")
+        if system.kind == "ddp":
+            result = run_ddp(system, workload, args, check_seeds, reference, batch_seed, bar)
+        else:
+            result = run_in_process(system, workload, args, check_batches, reference, batch, bar)
+        (record["systems"] if result["status"] == "ok" else record["not_run"]).append(result)
+    bare_us = record["systems"][0]["step_time_us"]
+    for result in record["systems"]:
+        result["speedup_vs_bare"] = bare_us / result["step_time_us"]
+    return record
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def peak_memory_label(memory: dict) -> str:
+    torch_peaks = memory["torch_peak_allocated_bytes"]
+    if torch_peaks:
+        return "/".join(f"{b / 2**20:.0f}" for b in torch_peaks.values())
+    return f"{memory['process_peak_rss_bytes'] / 2**20:.0f} (RSS)"
+
+
+def format_results(record: dict) -> str:
+    headers = ["workload", "system", "step ms", "samples/s", "speed-up", "scatter", "sync", "fwd", "gather", "loss",
+               "bwd", "reduce", "overlap", "opt", "other", "peak MiB"]
+    rows = []
+    for w in record["workloads"]:
+        for s in w["systems"]:
+            ms = {name: (None if v is None else v / 1e3) for name, v in s["phases_us"].items()}
+            rows.append([f"{w['workload']} (b={w['batch_size']})", s["system"], fmt(s["step_time_us"] / 1e3),
+                         fmt(s["throughput_samples_per_s"], 0), fmt(s["speedup_vs_bare"]) + "x",
+                         *(fmt(ms[p]) for p in ("scatter", "param_sync", "forward", "gather", "loss", "backward",
+                                                "reduce")),
+                         fmt(s["reduce_overlap_fraction"]), fmt(ms["optimizer"]), fmt(ms["other"]),
+                         peak_memory_label(s["memory"])])
+    lines = [f"devices: {record['device_label']}", "phases: medians in ms; peak MiB: torch allocator per device "
+             "(RSS: the process's peak resident memory on the host)", common.format_table(headers, rows)]
+    not_run = {(n["system"], n["status"] if "status" in n else n["reason"]) for w in record["workloads"]
+               for n in w["not_run"]}
+    lines += [f"{system}: {reason}" for system, reason in sorted(not_run)]
+    return "\n".join(lines)
+
+
+def write_chart(record: dict, path: str) -> Optional[str]:
+    """A stacked bar of the phases per system, one panel per workload; None when matplotlib is missing."""
+    plt = common.pyplot()
+    if plt is None:
+        return None
+    workloads = record["workloads"]
+    figure, axes = plt.subplots(len(workloads), 1, figsize=(10, 1.2 + 0.55 * sum(len(w["systems"]) for w in workloads)
+                                                             + 0.6 * len(workloads)), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for axis, w in zip(axes[:, 0], workloads):
+        labels = [s["system"] for s in w["systems"]]
+        left = [0.0] * len(labels)
+        for color, phase in zip(colors, PHASES):
+            widths = [max(0.0, s["phases_us"][phase] or 0.0) / 1e3 for s in w["systems"]]
+            axis.barh(labels, widths, left=left, color=color, label=phase)
+            left = [a + b for a, b in zip(left, widths)]
+        axis.invert_yaxis()
+        axis.set_title(f"{w['workload']}: {w['description']}, batch {w['batch_size']}", fontsize=9)
+        axis.set_xlabel("median time per phase (ms)")
+    axes[0, 0].legend(ncol=len(PHASES), fontsize=7, loc="lower left", bbox_to_anchor=(0, 1.15))
+    figure.suptitle(f"dpfast benchmark: {record['device_label']}", fontsize=10, y=0.995)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", help="comma-separated devices, e.g. 0,1 or cuda:0,cuda:0 or cpu,cpu,cpu,cpu "
+                        "(default: all GPUs; one GPU: it 4 times; no GPU: 4 CPU replicas)")
+    parser.add_argument("--quick", action="store_true", help="a short configuration (under a minute on 2 CPU cores)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, from: "
+                        + ", ".join(WORKLOADS))
+    parser.add_argument("--size", choices=("tiny", "small", "base"),
+                        help="model size (default: base on GPU, small on CPU; --quick: small on GPU, tiny on CPU)")
+    parser.add_argument("--batch-size", type=int, help="global batch size (default: per workload and size)")
+    parser.add_argument("--steps", type=int, help="timed steps per system (default 30; --quick 5)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before them (default 5; --quick 2)")
+    parser.add_argument("--tolerance", type=float, help="largest relative error of the checked loss and gradients "
+                        "(default 1e-3 on CPU, 2e-2 on CUDA where convolutions may use TF32)")
+    parser.add_argument("--out", default=common.DEFAULT_OUT_DIR, help="folder for the JSON and PNG "
+                        "(default bench/results/)")
+    parser.add_argument("--label", help="file-name label (default: cpu-quick, gpu1, ...)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--inject-fault", action="store_true",
+                        help="for tests: make every wrapped system return a wrong output; the run must fail")
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps: expected at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error("--batch-size: expected at least 1")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    devices = common.parse_devices(args.devices) if args.devices else common.default_devices()
+    cuda = devices[0].type == "cuda"
+    args.size = args.size or {(True, True): "small", (True, False): "base", (False, True): "tiny",
+                              (False, False): "small"}[(cuda, args.quick)]
+    args.steps = args.steps or (5 if args.quick else 30)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
+    args.tolerance = args.tolerance or (2e-2 if cuda else 1e-3)
+    label = args.label or common.card_label(devices) + ("-quick" if args.quick else "")
+    workloads = [make_workload(name.strip(), args.size) for name in args.workloads.split(",") if name.strip()]
+    systems, not_run = plan_systems(devices)
+    started = common.now()
+    device_label = common.describe_devices(devices)
+    print(f"dpfast benchmark: {device_label}; {args.size} models, {args.steps} timed steps after {args.warmup} "
+          f"warm-up steps", flush=True)
+
+    record = {"schema": "dpfast-bench", "schema_version": common.SCHEMA_VERSION, "label": label,
+              "date": started.isoformat(timespec="seconds"), "machine": common.machine_record(),
+              "devices": common.devices_json(devices), "device_type": devices[0].type,
+              "device_label": device_label, "size": args.size, "steps": args.steps, "warmup": args.warmup,
+              "quick": args.quick, "method": __doc__.split("Method\n", 1)[1].strip(), "workloads": []}
+    total_steps = len(workloads) * sum(steps_per_system(s, args) for s in systems)
+    bar = common.progress(total_steps, "bench", enabled=not args.no_progress)
+    try:
+        for workload in workloads:
+            batch_args = argparse.Namespace(**vars(args))
+            batch_args.batch_size = args.batch_size or workload.default_batch_size
+            record["workloads"].append(bench_workload(workload, systems, not_run, batch_args, bar))
+    except WrongResult as error:
+        bar.close()
+        print(f"\nWRONG RESULT: {error}\nThe benchmark stopped; no times are reported for a wrong result.",
+              file=sys.stderr, flush=True)
+        return 2
+    bar.close()
+
+    print(format_results(record))
+    json_path = common.result_path(args.out, started, label, ".json")
+    chart_path = write_chart(record, common.result_path(args.out, started, label, ".png"))
+    record["chart"] = chart_path or "not written: matplotlib is not installed"
+    common.write_json(json_path, record)
+    print(f"wrote {json_path}" + (f" and {chart_path}" if chart_path else " (no chart: matplotlib is not installed)"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
