@@ -6,7 +6,10 @@
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401
+from .checkpoint import load_state_dict, unwrap_state_dict, wrap_state_dict
+from .criterion import ParallelCriterion, ReplicaOutputs
 from .data_parallel import DataParallel
 
-__all__ = ["DataParallel"]
+__all__ = ["DataParallel", "ParallelCriterion", "ReplicaOutputs", "load_state_dict", "unwrap_state_dict",
+           "wrap_state_dict"]
 __version__ = "0.1.0"

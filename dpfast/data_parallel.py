@@ -11,11 +11,19 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import nn
 
+from . import checkpoint, splits
 from . import devices as _devices
 from . import scatter_gather, streams as lane_streams
+from .buffers import BatchNormAverager
+from .criterion import ReplicaOutputs
 from .reducer import GradReducer
 from .replicas import ReplicaSet
 from .workers import WorkerPool, capture_thread_state, thread_state
+
+
+def module_device_is_cpu(module: nn.Module) -> bool:
+    first = next(iter(module.parameters()), None) or next(iter(module.buffers()), None)
+    return first is None or first.device.type == "cpu"
 
 
 class _Runtime:
@@ -31,6 +39,7 @@ class _Runtime:
                                    tree_shape=wrapper.tree_shape, allow_p2p=_devices.p2p_allowed())
         self.reducer: Optional[GradReducer] = None
         self.reducer_build = -1
+        self.bn_averager = BatchNormAverager()
         self.pool = WorkerPool(len(wrapper.devices) - 1)
 
     def close(self) -> None:
@@ -55,13 +64,26 @@ class DataParallel(nn.Module):
             ``.data`` (which do not bump them); off by default.
         bucket_cap_mb: size of the gradient buckets.
         tree_shape: ``"auto"``, ``"chain"`` or ``"binomial"`` (see csrc/plan.h).
+        chunk_sizes: rows per replica for every batch (must sum to the batch);
+            a 0 skips that replica. Settable between calls.
+        weights: relative share of each replica (rows are rounded to sum to
+            the batch), e.g. ``[0.5, 1, 1, 1]`` for a GPU0 that also holds the loss.
+        gather: ``False`` returns the replicas' outputs where they are (a
+            ``ReplicaOutputs``), for ``dpfast.ParallelCriterion``.
+        scalar_outputs: ``"vector"`` (one value per replica, as nn.DataParallel
+            but without its warning) or ``"mean"`` (the chunk-size weighted
+            mean: the full-batch value of a mean loss computed in forward).
+        average_buffers: after a training forward, set BatchNorm running
+            statistics on the root to the whole batch's (not only replica 0's).
 
     Differences from nn.DataParallel are listed in the README.
     """
 
     def __init__(self, module: nn.Module, device_ids: Optional[Sequence[Any]] = None, output_device: Any = None,
                  dim: int = 0, *, trust_version_counters: bool = False, bucket_cap_mb: float = 25.0,
-                 tree_shape: str = "auto"):
+                 tree_shape: str = "auto", chunk_sizes: Optional[Sequence[int]] = None,
+                 weights: Optional[Sequence[float]] = None, gather: bool = True, scalar_outputs: str = "vector",
+                 average_buffers: bool = False):
         super().__init__()
         torch._C._log_api_usage_once("dpfast.data_parallel")
         if not isinstance(module, nn.Module):
@@ -74,6 +96,16 @@ class DataParallel(nn.Module):
                              f"{tree_shape!r}")
         if not bucket_cap_mb > 0:
             raise ValueError(f"dpfast.DataParallel: bucket_cap_mb: expected a positive size, but got {bucket_cap_mb!r}")
+        if scalar_outputs not in ("vector", "mean"):
+            raise ValueError(f"dpfast.DataParallel: scalar_outputs: expected 'vector' or 'mean', but got "
+                             f"{scalar_outputs!r}")
+        if chunk_sizes is not None and weights is not None:
+            raise ValueError("dpfast.DataParallel: chunk_sizes, weights: expected at most one of them, but got both")
+        self.chunk_sizes = chunk_sizes
+        self.weights = weights
+        self.gather_outputs = gather
+        self.scalar_outputs = scalar_outputs
+        self.average_buffers = average_buffers
         self.module = module
         self.dim = dim
         # An object with .phase(name) -> context manager, told about each step's phases
@@ -82,6 +114,10 @@ class DataParallel(nn.Module):
         self.trust_version_counters = trust_version_counters
         self.bucket_cap_mb = bucket_cap_mb
         self.tree_shape = tree_shape
+        if isinstance(device_ids, str) and device_ids == "auto":
+            device_ids = _devices.auto_device_ids(module) or None  # None: no GPU, run the module directly
+            if device_ids and module_device_is_cpu(module):
+                module.to(torch.device("cuda", device_ids[0]))  # "auto" chose where the module lives
         self.devices: List[torch.device] = _devices.parse_device_ids(device_ids)
         if not self.devices:  # no CUDA and no device named: run the module directly, as nn.DataParallel does
             self.device_ids: list = []
@@ -94,6 +130,11 @@ class DataParallel(nn.Module):
         self.output_device_obj = output
         self.src_device_obj = self.devices[0]
         self._check_module_device()
+        if chunk_sizes is not None:
+            splits.validate_sizes("chunk_sizes", chunk_sizes, len(self.devices))
+        if weights is not None:
+            splits.validate_sizes("weights", weights, len(self.devices))
+        _devices.warn_on_imbalance(self.devices, has_split_option=chunk_sizes is not None or weights is not None)
         self._runtime: Optional[_Runtime] = None
 
     # -- nn.DataParallel's steps, overridable as there -----------------------------------------
@@ -106,23 +147,37 @@ class DataParallel(nn.Module):
             if batch == 0:
                 raise ValueError(f"dpfast.DataParallel: inputs: expected a non-empty batch, but the batch "
                                  f"dimension (dim {self.dim}) has size 0")
-            chunk_sizes = (scatter_gather.even_chunk_sizes(batch, len(self.devices)) if batch is not None
-                           else [None] * len(self.devices))
-            num_replicas = len(chunk_sizes)
-            devices = self.devices[:num_replicas]
-            if num_replicas == 1:
-                inputs, kwargs = scatter_gather.scatter_kwargs(inputs, kwargs, devices, [batch] if batch else [],
-                                                               self.dim)
+            if batch is None:  # no tensor to split: every replica gets the same inputs, as nn.DataParallel
+                sizes = [None] * len(self.devices)
+            else:
+                sizes = splits.chunk_sizes_for(batch, len(self.devices), self.chunk_sizes, self.weights)
+            active = [k for k, size in enumerate(sizes) if size != 0]  # a replica with 0 rows sits this step out
+            chunk_sizes = [sizes[k] for k in active]
+            devices = [self.devices[k] for k in active]
+            if active == [0] and self.gather_outputs:
+                inputs, kwargs = scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim)
                 return self.module(*inputs[0], **kwargs[0])
-            streams = runtime.streams[:num_replicas] if runtime.streams else None
+            streams = [runtime.streams[k] for k in active] if runtime.streams else None
             with self._phase("scatter"):
                 scattered_inputs, scattered_kwargs = self.scatter(inputs, kwargs, devices, chunk_sizes, streams)
             with self._phase("param_sync"):
-                replicas = self.replicate(self.module, num_replicas)
+                replicas = self.replicate(self.module, active[-1] + 1)
+            replicas = [replicas[k] for k in active]
+            averaging = self.average_buffers and self.training
+            if averaging:
+                snapshots = runtime.bn_averager.prepare(runtime.replicas.modules)
             with self._phase("forward"):
-                outputs = self.parallel_apply(replicas, scattered_inputs, scattered_kwargs, chunk_sizes)
+                outputs = self.parallel_apply(replicas, scattered_inputs, scattered_kwargs, chunk_sizes, active)
+            if averaging and snapshots:
+                for stream in streams or []:
+                    lane_streams.wait(lane_streams.current_stream(self.devices[0]), stream)
+                runtime.bn_averager.apply(snapshots, runtime.replicas.modules,
+                                          [runtime.replicas.replica_modules[k] for k in active])
+            if not self.gather_outputs:
+                return ReplicaOutputs(outputs, chunk_sizes, devices, self.output_device_obj, self.dim)
             with self._phase("gather"):
-                return self.gather(outputs, self.output_device_obj, devices, streams)
+                weights = chunk_sizes if self.scalar_outputs == "mean" and batch is not None else None
+                return self.gather(outputs, self.output_device_obj, devices, streams, scalar_weights=weights)
 
     def scatter(self, inputs, kwargs, devices, chunk_sizes, streams=None):
         return scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim,
@@ -135,10 +190,12 @@ class DataParallel(nn.Module):
         return replicas
 
     def parallel_apply(self, replicas: List[nn.Module], inputs: List[tuple], kwargs: List[dict],
-                       chunk_sizes: Optional[List[Any]] = None) -> List[Any]:
+                       chunk_sizes: Optional[List[Any]] = None, replica_indices: Optional[List[int]] = None
+                       ) -> List[Any]:
         runtime = self._ensure_runtime()
         state = capture_thread_state()
-        streams = runtime.streams or [None] * len(replicas)
+        indices = replica_indices if replica_indices is not None else list(range(len(replicas)))
+        streams = [runtime.streams[k] for k in indices] if runtime.streams else [None] * len(replicas)
 
         def job(replica, args, kw, stream):
             def run():
@@ -149,14 +206,20 @@ class DataParallel(nn.Module):
         fns = [job(r, a, k, s) for r, a, k, s in zip(replicas, inputs, kwargs, streams)]
         sizes = chunk_sizes or [None] * len(replicas)
         wheres = [f"in replica {k} on device {self.devices[k]}" +
-                  (f" (a batch chunk of {sizes[k]} rows)" if sizes[k] is not None else "")
-                  for k in range(len(replicas))]
+                  (f" (a batch chunk of {size} rows)" if size is not None else "")
+                  for k, size in zip(indices, sizes)]
         return runtime.pool.run(fns, wheres)
 
-    def gather(self, outputs: List[Any], output_device, devices=None, streams=None) -> Any:
+    def gather(self, outputs: List[Any], output_device, devices=None, streams=None, scalar_weights=None) -> Any:
         devices = devices if devices is not None else self.devices[:len(outputs)]
         return scatter_gather.gather(outputs, _devices.to_device(output_device, "output_device"), self.dim,
-                                     devices, lane_streams.ids(streams))
+                                     devices, lane_streams.ids(streams), scalar_weights=scalar_weights)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also takes a plain module's state_dict (keys without ``module.``)."""
+        if not checkpoint.is_wrapped(state_dict) and len(state_dict) > 0:
+            state_dict = checkpoint.wrap_state_dict(state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- extras ----------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -88,3 +88,121 @@ def p2p_allowed() -> bool:
     import os
 
     return os.environ.get("DPFAST_DISABLE_P2P", "").strip().lower() not in ("1", "true", "yes", "on")
+
+
+# -- device_ids="auto" ---------------------------------------------------------------------------
+
+class NvmlSource:
+    """What auto_device_ids needs from NVML (nvidia-ml-py); tests pass a fake with the same methods."""
+
+    def __init__(self):
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+
+    def devices(self) -> List[dict]:
+        """Per physical GPU: uuid, pci_bus_id, free and total memory (bytes), utilization (%)."""
+        nvml, out = self._nvml, []
+        for i in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            uuid = nvml.nvmlDeviceGetUUID(handle)
+            bus_id = nvml.nvmlDeviceGetPciInfo(handle).busId
+            out.append({
+                "uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
+                "pci_bus_id": bus_id.decode() if isinstance(bus_id, bytes) else bus_id,
+                "free_bytes": memory.free, "total_bytes": memory.total,
+                "utilization_percent": nvml.nvmlDeviceGetUtilizationRates(handle).gpu,
+            })
+        return out
+
+
+def _torch_cuda_identities() -> List[dict]:
+    """uuid and PCI bus id of every CUDA index torch sees (CUDA_VISIBLE_DEVICES applied)."""
+    out = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        uuid = str(getattr(props, "uuid", ""))
+        pci = f"{getattr(props, 'pci_domain_id', 0):08X}:{getattr(props, 'pci_bus_id', 0):02X}:" \
+              f"{getattr(props, 'pci_device_id', 0):02X}.0"
+        out.append({"uuid": uuid if uuid.startswith("GPU-") or not uuid else f"GPU-{uuid}", "pci_bus_id": pci})
+    return out
+
+
+def _normalize_bus_id(bus_id: str) -> str:
+    # NVML says 00000000:17:00.0; other tools drop leading zeros of the domain.
+    parts = bus_id.upper().split(":")
+    if len(parts) == 3:
+        return f"{int(parts[0], 16):08X}:{parts[1]}:{parts[2]}"
+    return bus_id.upper()
+
+
+def select_devices(nvml_devices: List[dict], cuda_devices: List[dict], max_utilization_percent: float = 50.0,
+                   min_free_fraction: float = 0.2) -> List[int]:
+    """CUDA indices of the GPUs that are not busy, best first (most free memory, then least
+    utilization). NVML's physical GPUs are matched to CUDA indices by UUID, else by PCI bus id,
+    so CUDA_VISIBLE_DEVICES (which renumbers) is respected."""
+    chosen = []
+    for cuda_index, ident in enumerate(cuda_devices):
+        match = next((d for d in nvml_devices if ident["uuid"] and d["uuid"] == ident["uuid"]), None)
+        if match is None:
+            match = next((d for d in nvml_devices
+                          if _normalize_bus_id(d["pci_bus_id"]) == _normalize_bus_id(ident["pci_bus_id"])), None)
+        if match is None:
+            continue
+        busy = (match["utilization_percent"] > max_utilization_percent
+                or match["free_bytes"] < min_free_fraction * match["total_bytes"])
+        if not busy:
+            chosen.append((-match["free_bytes"], match["utilization_percent"], cuda_index))
+    return [index for _, _, index in sorted(chosen)]
+
+
+def auto_device_ids(module=None, nvml_source=None, cuda_identities=None, **thresholds) -> List[int]:
+    """``device_ids="auto"``: the GPUs with the most free memory and least utilization, busy ones
+    skipped; without NVML, all GPUs; without GPUs, [] (the module runs directly). The device the
+    module already lives on comes first when it is among them."""
+    import warnings
+
+    if not torch.cuda.is_available() and cuda_identities is None:
+        warnings.warn("dpfast.DataParallel: device_ids='auto': no CUDA GPU is visible; running the module directly")
+        return []
+    try:
+        source = nvml_source if nvml_source is not None else NvmlSource()
+        nvml_devices = source.devices()
+    except Exception as error:  # no NVML library or driver
+        count = torch.cuda.device_count()
+        warnings.warn(f"dpfast.DataParallel: device_ids='auto': NVML is not available ({error}); using all {count} "
+                      f"GPUs")
+        return list(range(count))
+    ids = select_devices(nvml_devices, cuda_identities if cuda_identities is not None else _torch_cuda_identities(),
+                         **thresholds)
+    if not ids:
+        raise RuntimeError("dpfast.DataParallel: device_ids='auto': expected at least one GPU that is not busy, but "
+                           "every visible GPU is above the utilization or below the free-memory threshold")
+    if module is not None:
+        first = next(iter(module.parameters()), None)
+        if first is not None and first.device.type == "cuda" and first.device.index in ids:
+            ids.remove(first.device.index)
+            ids.insert(0, first.device.index)
+    return ids
+
+
+def warn_on_imbalance(devices: List[torch.device], has_split_option: bool, properties=None) -> bool:
+    """nn.DataParallel's imbalance check (a GPU with under 75% of the memory or cores of the
+    largest), with a message that names the options that fix it. Returns whether it warned."""
+    import warnings
+
+    distinct = sorted({d.index for d in devices if d.type == "cuda"})
+    if len(distinct) < 2 or has_split_option:
+        return False
+    props = properties if properties is not None else [torch.cuda.get_device_properties(i) for i in distinct]
+    for attribute in ("total_memory", "multi_processor_count"):
+        values = [getattr(p, attribute) for p in props]
+        small, large = min(range(len(values)), key=values.__getitem__), max(range(len(values)), key=values.__getitem__)
+        if values[small] < 0.75 * values[large]:
+            warnings.warn(f"dpfast.DataParallel: there is an imbalance between your GPUs: GPU {distinct[small]} has "
+                          f"less than 75% of the {attribute.replace('_', ' ')} of GPU {distinct[large]}. Give it less "
+                          f"work with weights= or chunk_sizes=, or leave it out of device_ids.")
+            return True
+    return False

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import _C
+from .splits import even as even_chunk_sizes  # noqa: F401  (torch.chunk's split, used by tests)
 
 
 def _is_namedtuple(obj: Any) -> bool:
@@ -70,18 +71,6 @@ def find_batch_size(inputs: tuple, kwargs: dict, dim: int) -> Optional[int]:
             raise ValueError(f"dpfast.DataParallel: inputs: expected every input tensor to have the same size along "
                              f"dim {dim} (the batch), but {first_path} has {batch} and {path} has {size}")
     return batch
-
-
-def even_chunk_sizes(batch: int, num_devices: int) -> List[int]:
-    """torch.chunk's split, which nn.DataParallel uses: ceil(batch / n) rows per
-    replica, so a small batch uses fewer replicas."""
-    if batch <= 0:
-        return []
-    per_replica = -(-batch // num_devices)
-    sizes = []
-    while sum(sizes) < batch:
-        sizes.append(min(per_replica, batch - sum(sizes)))
-    return sizes
 
 
 def stream_ids(streams: Optional[Sequence[Any]]) -> List[int]:
@@ -177,21 +166,31 @@ def scatter_kwargs(inputs: tuple, kwargs: Optional[dict], devices: List[torch.de
 
 
 def gather(outputs: List[Any], destination: torch.device, dim: int, devices: List[torch.device],
-           lane_stream_ids: List[int] = ()) -> Any:
+           lane_stream_ids: List[int] = (), scalar_weights: Optional[List[int]] = None) -> Any:
     """The replicas' outputs concatenated along dim on ``destination`` (ready
     on its current stream), nested
     structures rebuilt with their own types. 0-dim tensors become a vector of
     one value per replica. Other values are kept when every replica returned
-    an equal one, else gathered into a list."""
+    an equal one, else gathered into a list. With ``scalar_weights`` (the
+    chunk sizes), 0-dim outputs become their weighted mean instead: the
+    full-batch value of a mean computed per replica."""
     lane_stream_ids = list(lane_stream_ids)
 
     def gather_map(values: List[Any]):
         first = values[0]
         if isinstance(first, torch.Tensor):
+            scalars = first.dim() == 0
             tensors = [v.unsqueeze(0) if v.dim() == 0 else v for v in values]
+            gather_dim = 0 if scalars else dim
             if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
-                return Gather.apply(destination, dim, devices, lane_stream_ids, *tensors)
-            return _C.gather(tensors, devices, destination, dim, lane_stream_ids)
+                out = Gather.apply(destination, gather_dim, devices, lane_stream_ids, *tensors)
+            else:
+                out = _C.gather(tensors, devices, destination, gather_dim, lane_stream_ids)
+            if scalars and scalar_weights is not None:
+                total = float(sum(scalar_weights))
+                weights = torch.tensor([w / total for w in scalar_weights], dtype=out.dtype, device=out.device)
+                return (out * weights).sum()
+            return out
         if first is None:
             return None
         if isinstance(first, dict):

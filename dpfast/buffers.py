@@ -1,0 +1,78 @@
+"""Optional: BatchNorm running statistics of the whole batch, not only of replica 0's chunk.
+
+With nn.DataParallel (and dpfast by default) the root keeps the running
+statistics that replica 0 computed on its chunk. With
+``DataParallel(..., average_buffers=True)`` every training forward ends by
+setting each BatchNorm's running_mean and running_var on the root to the
+update that one BatchNorm would have made on the whole batch.
+
+Each replica started from the root's statistics (r) and made the update
+r_k = (1 - f) r + f s_k with its chunk's statistic s_k, where f is the
+momentum (or 1 / num_batches_tracked when momentum is None). So
+s_k = (r_k - (1 - f) r) / f recovers each chunk's mean and unbiased variance,
+and with n_k elements per channel in chunk k (N in all) the whole batch's are
+    mean = sum_k n_k mean_k / N
+    var  = N / (N - 1) * sum_k n_k ((n_k - 1) / n_k var_k + (mean_k - mean)^2) / N,
+which the root then applies once: r <- (1 - f) r + f s.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def _tracks(m: nn.Module) -> bool:
+    return isinstance(m, _BatchNorm) and m.track_running_stats and m.running_mean is not None
+
+
+class BatchNormAverager:
+    def __init__(self) -> None:
+        self.elements_per_channel: Dict[int, int] = {}  # id(module or replica) -> n of its last forward
+        self._hooked: Dict[int, object] = {}
+
+    def prepare(self, root_modules: List[nn.Module]) -> List[Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Before a training forward: hooks every BatchNorm (hooks are shared with the replicas)
+        and returns (module index, running_mean, running_var, num_batches_tracked) snapshots."""
+        self.elements_per_channel.clear()
+        snapshots = []
+        for j, m in enumerate(root_modules):
+            if not _tracks(m) or not m.training:
+                continue
+            if id(m) not in self._hooked:
+                self._hooked[id(m)] = m.register_forward_pre_hook(self._count)
+            snapshots.append((j, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()))
+        return snapshots
+
+    def _count(self, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        self.elements_per_channel[id(module)] = x.numel() // x.size(1)
+
+    @torch.no_grad()
+    def apply(self, snapshots, root_modules: List[nn.Module], active_replica_modules: List[List[nn.Module]]) -> None:
+        """After the forward: active_replica_modules[a][j] is the a-th active replica's copy of
+        root_modules[j] (the root's own module where replica 0 ran)."""
+        for j, mean_before, var_before, tracked_before in snapshots:
+            root = root_modules[j]
+            ran = [mods[j] for mods in active_replica_modules if id(mods[j]) in self.elements_per_channel]
+            if len(ran) < 2:
+                continue  # one chunk: the root's own update is already the whole batch's
+            momentum = root.momentum if root.momentum is not None else 1.0 / float(tracked_before.item() + 1)
+            if momentum == 0:
+                continue
+            device = root.running_mean.device
+            counts = [self.elements_per_channel[id(m)] for m in ran]
+            total = float(sum(counts))
+            means = [(m.running_mean.to(device) - (1 - momentum) * mean_before) / momentum for m in ran]
+            variances = [(m.running_var.to(device) - (1 - momentum) * var_before) / momentum for m in ran]
+            mean = sum(n * mu for n, mu in zip(counts, means)) / total
+            biased = sum(n * ((n - 1) / n * v + (mu - mean) ** 2)
+                         for n, mu, v in zip(counts, means, variances)) / total
+            unbiased = biased * total / max(total - 1.0, 1.0)
+            root.running_mean.copy_((1 - momentum) * mean_before + momentum * mean)
+            root.running_var.copy_((1 - momentum) * var_before + momentum * unbiased)
+            if root.num_batches_tracked is not None:
+                root.num_batches_tracked.copy_(tracked_before + 1)  # whether or not replica 0 ran

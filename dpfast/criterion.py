@@ -1,0 +1,109 @@
+"""The loss on the replicas: outputs are never gathered onto one device.
+
+nn.DataParallel gathers every output (the logits of the whole batch) and then
+the loss onto GPU0, which is why GPU0 runs out of memory first. With
+``DataParallel(model, gather=False)`` the forward returns the replicas'
+outputs where they are (a ``ReplicaOutputs``), and ``ParallelCriterion``
+scatters the targets the same way, computes the loss next to each output and
+combines the per-replica losses into exactly the full-batch value:
+
+    model = dpfast.DataParallel(net, gather=False)
+    criterion = dpfast.ParallelCriterion(nn.CrossEntropyLoss())
+    loss = criterion(model(x), y)          # a scalar on output_device
+    loss.backward()
+
+NOTE [Combining per-replica losses]
+For ``reduction="sum"`` the losses add. For ``"mean"`` each replica's loss is
+computed as a sum and the total is divided by the full batch's denominator:
+the number of elements for element-wise losses (rows are split, so this is
+the chunk-size weighted mean), and for CrossEntropyLoss/NLLLoss the summed
+class weights of the targets that are not ``ignore_index`` (what torch's mean
+divides by). ``"none"`` gathers the per-sample losses. Criteria without a
+``reduction`` attribute are treated as means over rows (chunk-size weighted);
+pass ``reduction=`` to say otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, List, Optional
+
+import torch
+from torch import nn
+
+from . import _C, scatter_gather
+
+
+class ReplicaOutputs(list):
+    """The replicas' outputs, one entry per replica that ran, left on their devices."""
+
+    def __init__(self, outputs: List[Any], chunk_sizes: List[int], devices: List[torch.device],
+                 output_device: torch.device, dim: int):
+        super().__init__(outputs)
+        self.chunk_sizes = list(chunk_sizes)
+        self.devices = list(devices)
+        self.output_device = output_device
+        self.dim = dim
+
+    def gather(self) -> Any:
+        """What DataParallel with gather=True would have returned."""
+        return scatter_gather.gather(list(self), self.output_device, self.dim, self.devices)
+
+
+def _scatter_like(value: Any, outputs: ReplicaOutputs) -> List[Any]:
+    return scatter_gather.scatter(value, outputs.devices, outputs.chunk_sizes, outputs.dim)
+
+
+class ParallelCriterion(nn.Module):
+    """Computes ``criterion(output_k, target_k)`` next to each replica's output
+    and combines the results into the full-batch value (NOTE [Combining
+    per-replica losses])."""
+
+    def __init__(self, criterion: Any, reduction: Optional[str] = None):
+        super().__init__()
+        self.criterion = criterion
+        self.reduction = reduction if reduction is not None else getattr(criterion, "reduction", "mean")
+        if self.reduction == "batchmean":  # KLDivLoss: a mean over rows
+            self.reduction = "mean"
+        if self.reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"dpfast.ParallelCriterion: reduction: expected 'mean', 'sum' or 'none', but got "
+                             f"{self.reduction!r}")
+        self._has_reduction = isinstance(getattr(criterion, "reduction", None), str)
+        if self._has_reduction:  # computes sums per replica; the mean is taken over the whole batch
+            self._summing = copy.copy(criterion)
+            self._summing.reduction = "sum" if self.reduction == "mean" else self.reduction
+
+    def forward(self, outputs: ReplicaOutputs, target: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not isinstance(outputs, ReplicaOutputs):
+            raise TypeError("dpfast.ParallelCriterion: outputs: expected the ReplicaOutputs of "
+                            f"DataParallel(..., gather=False), but got {type(outputs).__name__}")
+        targets = _scatter_like(target, outputs)
+        extra_args = _scatter_like(args, outputs) if args else [()] * len(outputs)
+        extra_kwargs = _scatter_like(kwargs, outputs) if kwargs else [{}] * len(outputs)
+        fn = self._summing if self._has_reduction else self.criterion
+        losses = [fn(out, tgt, *a, **kw) for out, tgt, a, kw in zip(outputs, targets, extra_args, extra_kwargs)]
+        if self.reduction == "none":
+            return scatter_gather.gather(losses, outputs.output_device, outputs.dim, outputs.devices)
+        on_output = [loss.to(outputs.output_device) for loss in losses]
+        if self.reduction == "sum":
+            return torch.stack(on_output).sum()
+        if not self._has_reduction:  # a mean over rows from each replica: weight by rows
+            total = sum(outputs.chunk_sizes)
+            return sum(loss * (rows / total) for loss, rows in zip(on_output, outputs.chunk_sizes))
+        denominator = sum(self._denominator(out, tgt).to(outputs.output_device) for out, tgt in zip(outputs, targets))
+        return torch.stack(on_output).sum() / denominator
+
+    def _denominator(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """What torch's mean of this criterion divides by, for one replica's share."""
+        c = self.criterion
+        if isinstance(c, (nn.CrossEntropyLoss, nn.NLLLoss)):
+            if torch.is_floating_point(target):  # class probabilities: a mean over all but the class dim
+                return torch.tensor(float(output.numel() // output.size(1)), device=output.device)
+            keep = target != c.ignore_index
+            if c.weight is None:
+                return keep.sum().to(output.dtype)
+            weights = c.weight.to(target.device)[target.clamp(min=0) * keep]
+            return (weights * keep).sum().to(output.dtype)
+        if isinstance(c, nn.KLDivLoss) and getattr(c, "reduction", None) == "batchmean":
+            return torch.tensor(float(output.size(0)), device=output.device)
+        return torch.tensor(float(output.numel()), device=output.device)

@@ -1,0 +1,256 @@
+"""Beyond nn.DataParallel: loss on the replicas, uneven splits, scalar means,
+whole-batch BatchNorm statistics, mixed precision, device choice, checkpoints."""
+
+import collections
+import copy
+import types
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import dpfast
+from dpfast import devices as dp_devices
+
+CPU4 = ["cpu"] * 4
+
+
+def classifier():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 7)).double()
+
+
+def assert_same_grads(reference, wrapped):
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("criterion", [
+    nn.MSELoss(), nn.CrossEntropyLoss(), nn.CrossEntropyLoss(reduction="sum"),
+    nn.CrossEntropyLoss(ignore_index=2, weight=torch.rand(7, dtype=torch.float64) + 0.5),
+    nn.NLLLoss(ignore_index=0), nn.CrossEntropyLoss(label_smoothing=0.1),
+], ids=["mse", "ce", "ce_sum", "ce_weight_ignore", "nll_ignore", "ce_smoothing"])
+def test_loss_on_replicas_equals_full_batch_loss_with_uneven_chunks(criterion):
+    reference = classifier()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, gather=False, weights=[1, 3, 2, 1])
+    x = torch.randn(13, 5, dtype=torch.float64)
+    if isinstance(criterion, nn.MSELoss):
+        y = torch.randn(13, 7, dtype=torch.float64)
+        model_ref, fix = reference, (lambda out: out)
+    else:
+        y = torch.randint(0, 7, (13,))
+        fix = (lambda out: out.log_softmax(1)) if isinstance(criterion, nn.NLLLoss) else (lambda out: out)
+    outputs = wrapped(x)
+    assert isinstance(outputs, dpfast.ReplicaOutputs) and outputs.chunk_sizes == [2, 5, 4, 2]
+    parallel = dpfast.ParallelCriterion(criterion)
+    loss = parallel(dpfast.ReplicaOutputs([fix(o) for o in outputs], outputs.chunk_sizes, outputs.devices,
+                                          outputs.output_device, outputs.dim), y)
+    expected = criterion(fix(reference(x)), y)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    loss.backward()
+    expected.backward()
+    assert_same_grads(reference, wrapped)
+
+
+def test_replica_outputs_gather_and_none_reduction():
+    reference = classifier()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, gather=False)
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 7, (9,))
+    outputs = wrapped(x)
+    torch.testing.assert_close(outputs.gather(), reference(x))
+    per_sample = dpfast.ParallelCriterion(nn.CrossEntropyLoss(reduction="none"))(outputs, y)
+    torch.testing.assert_close(per_sample, nn.CrossEntropyLoss(reduction="none")(reference(x), y))
+    with pytest.raises(TypeError, match=r"ParallelCriterion: outputs: expected the ReplicaOutputs"):
+        dpfast.ParallelCriterion(nn.MSELoss())(torch.zeros(2), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"reduction: expected 'mean', 'sum' or 'none', but got 'max'"):
+        dpfast.ParallelCriterion(nn.MSELoss(), reduction="max")
+
+
+@pytest.mark.parametrize("sizes", [[1, 4, 4, 4], [0, 5, 5, 3], [13, 0, 0, 0], [3, 0, 10, 0]])
+def test_explicit_chunk_sizes_and_empty_replicas(sizes):
+    reference = classifier()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, chunk_sizes=sizes)
+    calls = collections.Counter()
+    wrapped.module.register_forward_pre_hook(lambda m, i: calls.update([i[0].shape[0]]))
+    x = torch.randn(13, 5, dtype=torch.float64)
+    out = wrapped(x)
+    torch.testing.assert_close(out, reference(x))
+    assert sorted(calls.elements()) == sorted(s for s in sizes if s)  # a replica with 0 rows does not run
+    out.square().sum().backward()
+    reference(x).square().sum().backward()
+    assert_same_grads(reference, wrapped)
+
+
+def test_chunk_sizes_with_keyword_only_inputs():
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, *, features, scale=1.0):
+            return self.lin(features) * scale
+
+    torch.manual_seed(0)
+    reference = Kw().double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, chunk_sizes=[1, 3, 3, 3])
+    x = torch.randn(10, 3, dtype=torch.float64)
+    torch.testing.assert_close(wrapped(features=x, scale=2.0), reference(features=x, scale=2.0))
+
+
+def test_bad_splits_are_named():
+    with pytest.raises(ValueError, match=r"chunk_sizes: expected one entry per device \(4\), but got 3"):
+        dpfast.DataParallel(classifier(), device_ids=CPU4, chunk_sizes=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"chunk_sizes: expected non-negative numbers, but chunk_sizes\[1\] is -2"):
+        dpfast.DataParallel(classifier(), device_ids=CPU4, chunk_sizes=[1, -2, 3, 4])
+    with pytest.raises(ValueError, match=r"weights: expected at least one positive weight"):
+        dpfast.DataParallel(classifier(), device_ids=CPU4, weights=[0, 0, 0, 0])(torch.randn(4, 5).double())
+    with pytest.raises(ValueError, match=r"chunk_sizes, weights: expected at most one of them"):
+        dpfast.DataParallel(classifier(), device_ids=CPU4, weights=[1] * 4, chunk_sizes=[1] * 4)
+    wrapped = dpfast.DataParallel(classifier(), device_ids=CPU4, chunk_sizes=[2, 2, 2, 2])
+    with pytest.raises(ValueError, match=r"chunk_sizes: expected sizes that sum to the batch size \(9\), but they "
+                                         r"sum to 8"):
+        wrapped(torch.randn(9, 5, dtype=torch.float64))
+    wrapped.chunk_sizes = [3, 2, 2, 2]  # settable between calls; the wrapper works on
+    assert wrapped(torch.randn(9, 5, dtype=torch.float64)).shape == (9, 7)
+
+
+class LossInside(nn.Module):
+    """The Hugging Face pattern: pass labels, get the loss from forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x, labels):
+        return nn.functional.cross_entropy(self.lin(x), labels)
+
+
+def test_scalar_outputs_vector_by_default_and_weighted_mean_on_request():
+    torch.manual_seed(0)
+    reference = LossInside().double()
+    x, labels = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    vector = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4)(x, labels)
+    assert vector.shape == (4,)  # chunks of 3, 3, 3, 1
+    mean = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, scalar_outputs="mean")
+    loss = mean(x, labels)
+    expected = reference(x, labels)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    loss.backward()
+    expected.backward()
+    assert_same_grads(reference, mean)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_average_buffers_gives_whole_batch_batchnorm_statistics(momentum):
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, momentum=momentum)).double()
+    averaged = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, average_buffers=True,
+                                   weights=[1, 2, 2, 1])
+    default = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4)
+    for _ in range(3):
+        x = torch.randn(12, 2, 4, 4, dtype=torch.float64) * 3 + 1
+        reference(x)
+        averaged(x)
+        default(x)
+    bn, ours, replica0 = reference[1], averaged.module[1], default.module[1]
+    torch.testing.assert_close(ours.running_mean, bn.running_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.running_var, bn.running_var, rtol=1e-10, atol=1e-12)
+    assert ours.num_batches_tracked.item() == bn.num_batches_tracked.item() == 3
+    # By default (as nn.DataParallel) the root keeps replica 0's chunk statistics: not the whole batch's.
+    assert not torch.allclose(replica0.running_var, bn.running_var)
+
+
+def test_bf16_autocast_on_cpu_replicas_and_grad_scaler_skips_in_sync():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    wrapped = dpfast.DataParallel(model, device_ids=CPU4)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    x = torch.randn(16, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = wrapped(x)
+    assert out.dtype == torch.bfloat16
+    scaler.scale(out.float().square().mean()).backward()
+    scaler.step(opt)
+    scaler.update()
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = wrapped(x)
+    scaler.scale(out.float().sum() * float("inf")).backward()  # an overflow in the reduced gradients
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))  # step skipped on the root
+    torch.testing.assert_close(wrapped(x), model(x))  # and the replicas follow the root
+
+
+class FakeNvml:
+    def __init__(self, devices):
+        self._devices = devices
+
+    def devices(self):
+        return self._devices
+
+
+def gpu(uuid, bus, free_gib, util, total_gib=80):
+    return {"uuid": uuid, "pci_bus_id": bus, "free_bytes": free_gib * 2**30, "total_bytes": total_gib * 2**30,
+            "utilization_percent": util}
+
+
+def test_auto_device_selection_with_fake_nvml():
+    physical = [gpu("GPU-a", "00000000:17:00.0", 70, 5), gpu("GPU-b", "00000000:65:00.0", 10, 0),
+                gpu("GPU-c", "00000000:CA:00.0", 75, 90), gpu("GPU-d", "00000000:E3:00.0", 60, 10)]
+    # CUDA_VISIBLE_DEVICES=3,0,2: torch's index 0 is physical d, 1 is a, 2 is c.
+    visible = [{"uuid": "GPU-d", "pci_bus_id": "x"}, {"uuid": "GPU-a", "pci_bus_id": "y"},
+               {"uuid": "GPU-c", "pci_bus_id": "z"}]
+    assert dp_devices.select_devices(physical, visible) == [1, 0]  # a (most free) then d; c is busy
+    # Matching by PCI bus id when torch reports no UUID (domain written without its leading zeros).
+    by_bus = [{"uuid": "", "pci_bus_id": "0000:65:00.0"}, {"uuid": "", "pci_bus_id": "0000:17:00.0"}]
+    assert dp_devices.select_devices(physical, by_bus) == [1]  # b has 10 of 80 GiB free: busy
+    assert dp_devices.select_devices(physical, by_bus, min_free_fraction=0.1) == [1, 0]
+    with pytest.raises(RuntimeError, match=r"device_ids='auto': expected at least one GPU that is not busy"):
+        dp_devices.auto_device_ids(nvml_source=FakeNvml([physical[2]]), cuda_identities=[{"uuid": "GPU-c",
+                                                                                            "pci_bus_id": ""}])
+
+
+def test_auto_devices_fall_back_without_gpus():
+    if torch.cuda.is_available():
+        pytest.skip("checks the fallback on a machine without GPUs")
+    with pytest.warns(UserWarning, match=r"device_ids='auto': no CUDA GPU is visible"):
+        wrapped = dpfast.DataParallel(classifier(), device_ids="auto")
+    assert wrapped.device_ids == [] and wrapped(torch.randn(3, 5, dtype=torch.float64)).shape == (3, 7)
+
+
+def test_imbalance_warning_names_the_fix():
+    small = types.SimpleNamespace(total_memory=16 * 2**30, multi_processor_count=80)
+    large = types.SimpleNamespace(total_memory=80 * 2**30, multi_processor_count=132)
+    devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    with pytest.warns(UserWarning, match=r"GPU 0 has less than 75% of the total memory of GPU 1\. Give it less work "
+                                         r"with weights= or chunk_sizes="):
+        assert dp_devices.warn_on_imbalance(devices, False, properties=[small, large])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not dp_devices.warn_on_imbalance(devices, True, properties=[small, large])
+        assert not dp_devices.warn_on_imbalance(devices, False, properties=[large, large])
+
+
+def test_checkpoint_helpers_both_directions():
+    plain = classifier()
+    wrapped = dpfast.DataParallel(classifier(), device_ids=CPU4)
+    wrapped_sd = wrapped.state_dict()
+    assert list(dpfast.unwrap_state_dict(wrapped_sd)) == list(plain.state_dict())
+    assert list(dpfast.wrap_state_dict(plain.state_dict())) == list(wrapped_sd)
+    torch.manual_seed(5)
+    other = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 7)).double()
+    wrapped.load_state_dict(other.state_dict())  # a plain state_dict into the wrapper
+    dpfast.load_state_dict(plain, wrapped.state_dict())  # a wrapped one into a plain module
+    x = torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(wrapped(x), other(x))
+    torch.testing.assert_close(plain(x), other(x))
+    bn = nn.BatchNorm1d(3)
+    assert dpfast.unwrap_state_dict(dpfast.wrap_state_dict(bn.state_dict()))._metadata[""]["version"] == 2
+    broken = dpfast.unwrap_state_dict(wrapped.state_dict())
+    del broken["2.bias"]
+    with pytest.raises(RuntimeError, match=r"dpfast.load_state_dict: state_dict: expected the keys of Sequential .* "
+                                           r"but 1 are missing \['2.bias'\] and 0 are unexpected"):
+        dpfast.load_state_dict(wrapped, broken)
