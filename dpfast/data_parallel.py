@@ -11,7 +11,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import nn
 
-from . import checkpoint, splits
+from . import checkpoint, distributed, splits
 from . import devices as _devices
 from . import scatter_gather, streams as lane_streams
 from .buffers import BatchNormAverager
@@ -40,6 +40,7 @@ class _Runtime:
         self.reducer: Optional[GradReducer] = None
         self.reducer_build = -1
         self.bn_averager = BatchNormAverager()
+        self.cross = distributed.maybe_cross_process(wrapper.process_group, wrapper.devices[0])
         self.pool = WorkerPool(len(wrapper.devices) - 1)
 
     def close(self) -> None:
@@ -75,6 +76,10 @@ class DataParallel(nn.Module):
             mean: the full-batch value of a mean loss computed in forward).
         average_buffers: after a training forward, set BatchNorm running
             statistics on the root to the whole batch's (not only replica 0's).
+        process_group: under torch.distributed (torchrun), the group whose
+            processes all-reduce the locally reduced gradients (default: the
+            default group when it has more than one process). See
+            dpfast/distributed.py.
 
     Differences from nn.DataParallel are listed in the README.
     """
@@ -83,7 +88,7 @@ class DataParallel(nn.Module):
                  dim: int = 0, *, trust_version_counters: bool = False, bucket_cap_mb: float = 25.0,
                  tree_shape: str = "auto", chunk_sizes: Optional[Sequence[int]] = None,
                  weights: Optional[Sequence[float]] = None, gather: bool = True, scalar_outputs: str = "vector",
-                 average_buffers: bool = False):
+                 average_buffers: bool = False, process_group: Any = None):
         super().__init__()
         torch._C._log_api_usage_once("dpfast.data_parallel")
         if not isinstance(module, nn.Module):
@@ -106,6 +111,7 @@ class DataParallel(nn.Module):
         self.gather_outputs = gather
         self.scalar_outputs = scalar_outputs
         self.average_buffers = average_buffers
+        self.process_group = process_group
         self.module = module
         self.dim = dim
         # An object with .phase(name) -> context manager, told about each step's phases
@@ -136,6 +142,9 @@ class DataParallel(nn.Module):
             splits.validate_sizes("weights", weights, len(self.devices))
         _devices.warn_on_imbalance(self.devices, has_split_option=chunk_sizes is not None or weights is not None)
         self._runtime: Optional[_Runtime] = None
+        cross = distributed.maybe_cross_process(process_group, self.devices[0])
+        if cross is not None:  # every process starts from rank 0's parameters and buffers
+            cross.broadcast_from_rank0(list(module.parameters()) + list(module.buffers()))
 
     # -- nn.DataParallel's steps, overridable as there -----------------------------------------
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
@@ -154,30 +163,42 @@ class DataParallel(nn.Module):
             active = [k for k, size in enumerate(sizes) if size != 0]  # a replica with 0 rows sits this step out
             chunk_sizes = [sizes[k] for k in active]
             devices = [self.devices[k] for k in active]
-            if active == [0] and self.gather_outputs:
+            cross = runtime.cross
+            training_step = self.training and torch.is_grad_enabled()
+            if cross is not None and training_step:
+                # NOTE [Cross-process gradients]: rank 0's buffers, and this process's share of the batch.
+                cross.broadcast_from_rank0(list(self.module.buffers()))
+                share = (batch or 0) / max(cross.global_batch(batch or 0), 1)
+                return distributed.scale_output_grads(
+                    self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), share)
+            if active == [0] and self.gather_outputs and cross is None:
                 inputs, kwargs = scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim)
                 return self.module(*inputs[0], **kwargs[0])
-            streams = [runtime.streams[k] for k in active] if runtime.streams else None
-            with self._phase("scatter"):
-                scattered_inputs, scattered_kwargs = self.scatter(inputs, kwargs, devices, chunk_sizes, streams)
-            with self._phase("param_sync"):
-                replicas = self.replicate(self.module, active[-1] + 1)
-            replicas = [replicas[k] for k in active]
-            averaging = self.average_buffers and self.training
-            if averaging:
-                snapshots = runtime.bn_averager.prepare(runtime.replicas.modules)
-            with self._phase("forward"):
-                outputs = self.parallel_apply(replicas, scattered_inputs, scattered_kwargs, chunk_sizes, active)
-            if averaging and snapshots:
-                for stream in streams or []:
-                    lane_streams.wait(lane_streams.current_stream(self.devices[0]), stream)
-                runtime.bn_averager.apply(snapshots, runtime.replicas.modules,
-                                          [runtime.replicas.replica_modules[k] for k in active])
-            if not self.gather_outputs:
-                return ReplicaOutputs(outputs, chunk_sizes, devices, self.output_device_obj, self.dim)
-            with self._phase("gather"):
-                weights = chunk_sizes if self.scalar_outputs == "mean" and batch is not None else None
-                return self.gather(outputs, self.output_device_obj, devices, streams, scalar_weights=weights)
+            return self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices)
+
+    def _forward_replicas(self, runtime, inputs, kwargs, batch, active, chunk_sizes, devices):
+        """Scatter, replica sync, parallel forward and gather for the active replicas."""
+        streams = [runtime.streams[k] for k in active] if runtime.streams else None
+        with self._phase("scatter"):
+            scattered_inputs, scattered_kwargs = self.scatter(inputs, kwargs, devices, chunk_sizes, streams)
+        with self._phase("param_sync"):
+            replicas = self.replicate(self.module, active[-1] + 1)
+        replicas = [replicas[k] for k in active]
+        averaging = self.average_buffers and self.training
+        if averaging:
+            snapshots = runtime.bn_averager.prepare(runtime.replicas.modules)
+        with self._phase("forward"):
+            outputs = self.parallel_apply(replicas, scattered_inputs, scattered_kwargs, chunk_sizes, active)
+        if averaging and snapshots:
+            for stream in streams or []:
+                lane_streams.wait(lane_streams.current_stream(self.devices[0]), stream)
+            runtime.bn_averager.apply(snapshots, runtime.replicas.modules,
+                                      [runtime.replicas.replica_modules[k] for k in active])
+        if not self.gather_outputs:
+            return ReplicaOutputs(outputs, chunk_sizes, devices, self.output_device_obj, self.dim)
+        with self._phase("gather"):
+            weights = chunk_sizes if self.scalar_outputs == "mean" and batch is not None else None
+            return self.gather(outputs, self.output_device_obj, devices, streams, scalar_weights=weights)
 
     def scatter(self, inputs, kwargs, devices, chunk_sizes, streams=None):
         return scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim,
@@ -284,7 +305,8 @@ class DataParallel(nn.Module):
                 replicas.root_grad_params(),
                 [replicas.replica_params(k) for k in range(1, len(self.devices))],
                 self.devices, runtime.streams, runtime.comm_streams, bucket_cap_mb=self.bucket_cap_mb,
-                tree_shape=self.tree_shape, allow_p2p=_devices.p2p_allowed(), phase=self._phase)
+                tree_shape=self.tree_shape, allow_p2p=_devices.p2p_allowed(), phase=self._phase,
+                cross_process=runtime.cross)
             runtime.reducer_build = replicas.build_count
         return runtime.reducer
 

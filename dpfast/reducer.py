@@ -37,7 +37,7 @@ class GradReducer:
     def __init__(self, root_params: List[torch.Tensor], replica_params: List[List[torch.Tensor]],
                  devices: List[torch.device], streams: Optional[list], comm_streams: Optional[list] = None,
                  bucket_cap_mb: float = 25.0, first_bucket_cap_mb: float = 1.0, tree_shape: str = "auto",
-                 allow_p2p: bool = True, phase=None):
+                 allow_p2p: bool = True, phase=None, cross_process=None):
         """replica_params[k - 1][i] is replica k's copy of root_params[i]. ``streams`` are the
         replicas' compute streams (their gradients are produced there), ``comm_streams`` the
         streams the reductions run on (None on the CPU)."""
@@ -50,6 +50,7 @@ class GradReducer:
         self.tree_shape = tree_shape
         self.allow_p2p = allow_p2p
         self._phase = phase
+        self.cross = cross_process  # dpfast.distributed.CrossProcess, or None inside one process
         self.num_replicas = len(replica_params) + 1
         self.sync_enabled = True
         self.reduction_count = 0  # bucket reductions so far, for tests and benchmarks
@@ -82,11 +83,17 @@ class GradReducer:
             for i, p in enumerate(replica_params[k - 1]):
                 p.grad = self._view(i, k)
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(i, k)))
+        if self.cross is not None:  # NOTE [Cross-process gradients]: replica 0's share goes to the bucket
+            for i, p in enumerate(root_params):
+                self._hooks.append(p.register_hook(self._make_root_hook(i)))
 
     def _reset_window(self) -> None:
-        """Per-backward state: marks per bucket and which buckets were launched."""
+        """Per-backward state: marks per bucket, which buckets were launched (locally, and
+        across processes in bucket order), and the cross-process work in flight."""
         self._marks = [0] * len(self.buckets)
         self._launched = [False] * len(self.buckets)
+        self._next_cross = 0
+        self._cross_work = [None] * len(self.buckets)
 
     def _view(self, i: int, k: int) -> torch.Tensor:
         p = self.root_params[i]
@@ -100,21 +107,34 @@ class GradReducer:
                 with torch.no_grad():
                     view.copy_(param.grad)
                 param.grad = view
-            with self._lock:
-                self._got_grad[i] = True
-                self._replicas_used = max(self._replicas_used, k + 1)
-                if not self._callback_queued:
-                    self._callback_queued = True
-                    torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-                b = self.bucket_of[i]
-                self._marks[b] += 1
-                # Every replica's gradient of every parameter of the bucket is in: reduce it now,
-                # while backward goes on with the earlier layers.
-                if (self.sync_enabled and not self._launched[b]
-                        and self._marks[b] == len(self.buckets[b]) * (self._replicas_used - 1)):
-                    self._launch(b)
-                    self.early_reduction_count += 1
+            self._mark(i, k)
         return hook
+
+    def _make_root_hook(self, i: int):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                self._view(i, 0).add_(grad)
+            self._mark(i, 0)
+            # Autograd adds this into the root's .grad: nothing, the bucket carries it.
+            return torch.zeros((), dtype=grad.dtype, device=grad.device).expand_as(grad)
+        return hook
+
+    def _mark(self, i: int, k: int) -> None:
+        with self._lock:
+            self._got_grad[i] = True
+            self._replicas_used = max(self._replicas_used, k + 1)
+            if not self._callback_queued:
+                self._callback_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            b = self.bucket_of[i]
+            self._marks[b] += 1
+            # Every replica's gradient of every parameter of the bucket is in (replica 0's too across
+            # processes): reduce it now, while backward goes on with the earlier layers.
+            replicas_marking = self._replicas_used if self.cross is not None else self._replicas_used - 1
+            if (self.sync_enabled and not self._launched[b]
+                    and self._marks[b] == len(self.buckets[b]) * replicas_marking):
+                self._launch(b)
+                self.early_reduction_count += 1
 
     def note_forward(self, num_replicas: int) -> None:
         self._replicas_used = max(self._replicas_used, num_replicas)
@@ -131,6 +151,17 @@ class GradReducer:
                            self.tree_shape, 0, self.allow_p2p)
         self._launched[b] = True
         self.reduction_count += 1
+        if self.cross is not None:
+            self._launch_cross_in_order()
+
+    def _launch_cross_in_order(self) -> None:
+        """All-reduces across processes every locally reduced bucket whose predecessors are all
+        on their way: the same order on every rank (NOTE [Cross-process gradients])."""
+        comm0 = self.comm_streams[0] if self.comm_streams else None
+        while self._next_cross < len(self.buckets) and self._launched[self._next_cross]:
+            b = self._next_cross
+            self._cross_work[b] = self.cross.all_reduce_async(self.flats[b][0], comm0)
+            self._next_cross += 1
 
     def _end_of_backward(self) -> None:
         with self._lock:
@@ -155,9 +186,17 @@ class GradReducer:
         and zeroes the buckets for the next backward."""
         used = self._replicas_used
         current = lane_streams.current_stream(self.devices[0])
+        got_grad = self._got_grad
+        if self.cross is not None:  # every bucket, in order, on every rank
+            for b in range(len(self.buckets)):
+                if not self._launched[b]:
+                    self._launch(b)
+            got_grad = self.cross.any_rank(self._got_grad)
         with torch.no_grad():
             for b, members in enumerate(self.buckets):
-                touched = [i for i in members if self._got_grad[i]]
+                touched = [i for i in members if got_grad[i]]
+                if self._cross_work[b] is not None:
+                    self._cross_work[b].wait()
                 if not touched:
                     continue
                 if not self._launched[b]:

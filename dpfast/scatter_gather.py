@@ -134,7 +134,7 @@ def scatter(obj: Any, devices: List[torch.device], chunk_sizes: List[int], dim: 
     def scatter_map(value):
         if isinstance(value, torch.Tensor):
             return scatter_tensor(value, devices, chunk_sizes, dim, lane_stream_ids)
-        if _is_namedtuple(value):
+        if _is_namedtuple(value) and len(value) > 0:
             return [type(value)(*fields) for fields in zip(*map(scatter_map, value))]
         if isinstance(value, tuple) and len(value) > 0:
             return [type(value)(items) if type(value) is not tuple else tuple(items)

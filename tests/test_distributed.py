@@ -1,0 +1,59 @@
+"""2 processes x 2 CPU replicas (and x 1, like DDP) on torch.distributed (gloo): every rank ends
+with the parameters of one process training on the concatenated batches."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import _dist_worker as worker
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_dist_worker.py")
+TIMEOUT_S = 120
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path, *extra):
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, WORKER, "--rank", str(r), "--out", str(tmp_path / f"rank{r}.pt"),
+                               *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(2)]
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=TIMEOUT_S)
+            outputs.append(out.decode(errors="replace"))
+    finally:
+        for p in procs:  # never leave a rank behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [p.returncode for p in procs], outputs
+
+
+@pytest.mark.parametrize("replicas", [2, 1], ids=["2x2_replicas", "one_replica_per_process"])
+def test_two_ranks_match_one_process_on_the_full_batch(tmp_path, replicas):
+    codes, outputs = launch(tmp_path, "--steps", "4", "--replicas", str(replicas))
+    assert codes == [0, 0], outputs
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    torch.manual_seed(100)  # rank 0's initial parameters
+    reference = worker.make_model()
+    worker.train(reference, worker.data(4), torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9))
+    for key, value in reference.state_dict().items():
+        assert torch.equal(rank0[key], rank1[key]), key  # ranks identical
+        torch.testing.assert_close(rank0[key], value, rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_a_rank_that_dies_makes_the_other_fail_not_hang(tmp_path):
+    codes, outputs = launch(tmp_path, "--steps", "4", "--die-at-step", "2")
+    assert codes[1] == 3
+    assert codes[0] != 0, outputs[0]  # an error from torch.distributed, within the timeout
