@@ -41,6 +41,8 @@ class _Runtime:
         self.reducer_build = -1
         self.bn_averager = BatchNormAverager()
         self.cross = distributed.maybe_cross_process(wrapper.process_group, wrapper.devices[0])
+        if self.cross is not None:  # every process starts from rank 0's parameters and buffers
+            self.cross.broadcast_from_rank0(list(self.module.parameters()) + list(self.module.buffers()))
         self.pool = WorkerPool(len(wrapper.devices) - 1)
 
     def close(self) -> None:
@@ -49,7 +51,7 @@ class _Runtime:
         self.pool.close()
 
 
-class DataParallel(nn.Module):
+class DataParallel(nn.DataParallel):
     r"""Implements data parallelism at the module level, as
     :class:`torch.nn.DataParallel` does, as a drop-in replacement.
 
@@ -89,7 +91,9 @@ class DataParallel(nn.Module):
                  tree_shape: str = "auto", chunk_sizes: Optional[Sequence[int]] = None,
                  weights: Optional[Sequence[float]] = None, gather: bool = True, scalar_outputs: str = "vector",
                  average_buffers: bool = False, process_group: Any = None):
-        super().__init__()
+        # A subclass of nn.DataParallel so that isinstance checks in user code keep working, but
+        # none of its state: nn.Module's constructor only.
+        nn.Module.__init__(self)
         torch._C._log_api_usage_once("dpfast.data_parallel")
         if not isinstance(module, nn.Module):
             raise TypeError(f"dpfast.DataParallel: module: expected a torch.nn.Module, but got "
@@ -135,16 +139,15 @@ class DataParallel(nn.Module):
         self.output_device = output.index if output.type == "cuda" else output
         self.output_device_obj = output
         self.src_device_obj = self.devices[0]
-        self._check_module_device()
+        self.device_type = self.devices[0].type
+        # The module may still move (DataParallel(model).cuda() is common): its device is
+        # checked at each forward, as nn.DataParallel does.
         if chunk_sizes is not None:
             splits.validate_sizes("chunk_sizes", chunk_sizes, len(self.devices))
         if weights is not None:
             splits.validate_sizes("weights", weights, len(self.devices))
         _devices.warn_on_imbalance(self.devices, has_split_option=chunk_sizes is not None or weights is not None)
         self._runtime: Optional[_Runtime] = None
-        cross = distributed.maybe_cross_process(process_group, self.devices[0])
-        if cross is not None:  # every process starts from rank 0's parameters and buffers
-            cross.broadcast_from_rank0(list(module.parameters()) + list(module.buffers()))
 
     # -- nn.DataParallel's steps, overridable as there -----------------------------------------
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
@@ -274,13 +277,6 @@ class DataParallel(nn.Module):
         set (the benchmark's), else does nothing."""
         timer = self.__dict__.get("phase_timer")
         return timer.phase(name) if timer is not None else contextlib.nullcontext()
-
-    def _check_module_device(self) -> None:
-        for t in list(self.module.parameters()) + list(self.module.buffers()):
-            if t.device != self.src_device_obj:
-                raise RuntimeError(f"dpfast.DataParallel: module must have its parameters and buffers on device "
-                                   f"{self.src_device_obj} (device_ids[0]) but found one of them on device: "
-                                   f"{t.device}")
 
     def _ensure_runtime(self) -> _Runtime:
         runtime = self.__dict__.get("_runtime")

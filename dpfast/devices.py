@@ -22,7 +22,7 @@ def to_device(value: Any, argument: str) -> torch.device:
         raise TypeError(f"dpfast.DataParallel: {argument}: expected a CUDA index, 'cpu', 'cuda:N' or a torch.device, "
                         f"but got {_describe(value)}")
     if isinstance(value, int):
-        device = torch.device("cuda", value)
+        device = torch.device("cpu") if value == -1 else torch.device("cuda", value)  # -1: CPU, as torch
     elif isinstance(value, (str, torch.device)):
         try:
             device = torch.device(value)

@@ -417,6 +417,15 @@ def test_autocast_dtype_is_carried_into_every_replica():
     assert len({s[0] for s in seen}) == 4  # four threads: the caller and three persistent workers
 
 
+def test_drop_in_for_nn_dataparallel_checks():
+    wrapped = dpfast.DataParallel(mlp(), device_ids=CPU4, output_device=-1)  # -1: the CPU, as in torch
+    assert isinstance(wrapped, nn.DataParallel)  # user code that tests for nn.DataParallel keeps working
+    assert wrapped.output_device == torch.device("cpu") and wrapped.dim == 0
+    assert isinstance(wrapped.module, nn.Sequential)
+    wrapped = wrapped.double()  # moving after wrapping, as DataParallel(model).cuda() does
+    assert wrapped(torch.randn(4, 6, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_one_device_and_no_device_run_the_module_directly():
     model = mlp()
     x = torch.randn(3, 6)

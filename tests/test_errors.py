@@ -45,10 +45,12 @@ def test_mixing_cpu_and_cuda_is_rejected():
 
 
 def test_module_on_the_wrong_device():
-    module = make().to("meta")
+    wrapped = dpfast.DataParallel(make().to("meta"), device_ids=CPU4)  # it may still move, as with nn.DataParallel
     with pytest.raises(RuntimeError, match=r"module must have its parameters and buffers on device cpu \(device_ids\[0\]\) "
                                            r"but found one of them on device: meta"):
-        dpfast.DataParallel(module, device_ids=CPU4)
+        wrapped(torch.randn(4, 4, dtype=torch.float64))
+    wrapped.to_empty(device="cpu")
+    assert wrapped(torch.randn(4, 4, dtype=torch.float64)).shape == (4, 2)
 
 
 def test_module_moved_after_wrapping_is_caught_at_forward():
