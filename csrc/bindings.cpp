@@ -62,32 +62,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "tensors"_a, "devices"_a, "destination"_a, "dim"_a = 0, "stream_ids"_a = std::vector<int64_t>{},
       "destination_stream_id"_a = -1, py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "reduce_add_",
-      [](const std::vector<at::Tensor>& buffers, int64_t root, const std::vector<int64_t>& stream_ids,
-         const std::string& shape, int64_t chunk_bytes, bool allow_p2p, double bandwidth_GBps,
-         double hop_latency_us) {
-        std::vector<c10::Device> devices;
-        for (const auto& b : buffers) devices.push_back(b.device());
-        dpfast::reduce_add_(buffers, make_lanes("reduce_add_", devices, stream_ids), root,
-                            make_options(shape, chunk_bytes, allow_p2p, bandwidth_GBps, hop_latency_us));
-      },
-      "buffers"_a, "root"_a = 0, "stream_ids"_a = std::vector<int64_t>{}, "shape"_a = "auto", "chunk_bytes"_a = 0,
-      "allow_p2p"_a = true, "bandwidth_GBps"_a = 25.0, "hop_latency_us"_a = 5.0,
-      py::call_guard<py::gil_scoped_release>());
-  m.def(
-      "broadcast_",
-      [](const std::vector<at::Tensor>& buffers, int64_t root, const std::vector<int64_t>& stream_ids,
-         const std::string& shape, int64_t chunk_bytes, bool allow_p2p, double bandwidth_GBps,
-         double hop_latency_us) {
-        std::vector<c10::Device> devices;
-        for (const auto& b : buffers) devices.push_back(b.device());
-        dpfast::broadcast_(buffers, make_lanes("broadcast_", devices, stream_ids), root,
-                           make_options(shape, chunk_bytes, allow_p2p, bandwidth_GBps, hop_latency_us));
-      },
-      "buffers"_a, "root"_a = 0, "stream_ids"_a = std::vector<int64_t>{}, "shape"_a = "auto", "chunk_bytes"_a = 0,
-      "allow_p2p"_a = true, "bandwidth_GBps"_a = 25.0, "hop_latency_us"_a = 5.0,
-      py::call_guard<py::gil_scoped_release>());
+  // reduce_add_ and broadcast_ take the same arguments: buffers (one per lane, each on its
+  // lane's device), the root, the lanes' stream ids and the tree options.
+  using TreeOp = void (*)(const std::vector<at::Tensor>&, const std::vector<dpfast::Lane>&, int64_t,
+                          const dpfast::TreeOptions&);
+  auto bind_tree_op = [&m](const char* name, TreeOp op, const char* doc) {
+    m.def(
+        name,
+        [name, op](const std::vector<at::Tensor>& buffers, int64_t root, const std::vector<int64_t>& stream_ids,
+                   const std::string& shape, int64_t chunk_bytes, bool allow_p2p, double bandwidth_GBps,
+                   double hop_latency_us) {
+          std::vector<c10::Device> devices;
+          for (const auto& b : buffers) devices.push_back(b.defined() ? b.device() : c10::Device(c10::kCPU));
+          op(buffers, make_lanes(name, devices, stream_ids), root,
+             make_options(shape, chunk_bytes, allow_p2p, bandwidth_GBps, hop_latency_us));
+        },
+        "buffers"_a, "root"_a = 0, "stream_ids"_a = std::vector<int64_t>{}, "shape"_a = "auto", "chunk_bytes"_a = 0,
+        "allow_p2p"_a = true, "bandwidth_GBps"_a = 25.0, "hop_latency_us"_a = 5.0, doc,
+        py::call_guard<py::gil_scoped_release>());
+  };
+  bind_tree_op("reduce_add_", &dpfast::reduce_add_,
+               "In place: buffers[root] becomes the sum of all buffers (the others hold partial sums)");
+  bind_tree_op("broadcast_", &dpfast::broadcast_, "In place: every buffer becomes a copy of buffers[root]");
   m.def("coalesce_into", &dpfast::coalesce_into, "tensors"_a, "flat"_a, py::call_guard<py::gil_scoped_release>());
   m.def("uncoalesce_from", &dpfast::uncoalesce_from, "flat"_a, "tensors"_a,
         py::call_guard<py::gil_scoped_release>());

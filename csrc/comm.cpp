@@ -119,69 +119,79 @@ int64_t resolve_chunk_bytes(const TreeOptions& options, plan::TreeShape shape, i
   return plan::choose_chunk_bytes(shape, bytes, num_lanes, options.link);
 }
 
-void reduce_add_(const std::vector<at::Tensor>& buffers, const std::vector<Lane>& lanes, int64_t root,
-                 const TreeOptions& options) {
-  check_tree_buffers("reduce_add_", buffers, lanes, root);
-  TORCH_CHECK(buffers[0].scalar_type() != at::kBool && !buffers[0].is_complex(),
-              "dpfast.reduce_add_: expected a real floating-point or integer dtype, but got ", buffers[0].scalar_type());
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // NOTE [Engine writes and version counters]
+namespace {
+
+// What reduce_add_ and broadcast_ share: the lane ops, the tree, the chunks and flat views.
+struct TreeRun {
+  std::unique_ptr<LaneOps> ops;
+  plan::TreePlan tree;
+  std::vector<plan::Chunk> chunks;
+  std::vector<at::Tensor> flat;
+};
+
+// Checks the buffers and plans the run; nothing to run (one buffer, no elements) gives no ops.
+TreeRun plan_tree_run(const char* op, const std::vector<at::Tensor>& buffers, const std::vector<Lane>& lanes,
+                      int64_t root, const TreeOptions& options) {
+  check_tree_buffers(op, buffers, lanes, root);
+  TreeRun run;
   const int n = static_cast<int>(buffers.size());
   const int64_t numel = buffers[0].numel();
-  if (n == 1 || numel == 0) return;
-  auto ops = lane_ops_for("reduce_add_", lanes, options.allow_p2p);
+  if (n == 1 || numel == 0) return run;
+  run.ops = lane_ops_for(op, lanes, options.allow_p2p);
   const int64_t bytes = numel * buffers[0].element_size();
   const plan::TreeShape shape = resolve_shape(options, bytes, n);
-  const plan::TreePlan tree = plan::make_tree(n, static_cast<int>(root), shape);
-  const auto chunks =
-      plan::make_chunks(numel, buffers[0].element_size(), resolve_chunk_bytes(options, shape, bytes, n));
-  std::vector<at::Tensor> flat;
-  for (const auto& b : buffers) flat.push_back(b.view(-1));
+  run.tree = plan::make_tree(n, static_cast<int>(root), shape);
+  run.chunks = plan::make_chunks(numel, buffers[0].element_size(), resolve_chunk_bytes(options, shape, bytes, n));
+  for (const auto& b : buffers) run.flat.push_back(b.view(-1));
+  return run;
+}
+
+}  // namespace
+
+void reduce_add_(const std::vector<at::Tensor>& buffers, const std::vector<Lane>& lanes, int64_t root,
+                 const TreeOptions& options) {
+  TORCH_CHECK(buffers.empty() || !buffers[0].defined() ||
+                  (buffers[0].scalar_type() != at::kBool && !buffers[0].is_complex()),
+              "dpfast.reduce_add_: expected a real floating-point or integer dtype, but got ", buffers[0].scalar_type());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // NOTE [Engine writes and version counters]
+  TreeRun run = plan_tree_run("reduce_add_", buffers, lanes, root, options);
+  if (!run.ops) return;
   // Chunk-major order: each lane's stream receives its chunks in order, so a
   // parent adds chunk c while its child already works on chunk c + 1.
-  for (const plan::Chunk& chunk : chunks) {
-    for (const auto& round : tree.rounds) {
+  for (const plan::Chunk& chunk : run.chunks) {
+    for (const auto& round : run.tree.rounds) {
       for (const plan::Edge& edge : round) {
-        ops->wait(lanes[edge.parent], lanes[edge.child]);
-        ops->add_(flat[edge.parent].narrow(0, chunk.begin, chunk.numel), lanes[edge.parent],
-                  flat[edge.child].narrow(0, chunk.begin, chunk.numel), lanes[edge.child]);
+        run.ops->wait(lanes[edge.parent], lanes[edge.child]);
+        run.ops->add_(run.flat[edge.parent].narrow(0, chunk.begin, chunk.numel), lanes[edge.parent],
+                      run.flat[edge.child].narrow(0, chunk.begin, chunk.numel), lanes[edge.child]);
       }
     }
   }
   // A child's buffer is read by its parent: later work on the child's lane
   // (the caller zeroing it, say) must wait for those reads.
-  for (const auto& round : tree.rounds) {
-    for (const plan::Edge& edge : round) ops->wait(lanes[edge.child], lanes[edge.parent]);
+  for (const auto& round : run.tree.rounds) {
+    for (const plan::Edge& edge : round) run.ops->wait(lanes[edge.child], lanes[edge.parent]);
   }
 }
 
 void broadcast_(const std::vector<at::Tensor>& buffers, const std::vector<Lane>& lanes, int64_t root,
                 const TreeOptions& options) {
-  check_tree_buffers("broadcast_", buffers, lanes, root);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // NOTE [Engine writes and version counters]
-  const int n = static_cast<int>(buffers.size());
-  const int64_t numel = buffers[0].numel();
-  if (n == 1 || numel == 0) return;
-  auto ops = lane_ops_for("broadcast_", lanes, options.allow_p2p);
-  const int64_t bytes = numel * buffers[0].element_size();
-  const plan::TreeShape shape = resolve_shape(options, bytes, n);
-  const plan::TreePlan tree = plan::make_tree(n, static_cast<int>(root), shape);
-  const auto chunks =
-      plan::make_chunks(numel, buffers[0].element_size(), resolve_chunk_bytes(options, shape, bytes, n));
-  std::vector<at::Tensor> flat;
-  for (const auto& b : buffers) flat.push_back(b.view(-1));
-  for (const plan::Chunk& chunk : chunks) {
-    for (auto round = tree.rounds.rbegin(); round != tree.rounds.rend(); ++round) {
+  TreeRun run = plan_tree_run("broadcast_", buffers, lanes, root, options);
+  if (!run.ops) return;
+  for (const plan::Chunk& chunk : run.chunks) {
+    for (auto round = run.tree.rounds.rbegin(); round != run.tree.rounds.rend(); ++round) {
       for (const plan::Edge& edge : *round) {
-        ops->wait(lanes[edge.child], lanes[edge.parent]);
-        ops->copy_(flat[edge.child].narrow(0, chunk.begin, chunk.numel), lanes[edge.child],
-                   flat[edge.parent].narrow(0, chunk.begin, chunk.numel), lanes[edge.parent]);
+        run.ops->wait(lanes[edge.child], lanes[edge.parent]);
+        run.ops->copy_(run.flat[edge.child].narrow(0, chunk.begin, chunk.numel), lanes[edge.child],
+                       run.flat[edge.parent].narrow(0, chunk.begin, chunk.numel), lanes[edge.parent]);
       }
     }
   }
   // A parent's buffer is read by its children: later writes on the parent's
   // lane (the next step's parameters) must wait for those reads.
-  for (const auto& round : tree.rounds) {
-    for (const plan::Edge& edge : round) ops->wait(lanes[edge.parent], lanes[edge.child]);
+  for (const auto& round : run.tree.rounds) {
+    for (const plan::Edge& edge : round) run.ops->wait(lanes[edge.parent], lanes[edge.child]);
   }
 }
 
