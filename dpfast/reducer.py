@@ -76,6 +76,9 @@ class GradReducer:
                 offset += root_params[i].numel()
             dtype = root_params[members[0]].dtype
             self.flats.append([torch.zeros(offset, dtype=dtype, device=devices[k]) for k in range(self.num_replicas)])
+        # _views[k][i]: parameter i's slice of its bucket on replica k, made once (hooks run per step).
+        self._views = [[self.flats[self.bucket_of[i]][k].narrow(0, self.offset_of[i], p.numel()).view(p.shape)
+                        for i, p in enumerate(root_params)] for k in range(self.num_replicas)]
         self._reset_window()
         self._got_grad = [False] * len(root_params)  # since the last reduction, on any replica
         self._replicas_used = 1
@@ -96,8 +99,7 @@ class GradReducer:
         self._cross_work = [None] * len(self.buckets)
 
     def _view(self, i: int, k: int) -> torch.Tensor:
-        p = self.root_params[i]
-        return self.flats[self.bucket_of[i]][k].narrow(0, self.offset_of[i], p.numel()).view(p.shape)
+        return self._views[k][i]
 
     def _make_hook(self, i: int, k: int):
         def hook(param: torch.Tensor) -> None:
