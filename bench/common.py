@@ -69,7 +69,8 @@ def describe_devices(devices: Sequence[torch.device]) -> str:
     n = len(devices)
     unique = distinct(devices)
     if devices[0].type == "cpu":
-        return f"{n} CPU replicas (no GPU: every replica runs on the host's cores)"
+        why = "no GPU: " if not torch.cuda.is_available() else ""
+        return f"{n} CPU replicas ({why}every replica runs on the host's cores)"
     names = sorted({torch.cuda.get_device_name(d) for d in unique})
     if len(unique) == 1:
         return f"{n} replicas on one GPU ({unique[0]}, {names[0]})"

@@ -21,19 +21,30 @@ Method
   needs every device synchronised at its boundaries, which would remove any
   overlap, so phases are timed in separate steps and the step time is never
   taken from those.
-- Overlap of the reduction with backward: backward's compute time is measured
-  in extra steps under dpfast's no_sync() (no reduction); then
-  overlap = max(0, reduce + backward_compute - backward_wall) / reduce,
-  clamped to [0, 1]. With today's reduction (all of it after backward) it is
-  0 up to timing noise.
+- "reduce" is dpfast's reduce phase: the reduction work left when backward
+  ends. Buckets whose gradients are complete earlier are reduced from inside
+  backward and count in "backward". How much of the reduction overlapped
+  backward: backward's compute time is measured in extra steps under
+  no_sync() (no reduction), the whole reduction's work alone (reduce_work:
+  the same buckets through the engine's reduce_add_, nothing else running),
+  and overlap = max(0, reduce_work + backward_compute - backward_wall) /
+  reduce_work, clamped to [0, 1]; left out (None, with a note) where the
+  reduction is too short to tell from the noise of backward's time. On the
+  CPU it is 0 by construction: the engine runs in program order on the
+  thread that runs backward.
 - Speed-up is the bare module's median step time over the system's, in the
   same process run.
+- On the CPU, ops run on one intra-op thread by default (--cpu-threads):
+  each CPU replica is a thread of its own, and with several threads per op
+  the times swing by orders of magnitude as soon as another process shares
+  the cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import socket
@@ -44,17 +55,23 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-import dpfast
+if not __package__:  # run as a script (python bench/run.py): make the relative imports below work (PEP 366)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    __package__ = "bench"
 
-from . import common
-from .common import Clock, PhaseTimer, WrongResult, fmt
-from .workloads import WORKLOADS, Workload, make_workload
+import dpfast  # noqa: E402
+
+from . import common  # noqa: E402
+from .common import Clock, PhaseTimer, WrongResult, fmt  # noqa: E402
+from .workloads import WORKLOADS, Workload, make_workload  # noqa: E402
 
 PHASES = ("scatter", "param_sync", "forward", "gather", "loss", "backward", "reduce", "optimizer", "other")
 WRAPPER_FORWARD_PHASES = ("scatter", "param_sync", "forward", "gather")
 CHECK_STEPS = 2  # the second step checks that the replicas saw the optimizer's update
 SEED = 0
 LEARNING_RATE = 0.01
+MiB = 2**20
+FIRST_BUCKET_CAP_MB = 1.0  # dpfast's reducer makes its first bucket this small (as DDP does)
 
 
 # -- systems ---------------------------------------------------------------------------------------
@@ -125,6 +142,12 @@ def wrap(system: System, module: nn.Module) -> nn.Module:
     raise ValueError(f"unknown system kind {system.kind!r}")
 
 
+def release_memory(devices: Sequence[torch.device]) -> None:
+    gc.collect()
+    if devices[0].type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def set_phase_timer(model: nn.Module, timer: Optional[PhaseTimer]) -> None:
     if hasattr(model, "phase_timer"):
         model.phase_timer = timer
@@ -160,9 +183,10 @@ def reference_steps(workload: Workload, batches, device: torch.device) -> List[d
     optimizer = make_optimizer(module)
     steps = []
     for inputs, targets in batches:
-        loss = workload.loss(module(inputs.to(device)), targets.to(device))
+        outputs = module(inputs.to(device))
+        loss = workload.loss(outputs, targets.to(device))
         loss.backward()
-        steps.append({"loss": loss.detach().cpu(),
+        steps.append({"loss": loss.detach().cpu(), "output_bytes": outputs.numel() * outputs.element_size(),
                       "grads": [None if p.grad is None else p.grad.detach().cpu().clone() for p in module.parameters()]})
         optimizer.step()
         optimizer.zero_grad()
@@ -233,23 +257,55 @@ def train_step(model, optimizer, workload: Workload, inputs, targets, clock: Clo
     return loss.detach(), StepTime(total_us, backward_wall_us, phases)
 
 
-def backward_compute_us(model, workload: Workload, inputs, targets, clock: Clock, steps: int, bar) -> float:
-    """Median wall time of backward with the gradient reduction switched off (no_sync)."""
+def backward_compute_samples_us(model, workload: Workload, inputs, targets, clock: Clock, steps: int,
+                                bar) -> List[float]:
+    """Wall times of backward with the gradient reduction switched off (no_sync)."""
     times = []
     with model.no_sync():
         for _ in range(steps):
             loss = workload.loss(model(inputs), targets)
             start = clock.mark()
             loss.backward()
+            # Without a reduction nothing joins the replicas' streams back into the current one.
+            common.synchronize(clock.devices)
             times.append(clock.elapsed_us(start, clock.mark()))
             bar.update()
-    return common.median(times)
+    return times
 
 
-def overlap_fraction(reduce_us: Optional[float], compute_us: Optional[float], wall_us: float) -> Optional[float]:
-    if not reduce_us or compute_us is None:
-        return None
-    return min(1.0, max(0.0, (reduce_us + compute_us - wall_us) / reduce_us))
+def reduce_work_us(module: nn.Module, devices: List[torch.device], bucket_cap_mb: float, iters: int) -> float:
+    """The time the engine needs for one step's gradient reduction with nothing else running:
+    reduce_add_ over buckets laid out as dpfast's reducer lays them out."""
+    params = [p for p in reversed(list(module.parameters())) if p.requires_grad]
+    dtype_ids: Dict[torch.dtype, int] = {}
+    groups = [dtype_ids.setdefault(p.dtype, len(dtype_ids)) for p in params]
+    buckets = dpfast._C.assign_buckets([p.numel() * p.element_size() for p in params], groups,
+                                       int(bucket_cap_mb * MiB), int(min(FIRST_BUCKET_CAP_MB, bucket_cap_mb) * MiB))
+    total_us = 0.0
+    for members in buckets:
+        numel = sum(params[j].numel() for j in members)
+        buffers = [torch.zeros(numel, dtype=params[members[0]].dtype, device=d) for d in devices]
+        total_us += common.timed_loop_us(lambda b=buffers: dpfast._C.reduce_add_(b, 0), devices, iters, warmup=1)
+    return total_us
+
+
+def median_deviation(samples: Sequence[float]) -> float:
+    center = common.median(samples)
+    return common.median([abs(x - center) for x in samples])
+
+
+def overlap_estimate(device: torch.device, work_us: float, compute_samples_us: List[float],
+                     wall_samples_us: List[float]) -> Tuple[Optional[float], str]:
+    """The fraction of the reduction's work hidden under backward, and how it was found."""
+    if device.type == "cpu":
+        return 0.0, "CPU: the engine runs in program order on the thread that runs backward; nothing overlaps"
+    # The hidden time is a difference of two medians: each carries its samples' spread.
+    noise_us = median_deviation(compute_samples_us) + median_deviation(wall_samples_us)
+    if noise_us > 0.5 * work_us:
+        return None, (f"not measurable: the reduction's work ({work_us:.0f} us) is within the timing noise of "
+                      f"backward ({noise_us:.0f} us)")
+    hidden_us = work_us + common.median(compute_samples_us) - common.median(wall_samples_us)
+    return min(1.0, max(0.0, hidden_us / work_us)), "(reduce_work + backward_compute - backward_wall) / reduce_work"
 
 
 def steps_per_system(system: System, args) -> int:
@@ -261,8 +317,58 @@ def steps_per_system(system: System, args) -> int:
     return count
 
 
+def time_steps(model, optimizer, workload: Workload, inputs, targets, system: System, args,
+               bar) -> Tuple[List[StepTime], List[StepTime]]:
+    """The timed steps, and the steps the phases come from (the same ones on the CPU)."""
+    cuda = system.devices[0].type == "cuda"
+    clock = Clock(system.devices)
+    # On the CPU the phase marks cost nothing and perturb nothing: time phases in the timed steps.
+    timer = None if cuda else PhaseTimer(clock)
+    set_phase_timer(model, timer)
+    timed: List[StepTime] = []
+    for step in range(args.warmup + args.steps):
+        loss, times = train_step(model, optimizer, workload, inputs, targets, clock, timer)
+        if step >= args.warmup:
+            timed.append(times)
+        bar.update()
+    if not torch.isfinite(loss):
+        raise WrongResult(f"{system.label}: the loss became {loss.item()} during the timed steps")
+    phased = timed
+    if cuda:
+        sync_clock = Clock(system.devices, synchronize_marks=True)
+        timer = PhaseTimer(sync_clock)
+        set_phase_timer(model, timer)
+        phased = []
+        for _ in range(args.steps):
+            phased.append(train_step(model, optimizer, workload, inputs, targets, sync_clock, timer)[1])
+            bar.update()
+    set_phase_timer(model, None)
+    return timed, phased
+
+
+def measure_overlap(system: System, model, module: nn.Module, workload: Workload, inputs, targets,
+                    timed: List[StepTime], args, bar) -> dict:
+    """Backward with and without the reduction, the reduction alone, and the overlap they imply."""
+    wall_samples_us = [t.backward_wall_us for t in timed]
+    record = {"backward_wall_us": common.median(wall_samples_us), "backward_compute_us": None,
+              "reduce_work_us": None, "reduce_overlap_fraction": None,
+              "reduce_overlap_note": {"bare": "no reduction", "dpfast": "no reduction (one replica)",
+                                      "nn.DataParallel": "none by design: the reduction starts after every "
+                                      "replica's backward (inside autograd, not timed apart)"}[system.kind]}
+    if system.kind != "dpfast" or len(system.devices) == 1:
+        return record
+    compute_samples_us = backward_compute_samples_us(model, workload, inputs, targets, Clock(system.devices),
+                                                     args.steps, bar)
+    work_us = reduce_work_us(module, system.devices, model.bucket_cap_mb, args.steps)
+    overlap, note = overlap_estimate(system.devices[0], work_us, compute_samples_us, wall_samples_us)
+    record.update(backward_compute_us=common.median(compute_samples_us), reduce_work_us=work_us,
+                  reduce_overlap_fraction=overlap, reduce_overlap_note=note)
+    return record
+
+
 def run_in_process(system: System, workload: Workload, args, check_batches, reference, batch, bar) -> dict:
     device = system.devices[0]
+    release_memory(system.devices)  # so that NVML's view shows this system, not the previous one's cache
     module = workload.build(SEED).to(device)
     model = wrap(system, module)
     if args.inject_fault and system.kind != "bare":
@@ -276,45 +382,12 @@ def run_in_process(system: System, workload: Workload, args, check_batches, refe
     bar.update(CHECK_STEPS)
 
     inputs, targets = batch[0].to(device), batch[1].to(device)
-    cuda = device.type == "cuda"
-    clock = Clock(system.devices)
-    # On the CPU the phase marks cost nothing and perturb nothing: time phases in the timed steps.
-    set_phase_timer(model, None if cuda else PhaseTimer(clock))
-    timed: List[StepTime] = []
-    for step in range(args.warmup + args.steps):
-        loss, times = train_step(model, optimizer, workload, inputs, targets, clock, model.__dict__.get("phase_timer"))
-        if step >= args.warmup:
-            timed.append(times)
-        bar.update()
-    if not torch.isfinite(loss):
-        raise WrongResult(f"{system.label}: the loss became {loss.item()} during the timed steps")
-
-    phased = timed
-    if cuda:
-        sync_clock = Clock(system.devices, synchronize_marks=True)
-        timer = PhaseTimer(sync_clock)
-        set_phase_timer(model, timer)
-        phased = []
-        for _ in range(args.steps):
-            phased.append(train_step(model, optimizer, workload, inputs, targets, sync_clock, timer)[1])
-            bar.update()
-        set_phase_timer(model, None)
-
-    phases_us = common.median_of_phases([t.phases_us for t in phased])
-    backward_wall_us = common.median([t.backward_wall_us for t in timed])
-    compute_us = None
-    if system.kind == "dpfast" and len(system.devices) > 1:
-        set_phase_timer(model, None)
-        compute_us = backward_compute_us(model, workload, inputs, targets, clock, args.steps, bar)
-
-    record = system_record(system, [t.total_us for t in timed], phases_us, correctness, len(batch[1]))
-    record.update({
-        "backward_wall_us": backward_wall_us,
-        "backward_compute_us": compute_us,
-        "reduce_overlap_fraction": overlap_fraction(phases_us.get("reduce"), compute_us, backward_wall_us),
-        "memory": common.peak_memory(system.devices),
-        "dpfast_stats": model.stats() if system.kind == "dpfast" else None,
-    })
+    timed, phased = time_steps(model, optimizer, workload, inputs, targets, system, args, bar)
+    memory = common.peak_memory(system.devices)  # before measure_overlap allocates buffers of its own
+    record = system_record(system, [t.total_us for t in timed], common.median_of_phases([t.phases_us for t in phased]),
+                           correctness, len(batch[1]))
+    record.update(measure_overlap(system, model, module, workload, inputs, targets, timed, args, bar))
+    record.update(memory=memory, dpfast_stats=model.stats() if system.kind == "dpfast" else None)
     return record
 
 
@@ -396,8 +469,9 @@ def run_ddp(system: System, workload: Workload, args, check_seeds, reference, ba
 
     world = len(system.devices)
     if args.batch_size % world:
-        return {"system": system.label, "kind": "ddp", "status": f"not run: batch size {args.batch_size} is not "
-                f"divisible by {world} processes (the check needs equal shards)"}
+        return {"system": system.label, "status": "not run",
+                "reason": f"not run: batch size {args.batch_size} is not divisible by {world} processes (the check "
+                          f"needs equal shards)"}
     job = {"devices": common.devices_json(system.devices), "workload": workload.name, "size": workload.size,
            "batch_size": args.batch_size, "check_seeds": check_seeds, "reference": reference,
            "batch_seed": batch_seed, "warmup": args.warmup, "steps": args.steps, "inject_fault": args.inject_fault}
@@ -420,25 +494,25 @@ def run_ddp(system: System, workload: Workload, args, check_seeds, reference, ba
                 memory[key].update(r["memory"][key])
     record.update({"phase_timing": "CUDA events on rank 0 (the all-reduce overlaps backward and is part of it)",
                    "backward_wall_us": by_rank[0]["phases_us"]["backward"], "backward_compute_us": None,
-                   "reduce_overlap_fraction": None, "memory": memory, "dpfast_stats": None})
+                   "reduce_work_us": None, "reduce_overlap_fraction": None,
+                   "reduce_overlap_note": "DDP's all-reduce runs inside backward and is not timed apart",
+                   "memory": memory, "dpfast_stats": None})
     return record
 
 
 # -- one workload ----------------------------------------------------------------------------------
 
-def model_facts(workload: Workload, batch) -> dict:
+def model_facts(workload: Workload, batch, reference: List[dict]) -> dict:
     """What the cost model (bench/model.py) needs besides the times."""
     module = workload.build(SEED)
     params = list(module.parameters())
-    with torch.no_grad():
-        outputs = module(batch[0])
     return {
         "param_count": sum(p.numel() for p in params),
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
         "num_param_tensors": len(params),
         "num_modules": sum(1 for _ in module.modules()),
         "input_bytes": batch[0].numel() * batch[0].element_size(),
-        "output_bytes": outputs.numel() * outputs.element_size(),
+        "output_bytes": reference[0]["output_bytes"],
     }
 
 
@@ -449,7 +523,7 @@ def bench_workload(workload: Workload, systems: List[System], not_run: List[dict
     batch = workload.make_batch(args.batch_size, batch_seed)
     reference = reference_steps(workload, check_batches, systems[0].devices[0])
     record = {"workload": workload.name, "size": workload.size, "description": workload.description,
-              "config": workload.config, "batch_size": args.batch_size, **model_facts(workload, batch),
+              "config": workload.config, "batch_size": args.batch_size, **model_facts(workload, batch, reference),
               "systems": [], "not_run": list(not_run)}
     for system in systems:
         bar.set_postfix_str(f"{workload.name}: {system.label}")
@@ -457,7 +531,10 @@ def bench_workload(workload: Workload, systems: List[System], not_run: List[dict
             result = run_ddp(system, workload, args, check_seeds, reference, batch_seed, bar)
         else:
             result = run_in_process(system, workload, args, check_batches, reference, batch, bar)
-        (record["systems"] if result["status"] == "ok" else record["not_run"]).append(result)
+        if result["status"] == "ok":
+            record["systems"].append(result)
+        else:
+            record["not_run"].append({"system": result["system"], "reason": result["reason"]})
     bare_us = record["systems"][0]["step_time_us"]
     for result in record["systems"]:
         result["speedup_vs_bare"] = bare_us / result["step_time_us"]
@@ -470,7 +547,9 @@ def peak_memory_label(memory: dict) -> str:
     torch_peaks = memory["torch_peak_allocated_bytes"]
     if torch_peaks:
         return "/".join(f"{b / 2**20:.0f}" for b in torch_peaks.values())
-    return f"{memory['process_peak_rss_bytes'] / 2**20:.0f} (RSS)"
+    if "process_peak_rss_bytes" in memory:
+        return f"{memory['process_peak_rss_bytes'] / 2**20:.0f} (RSS)"
+    return "-"
 
 
 def format_results(record: dict) -> str:
@@ -488,8 +567,7 @@ def format_results(record: dict) -> str:
                          peak_memory_label(s["memory"])])
     lines = [f"devices: {record['device_label']}", "phases: medians in ms; peak MiB: torch allocator per device "
              "(RSS: the process's peak resident memory on the host)", common.format_table(headers, rows)]
-    not_run = {(n["system"], n["status"] if "status" in n else n["reason"]) for w in record["workloads"]
-               for n in w["not_run"]}
+    not_run = {(n["system"], n["reason"]) for w in record["workloads"] for n in w["not_run"]}
     lines += [f"{system}: {reason}" for system, reason in sorted(not_run)]
     return "\n".join(lines)
 
@@ -538,6 +616,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed steps before them (default 5; --quick 2)")
     parser.add_argument("--tolerance", type=float, help="largest relative error of the checked loss and gradients "
                         "(default 1e-3 on CPU, 2e-2 on CUDA where convolutions may use TF32)")
+    parser.add_argument("--cpu-threads", type=int, default=1,
+                        help="torch intra-op threads for CPU devices (default 1: each CPU replica is a thread of "
+                             "its own, and single-threaded ops keep the times steady on shared cores; 0: torch's "
+                             "default)")
     parser.add_argument("--out", default=common.DEFAULT_OUT_DIR, help="folder for the JSON and PNG "
                         "(default bench/results/)")
     parser.add_argument("--label", help="file-name label (default: cpu-quick, gpu1, ...)")
@@ -561,15 +643,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args.steps = args.steps or (5 if args.quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
     args.tolerance = args.tolerance or (2e-2 if cuda else 1e-3)
-    label = args.label or common.card_label(devices) + ("-quick" if args.quick else "")
+    args.label = args.label or common.card_label(devices) + ("-quick" if args.quick else "")
+    threads = torch.get_num_threads()
+    if not cuda and args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    try:
+        return run_benchmark(args, devices)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (the tests)
+
+
+def run_benchmark(args: argparse.Namespace, devices: List[torch.device]) -> int:
     workloads = [make_workload(name.strip(), args.size) for name in args.workloads.split(",") if name.strip()]
     systems, not_run = plan_systems(devices)
     started = common.now()
     device_label = common.describe_devices(devices)
     print(f"dpfast benchmark: {device_label}; {args.size} models, {args.steps} timed steps after {args.warmup} "
-          f"warm-up steps", flush=True)
+          f"warm-up steps; intra-op threads: {torch.get_num_threads()}", flush=True)
 
-    record = {"schema": "dpfast-bench", "schema_version": common.SCHEMA_VERSION, "label": label,
+    record = {"schema": "dpfast-bench", "schema_version": common.SCHEMA_VERSION, "label": args.label,
               "date": started.isoformat(timespec="seconds"), "machine": common.machine_record(),
               "devices": common.devices_json(devices), "device_type": devices[0].type,
               "device_label": device_label, "size": args.size, "steps": args.steps, "warmup": args.warmup,
@@ -589,8 +681,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bar.close()
 
     print(format_results(record))
-    json_path = common.result_path(args.out, started, label, ".json")
-    chart_path = write_chart(record, common.result_path(args.out, started, label, ".png"))
+    json_path = common.result_path(args.out, started, args.label, ".json")
+    chart_path = write_chart(record, common.result_path(args.out, started, args.label, ".png"))
     record["chart"] = chart_path or "not written: matplotlib is not installed"
     common.write_json(json_path, record)
     print(f"wrote {json_path}" + (f" and {chart_path}" if chart_path else " (no chart: matplotlib is not installed)"))

@@ -21,6 +21,23 @@ from .replicas import ReplicaSet
 from .workers import WorkerPool, capture_thread_state, thread_state
 
 
+def _make_reducer(*args, **kwargs) -> GradReducer:
+    with torch.inference_mode(False):  # buckets made under inference_mode could not train later
+        return GradReducer(*args, **kwargs)
+
+
+def _weak_phase(wrapper: "DataParallel"):
+    """wrapper._phase through a weak reference: the runtime (kept by the wrapper's finalizer)
+    must not keep the wrapper alive."""
+    ref = weakref.ref(wrapper)
+
+    def phase(name: str):
+        w = ref()
+        return w._phase(name) if w is not None else contextlib.nullcontext()
+
+    return phase
+
+
 def module_device_is_cpu(module: nn.Module) -> bool:
     first = next(iter(module.parameters()), None) or next(iter(module.buffers()), None)
     return first is None or first.device.type == "cpu"
@@ -34,9 +51,10 @@ class _Runtime:
         self.module = wrapper.module
         self.streams = lane_streams.make_lane_streams(wrapper.devices)  # replicas' compute
         self.comm_streams = lane_streams.make_lane_streams(wrapper.devices)  # gradient reductions
-        self.replicas = ReplicaSet(wrapper.module, wrapper.devices, self.streams,
-                                   trust_version_counters=wrapper.trust_version_counters,
-                                   tree_shape=wrapper.tree_shape, allow_p2p=_devices.p2p_allowed())
+        with torch.inference_mode(False):  # buffers made under inference_mode could not train later
+            self.replicas = ReplicaSet(wrapper.module, wrapper.devices, self.streams,
+                                       trust_version_counters=wrapper.trust_version_counters,
+                                       tree_shape=wrapper.tree_shape, allow_p2p=_devices.p2p_allowed())
         self.reducer: Optional[GradReducer] = None
         self.reducer_build = -1
         self.bn_averager = BatchNormAverager()
@@ -154,7 +172,6 @@ class DataParallel(nn.DataParallel):
         with torch.autograd.profiler.record_function("dpfast.DataParallel.forward"):
             if not self.devices:
                 return self.module(*inputs, **kwargs)
-            runtime = self._ensure_runtime()
             batch = scatter_gather.find_batch_size(inputs, kwargs, self.dim)
             if batch == 0:
                 raise ValueError(f"dpfast.DataParallel: inputs: expected a non-empty batch, but the batch "
@@ -166,6 +183,7 @@ class DataParallel(nn.DataParallel):
             active = [k for k, size in enumerate(sizes) if size != 0]  # a replica with 0 rows sits this step out
             chunk_sizes = [sizes[k] for k in active]
             devices = [self.devices[k] for k in active]
+            runtime = self._ensure_runtime()  # after the inputs were checked: bad input starts nothing
             cross = runtime.cross
             training_step = self.training and torch.is_grad_enabled()
             if cross is not None and training_step:
@@ -182,22 +200,26 @@ class DataParallel(nn.DataParallel):
     def _forward_replicas(self, runtime, inputs, kwargs, batch, active, chunk_sizes, devices):
         """Scatter, replica sync, parallel forward and gather for the active replicas."""
         streams = [runtime.streams[k] for k in active] if runtime.streams else None
-        with self._phase("scatter"):
-            scattered_inputs, scattered_kwargs = self.scatter(inputs, kwargs, devices, chunk_sizes, streams)
         with self._phase("param_sync"):
             replicas = self.replicate(self.module, active[-1] + 1)
         replicas = [replicas[k] for k in active]
         averaging = self.average_buffers and self.training
-        if averaging:
-            snapshots = runtime.bn_averager.prepare(runtime.replicas.modules)
+        snapshots = runtime.bn_averager.prepare(runtime.replicas.modules) if averaging else None
+        # NOTE [Stream ordering]: each lane starts after what the caller enqueued on its device's
+        # current stream (the optimizer step, zero_grad, the snapshots above). This also orders the
+        # reuse of memory the allocator hands to a lane after the caller freed it.
+        lane_streams.wait_for_callers(streams)
+        with self._phase("scatter"):
+            scattered_inputs, scattered_kwargs = self.scatter(inputs, kwargs, devices, chunk_sizes, streams)
         with self._phase("forward"):
             outputs = self.parallel_apply(replicas, scattered_inputs, scattered_kwargs, chunk_sizes, active)
-        if averaging and snapshots:
-            for stream in streams or []:
-                lane_streams.wait(lane_streams.current_stream(self.devices[0]), stream)
+        if snapshots:
+            lane_streams.callers_wait_for(streams)
             runtime.bn_averager.apply(snapshots, runtime.replicas.modules,
                                       [runtime.replicas.replica_modules[k] for k in active])
         if not self.gather_outputs:
+            # The outputs are read on the current streams from here on: order and keep them alive there.
+            lane_streams.callers_wait_for(streams, outputs)
             return ReplicaOutputs(outputs, chunk_sizes, devices, self.output_device_obj, self.dim)
         with self._phase("gather"):
             weights = chunk_sizes if self.scalar_outputs == "mean" and batch is not None else None
@@ -297,11 +319,11 @@ class DataParallel(nn.DataParallel):
                 runtime.reducer.reduce()  # gradients accumulated under no_sync() before a rebuild
             if runtime.reducer is not None:
                 runtime.reducer.remove()
-            runtime.reducer = GradReducer(
+            runtime.reducer = _make_reducer(
                 replicas.root_grad_params(),
                 [replicas.replica_params(k) for k in range(1, len(self.devices))],
                 self.devices, runtime.streams, runtime.comm_streams, bucket_cap_mb=self.bucket_cap_mb,
-                tree_shape=self.tree_shape, allow_p2p=_devices.p2p_allowed(), phase=self._phase,
+                tree_shape=self.tree_shape, allow_p2p=_devices.p2p_allowed(), phase=_weak_phase(self),
                 cross_process=runtime.cross)
             runtime.reducer_build = replicas.build_count
         return runtime.reducer

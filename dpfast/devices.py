@@ -22,6 +22,9 @@ def to_device(value: Any, argument: str) -> torch.device:
         raise TypeError(f"dpfast.DataParallel: {argument}: expected a CUDA index, 'cpu', 'cuda:N' or a torch.device, "
                         f"but got {_describe(value)}")
     if isinstance(value, int):
+        if value < -1:
+            raise ValueError(f"dpfast.DataParallel: {argument}: expected a CUDA index >= 0 (or -1 for the CPU), "
+                             f"but got {value}")
         device = torch.device("cpu") if value == -1 else torch.device("cuda", value)  # -1: CPU, as torch
     elif isinstance(value, (str, torch.device)):
         try:

@@ -139,7 +139,29 @@ class GradReducer:
                 self.early_reduction_count += 1
 
     def note_forward(self, num_replicas: int) -> None:
-        self._replicas_used = max(self._replicas_used, num_replicas)
+        with self._lock:
+            if self._callback_queued:
+                # A backward marked gradients but its end never came: it raised (autograd does not
+                # run final callbacks then). Drop what it left, as if it had not run, so the next
+                # backward reduces only its own gradients.
+                self._discard()
+            self._replicas_used = max(self._replicas_used, num_replicas)
+
+    def _discard(self) -> None:
+        current = lane_streams.current_stream(self.devices[0])
+        with torch.no_grad():
+            for b in range(len(self.buckets)):
+                for k in range(self.num_replicas):
+                    comm = self.comm_streams[k] if self.comm_streams else None
+                    lane_streams.wait(comm, current)
+                    with lane_streams.on(comm):
+                        self.flats[b][k].zero_()
+                    if self.streams:
+                        lane_streams.wait(self.streams[k], comm)
+        self._callback_queued = False
+        self._got_grad = [False] * len(self.root_params)
+        self._replicas_used = 1
+        self._reset_window()
 
     def _launch(self, b: int) -> None:
         """Starts bucket b's tree reduction on the comm streams, after the replicas' backward work
@@ -229,3 +251,7 @@ class GradReducer:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        # The buckets are freed with this reducer: nothing may still be zeroing or reading them.
+        current = lane_streams.current_stream(self.devices[0])
+        for stream in (self.comm_streams or []) + (self.streams or []):
+            lane_streams.wait(current, stream)

@@ -196,8 +196,8 @@ class ReplicaSet:
         lane_streams.wait(current, root_lane)
         for g, (_, members) in enumerate(self.groups):
             if self.trust_version_counters:
-                current = self._current_versions(g, num_replicas)
-                if current == self.versions[g]:
+                versions = self._current_versions(g, num_replicas)
+                if versions == self.versions[g]:
                     continue
             _C.coalesce_into([self.tensors[i] for i in members], self.flats[0][g])
             lane_streams.wait(root_lane, current)
@@ -210,7 +210,8 @@ class ReplicaSet:
     def sync(self, num_replicas: int) -> List[nn.Module]:
         """The first num_replicas replicas (replica 0 is the root), made equal to the root."""
         if self.structure_changed():
-            self._build()
+            with torch.inference_mode(False):
+                self._build()
         self._refresh_attributes(num_replicas)
         if num_replicas > 1:
             self._broadcast_values(num_replicas)

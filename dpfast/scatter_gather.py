@@ -10,6 +10,8 @@ are gathered into a vector without a warning.
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -37,6 +39,16 @@ def _rebuild_dataclass(template: Any, values: Dict[str, Any]) -> Any:
         if not f.init:
             object.__setattr__(out, f.name, getattr(template, f.name))
     return out
+
+
+def _rebuild_dict(template: dict, items) -> dict:
+    """A dict of template's own type (and default_factory, for a defaultdict) holding items."""
+    if isinstance(template, collections.defaultdict):
+        out = copy.copy(template)
+        out.clear()
+        out.update(items)
+        return out
+    return type(template)(items)
 
 
 def iter_tensors(obj: Any, path: str):
@@ -116,6 +128,14 @@ class Gather(torch.autograd.Function):
         return (None, None, None, None) + tuple(grads)
 
 
+def _kind(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "a tensor"
+    if value is None:
+        return "None"
+    return f"a {type(value).__name__}"
+
+
 def scatter_tensor(tensor: torch.Tensor, devices: List[torch.device], chunk_sizes: List[int], dim: int,
                    lane_stream_ids: List[int]) -> List[torch.Tensor]:
     if tensor.dim() == 0:
@@ -144,7 +164,7 @@ def scatter(obj: Any, devices: List[torch.device], chunk_sizes: List[int], dim: 
         if isinstance(value, dict) and len(value) > 0:
             keys = list(value.keys())
             per_key = [scatter_map(value[k]) for k in keys]
-            return [type(value)(zip(keys, values)) for values in zip(*per_key)]
+            return [_rebuild_dict(value, zip(keys, values)) for values in zip(*per_key)]
         if _is_dataclass_instance(value):
             items = _dataclass_items(value)
             per_field = [scatter_map(v) for _, v in items]
@@ -176,8 +196,21 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
     full-batch value of a mean computed per replica."""
     lane_stream_ids = list(lane_stream_ids)
 
-    def gather_map(values: List[Any]):
+    def mismatch(path: str, expected: str, k: int, got: str):
+        return TypeError(f"dpfast.DataParallel: outputs{path}: expected every replica to return {expected} (as "
+                         f"replica 0 did), but replica {k} returned {got}")
+
+    def gather_map(values: List[Any], path: str = ""):
         first = values[0]
+        for k, v in enumerate(values[1:], start=1):
+            if isinstance(first, torch.Tensor) != isinstance(v, torch.Tensor) or (first is None) != (v is None):
+                raise mismatch(path, _kind(first), k, _kind(v))
+            if isinstance(first, (dict, list, tuple)) and type(v) is not type(first):
+                raise mismatch(path, _kind(first), k, _kind(v))
+            if isinstance(first, (list, tuple)) and len(v) != len(first):
+                raise mismatch(path, f"{len(first)} items", k, f"{len(v)}")
+            if isinstance(first, dict) and list(v.keys()) != list(first.keys()):
+                raise mismatch(path, f"the keys {list(first.keys())}", k, f"the keys {list(v.keys())}")
         if isinstance(first, torch.Tensor):
             scalars = first.dim() == 0
             tensors = [v.unsqueeze(0) if v.dim() == 0 else v for v in values]
@@ -194,19 +227,17 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
         if first is None:
             return None
         if isinstance(first, dict):
-            if not all(len(v) == len(first) for v in values):
-                raise ValueError("dpfast.DataParallel: outputs: expected every replica to return a dict with the same "
-                                 "keys, but they differ")
-            return type(first)((k, gather_map([v[k] for v in values])) for k in first)
+            return _rebuild_dict(first, ((k, gather_map([v[k] for v in values], f"{path}[{k!r}]")) for k in first))
         if _is_namedtuple(first):
-            return type(first)._make(map(gather_map, zip(*values)))
+            return type(first)._make(gather_map(list(items), f"{path}.{name}")
+                                     for name, items in zip(first._fields, zip(*values)))
         if isinstance(first, (list, tuple)):
-            return type(first)(map(gather_map, zip(*values)))
+            return type(first)(gather_map(list(items), f"{path}[{i}]") for i, items in enumerate(zip(*values)))
         if _is_dataclass_instance(first):
-            return _rebuild_dataclass(first, {name: gather_map([getattr(v, name) for v in values])
+            return _rebuild_dataclass(first, {name: gather_map([getattr(v, name) for v in values], f"{path}.{name}")
                                               for name, _ in _dataclass_items(first)})
         try:
-            if all(v == first for v in values[1:]):
+            if all(v is first or v == first for v in values[1:]):
                 return first
         except Exception:  # values whose == is not a plain bool
             pass

@@ -41,3 +41,23 @@ def on(stream):
 
 def ids(streams) -> List[int]:
     return [s.stream_id for s in streams] if streams else []
+
+
+def wait_for_callers(streams) -> None:
+    """Every lane waits for its device's current stream."""
+    for stream in streams or []:
+        wait(stream, torch.cuda.current_stream(stream.device))
+
+
+def callers_wait_for(streams, outputs=None) -> None:
+    """Every lane's device's current stream waits for the lane; tensors in ``outputs[k]`` (made on
+    lane k) are marked as used by that current stream, for the caching allocator."""
+    for k, stream in enumerate(streams or []):
+        current = torch.cuda.current_stream(stream.device)
+        wait(current, stream)
+        if outputs is not None:
+            from .scatter_gather import iter_tensors
+
+            for _, tensor in iter_tensors(outputs[k], ""):
+                if tensor.is_cuda:
+                    tensor.record_stream(current)

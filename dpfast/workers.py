@@ -13,12 +13,13 @@ call.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 from typing import Any, Callable, List, Optional
 
 import torch
-from torch._utils import ExceptionWrapper
+from torch._utils import ExceptionWrapper, KeyErrorMessage
 
 from . import streams as lane_streams
 
@@ -58,16 +59,46 @@ class _Job:
         self.fn, self.where = fn, where
         self.done = threading.Event()
         self.result: Any = None
-        self.error: Optional[ExceptionWrapper] = None
+        self.error: Optional[BaseException] = None
 
     def run(self) -> None:
         try:
             self.result = self.fn()
-        except BaseException:  # KeyboardInterrupt inside a replica's forward included
-            self.error = ExceptionWrapper(where=self.where)
+        except BaseException as error:  # KeyboardInterrupt inside a replica's forward included
+            self.error = error
         finally:
             self.fn = None  # drop references to the replica's inputs
             self.done.set()
+
+    def reraise(self) -> None:
+        """Raises the replica's exception in the caller, its type kept, naming the replica and
+        device as nn.DataParallel does ("Caught X in replica k on device d", then the replica's
+        traceback)."""
+        error = self.error
+        formatted = ExceptionWrapper(exc_info=(type(error), error, error.__traceback__), where=self.where)
+        message = f"Caught {type(error).__name__} {self.where}.\nOriginal {formatted.exc_msg}"
+        if isinstance(error, KeyError):
+            message = KeyErrorMessage(message)
+        try:
+            replacement = type(error)(message)
+        except Exception:  # a type whose constructor takes more than a message
+            replacement = _same_type_with_message(error, message)
+        raise replacement
+
+
+def _same_type_with_message(error: BaseException, message: str) -> BaseException:
+    """An exception that is an instance of error's type, carries its args and attributes, and
+    prints `message`: a subclass made on the fly, for types whose constructor wants more than a
+    message. Falls back to the original object with a note."""
+    cls = type(error)
+    try:
+        subclass = type(cls.__name__, (cls,), {"__str__": lambda self: message, "__module__": cls.__module__})
+        replacement = subclass.__new__(subclass, *error.args)
+        replacement.__dict__.update(error.__dict__)
+        return replacement
+    except Exception:
+        error.add_note(message)
+        return error
 
 
 def _worker_loop(jobs: "queue.SimpleQueue[Optional[_Job]]") -> None:
@@ -76,15 +107,24 @@ def _worker_loop(jobs: "queue.SimpleQueue[Optional[_Job]]") -> None:
         if job is None:
             return
         job.run()
+        job = None  # the caller owns the result; keep nothing alive until the next call
 
 
 class WorkerPool:
     """One persistent daemon thread per replica 1..n-1."""
 
     def __init__(self, num_workers: int, name: str = "dpfast-replica"):
+        self._num_workers, self._name = num_workers, name
+        self._start()
+
+    def _start(self) -> None:
+        # A forked child (a DataLoader worker, say) has none of its parent's threads: the pool
+        # remembers whose threads it holds and starts its own in a new process.
+        self._pid = os.getpid()
         self._queues: List["queue.SimpleQueue[Optional[_Job]]"] = []
         self._threads: List[threading.Thread] = []
-        for k in range(num_workers):
+        name = self._name
+        for k in range(self._num_workers):
             q: "queue.SimpleQueue[Optional[_Job]]" = queue.SimpleQueue()
             t = threading.Thread(target=_worker_loop, args=(q,), name=f"{name}-{k + 1}", daemon=True)
             t.start()
@@ -97,6 +137,8 @@ class WorkerPool:
 
     def run(self, fns: List[Callable[[], Any]], wheres: List[str]) -> List[Any]:
         """fns[0] on the calling thread, fns[k] on worker k; results in order."""
+        if self._pid != os.getpid():
+            self._start()
         if len(fns) - 1 > len(self._queues):
             raise RuntimeError(f"dpfast: expected at most {len(self._queues) + 1} replicas, but got {len(fns)}")
         jobs = [_Job(fn, where) for fn, where in zip(fns, wheres)]
@@ -107,10 +149,12 @@ class WorkerPool:
             job.done.wait()
         for job in jobs:
             if job.error is not None:
-                job.error.reraise()
+                job.reraise()
         return [job.result for job in jobs]
 
     def close(self) -> None:
+        if self._pid != os.getpid():
+            return  # another process's threads
         for q in self._queues:
             q.put(None)
         for t in self._threads:

@@ -3,6 +3,7 @@ was given, before any device work; an error inside a replica names the
 replica and device; afterwards the wrapper still works."""
 
 import copy
+import gc
 import threading
 
 import pytest
@@ -113,6 +114,7 @@ def test_exception_in_a_replica_names_it_and_the_wrapper_trains_on(error):
     wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4)
     x = torch.randn(8, 4, dtype=torch.float64)
     wrapped(x)  # starts the persistent workers
+    gc.collect()  # earlier tests' wrappers stop their workers when collected
     threads = threading.active_count()
     x[5, 0] = 99.0  # rows 4..5: replica 2
     wrapped.module.fail_on, wrapped.module.error = 99.0, error
@@ -124,7 +126,9 @@ def test_exception_in_a_replica_names_it_and_the_wrapper_trains_on(error):
     wrapped(x).sum().backward()
     for p, q in zip(reference.parameters(), wrapped.module.parameters()):
         torch.testing.assert_close(q.grad, p.grad)
+    gc.collect()
     assert threading.active_count() == threads  # no worker leaked or lost
+    assert all(t.is_alive() for t in wrapped._ensure_runtime().pool.threads)
 
 
 def test_exception_in_replica_zero_is_named_too():

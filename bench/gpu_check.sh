@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# bench/gpu_check.sh [OUT_DIR]: everything a one-GPU machine without network can
+# check, in under 8 minutes: build dpfast._C with CUDA (all cores), print what
+# was built, run the tests, the benchmark and the engine micro-benchmark in a
+# short configuration, and the cost model on their results. Logs and JSON go to
+# OUT_DIR (default bench/results/). PYTHON chooses the interpreter (default:
+# python on PATH); nothing is installed.
+#
+# Without a GPU it says so, skips the CUDA build and the test suite (CI runs
+# that), runs the CPU benchmarks and exits 0.
+#
+# Exit status: 0 when every step that ran passed, 1 otherwise.
+set -uo pipefail
+
+OUT_ARG=${1:-}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT_ARG:-$REPO/bench/results}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # relative to the caller's folder, before the cd below
+cd "$REPO" || exit 1
+PYTHON=${PYTHON:-python}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-465}  # leaves room for start-up under the 8 minutes
+STAMP=$(date +%Y%m%d-%H%M%S)
+LOG="$OUT/$STAMP-gpucheck"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+STARTED=$SECONDS
+SUMMARY=()
+
+say() { echo "gpu_check: $*" | tee -a "$LOG.log"; }
+
+# step NAME CAP_S COMMAND...: runs COMMAND under a timeout of CAP_S or what is
+# left of the budget, whichever is less, output to the terminal and $LOG-NAME.log.
+step() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((BUDGET_S - (SECONDS - STARTED)))
+  local limit=$((cap < left ? cap : left))
+  if ((limit < 15)); then
+    SUMMARY+=("$(printf '%-8s skipped: the 8-minute budget is spent' "$name")")
+    say "$name: skipped, ${left}s of the budget left"
+    return 1
+  fi
+  say "$name (at most ${limit}s): $*"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$LOG-$name.log"
+  local rc=${PIPESTATUS[0]}
+  local status="ok"
+  if ((rc == 124 || rc == 137)); then status="TIMED OUT after ${limit}s"; elif ((rc != 0)); then status="FAILED (exit $rc)"; fi
+  SUMMARY+=("$(printf '%-8s %-22s %4ss  %s' "$name" "$status" $((SECONDS - t0)) "$LOG-$name.log")")
+  return "$rc"
+}
+
+newest() { ls -t "$OUT"/*-"$1".json 2>/dev/null | head -n 1; }
+
+finish() {
+  say "summary ($((SECONDS - STARTED))s in all; logs and JSON in $OUT):"
+  printf '  %s\n' "${SUMMARY[@]}" | tee -a "$LOG.log"
+  for line in "${SUMMARY[@]}"; do
+    if [[ $line == *FAILED* || $line == *"TIMED OUT"* ]]; then exit 1; fi
+  done
+  exit 0
+}
+
+say "repository $REPO, python $(command -v "$PYTHON" || echo "$PYTHON: not found"), $(nproc) cores, output $OUT"
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  say "FAILED: '$PYTHON' cannot import torch; set PYTHON to an interpreter that has it"
+  exit 1
+fi
+GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null)
+GPUS=${GPUS:-0}
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)" | tee -a "$LOG.log"
+command -v nvidia-smi >/dev/null && nvidia-smi -L 2>&1 | tee -a "$LOG.log"
+for module in pytest numpy matplotlib tqdm pynvml ninja; do
+  "$PYTHON" -c "import $module" 2>/dev/null || say "note: python module '$module' is missing (nothing is installed here)"
+done
+
+if [[ $GPUS == 0 ]]; then
+  say "NO GPU: torch.cuda.is_available() is False here. Skipping the CUDA build and the test suite;"
+  say "running the CPU checks only (CPU replicas). Run this script on a GPU machine for the GPU checks."
+  if ls dpfast/_C*.so >/dev/null 2>&1; then
+    say "build: skipped, dpfast._C is already built ($(ls dpfast/_C*.so))"
+  else
+    step build 300 env MAX_JOBS="$(nproc)" "$PYTHON" setup.py build_ext --inplace || finish
+  fi
+  step info 30 "$PYTHON" -m dpfast.info
+  step bench 90 "$PYTHON" -m bench --quick --no-progress --out "$OUT" --label gpucheck-cpu
+  step comm 45 "$PYTHON" -m bench.comm --quick --no-progress --out "$OUT" --label gpucheck-cpu-comm
+  BENCH_JSON=$(newest gpucheck-cpu); COMM_JSON=$(newest gpucheck-cpu-comm)
+  [[ -n $BENCH_JSON && -n $COMM_JSON ]] && \
+    step model 45 "$PYTHON" -m bench.model --bench-json "$BENCH_JSON" --comm-json "$COMM_JSON" --out "$OUT" \
+      --label gpucheck-cpu-model
+  SUMMARY+=("tests    skipped: no GPU here (the CPU tests run in CI: make test)")
+  finish
+fi
+
+say "$GPUS GPU(s) visible"
+# A fresh build for this machine's torch; TORCH_CUDA_ARCH_LIST defaults to the visible card.
+"$PYTHON" -c "import ninja" 2>/dev/null || command -v ninja >/dev/null ||
+  say "note: ninja is missing: torch compiles the extension one file at a time (slower)"
+step build 300 env MAX_JOBS="$(nproc)" "$PYTHON" setup.py build_ext --inplace || finish
+step info 30 "$PYTHON" -m dpfast.info || finish
+if ! "$PYTHON" -c "import sys; from dpfast import _C; sys.exit(0 if _C.cuda_built() else 1)"; then
+  say "FAILED: dpfast._C was built without CUDA (see $LOG-build.log)"
+  SUMMARY+=("build    FAILED: CPU-only dpfast._C on a GPU machine")
+  finish
+fi
+if "$PYTHON" -c "import pytest" 2>/dev/null; then
+  step tests 150 "$PYTHON" -m pytest tests -q -p no:cacheprovider
+else
+  SUMMARY+=("tests    FAILED: pytest is not installed for $PYTHON")
+fi
+step bench 75 "$PYTHON" -m bench --quick --no-progress --out "$OUT" --label gpucheck
+# Sizes up to 256 MiB in steps of 16: enough to reach the card's bandwidth, in seconds.
+step comm 40 "$PYTHON" -m bench.comm --quick --no-progress --max-bytes $((256 * 1024 * 1024)) --factor 16 \
+  --out "$OUT" --label gpucheck-comm
+BENCH_JSON=$(newest gpucheck); COMM_JSON=$(newest gpucheck-comm)
+if [[ -n $BENCH_JSON && -n $COMM_JSON ]]; then
+  step model 30 "$PYTHON" -m bench.model --bench-json "$BENCH_JSON" --comm-json "$COMM_JSON" --out "$OUT" \
+    --label gpucheck-model
+fi
+finish

@@ -1,0 +1,162 @@
+"""bench/ on the CPU with tiny sizes: the benchmark's record, chart and table,
+the engine micro-benchmark's checks, the cost model's table, and that a wrong
+result fails a run instead of producing a time."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import comm, model, run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_BENCH = ["--quick", "--devices", "cpu,cpu", "--size", "tiny", "--batch-size", "8", "--steps", "2",
+              "--warmup", "1", "--no-progress"]
+TINY_COMM = ["--quick", "--devices", "cpu,cpu", "--max-bytes", "65536", "--factor", "16", "--iters", "2",
+             "--warmup", "1", "--copy-bytes", str(2**20), "--no-progress"]
+
+
+def call(main, argv):
+    """main(argv) in this process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv)
+    return status, out.getvalue(), err.getvalue()
+
+
+def files(folder, suffix):
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(suffix))
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("bench"))
+    threads = torch.get_num_threads()
+    status, stdout, stderr = call(run.main, TINY_BENCH + ["--out", out])
+    assert status == 0, stderr
+    assert torch.get_num_threads() == threads  # the run's --cpu-threads 1 does not leak into this process
+    [json_path] = files(out, ".json")
+    with open(json_path) as f:
+        record = json.load(f)
+    return {"out": out, "stdout": stdout, "json_path": json_path, "record": record}
+
+
+def test_bench_json_has_every_field(bench_run):
+    record = bench_run["record"]
+    for key in ("schema", "label", "date", "machine", "devices", "device_type", "device_label", "size", "steps",
+                "warmup", "quick", "method", "chart", "workloads"):
+        assert key in record, key
+    for key in ("hostname", "cpu", "cpu_count", "python", "torch", "torch_cuda", "dpfast_cuda_built",
+                "cuda_available", "gpus", "nvidia_driver", "git"):
+        assert key in record["machine"], key
+    assert set(record["machine"]["git"]) == {"commit", "dirty"}
+    assert "CPU replicas" in record["device_label"] and record["machine"]["torch_threads"] == 1
+    assert [w["workload"] for w in record["workloads"]] == ["mlp", "cnn", "transformer"]
+    for workload in record["workloads"]:
+        for key in ("size", "description", "config", "batch_size", "param_count", "param_bytes", "num_param_tensors",
+                    "num_modules", "input_bytes", "output_bytes", "systems", "not_run"):
+            assert key in workload, key
+        assert [s["kind"] for s in workload["systems"]] == ["bare", "dpfast", "dpfast"]
+        assert {n["system"] for n in workload["not_run"]} == {"nn.DataParallel", "DDP"}
+        for system in workload["systems"]:
+            for key in ("system", "devices", "num_replicas", "step_time_us", "step_time_samples_us", "phases_us",
+                        "phase_timing", "throughput_samples_per_s", "speedup_vs_bare", "correctness",
+                        "backward_wall_us", "backward_compute_us", "reduce_work_us", "reduce_overlap_fraction",
+                        "reduce_overlap_note", "memory", "dpfast_stats"):
+                assert key in system, key
+            assert set(system["phases_us"]) == set(run.PHASES)
+            assert len(system["step_time_samples_us"]) == 2
+            assert system["step_time_us"] > 0 and system["throughput_samples_per_s"] > 0
+            assert system["correctness"]["checked_steps"] == run.CHECK_STEPS
+            assert system["correctness"]["max_grad_relative_error"] <= system["correctness"]["tolerance"]
+            assert {"torch_peak_allocated_bytes", "nvml_used_bytes", "process_peak_rss_bytes"} <= set(system["memory"])
+        bare, _, replicas = workload["systems"]
+        assert bare["speedup_vs_bare"] == 1.0
+        assert replicas["num_replicas"] == 2
+        assert replicas["phases_us"]["scatter"] is not None and replicas["phases_us"]["reduce"] is not None
+        assert replicas["reduce_overlap_fraction"] == 0.0  # the CPU runs the reduction in program order
+        assert replicas["reduce_work_us"] > 0 and replicas["backward_compute_us"] > 0
+
+
+def test_bench_writes_the_chart(bench_run):
+    [png] = files(bench_run["out"], ".png")
+    assert bench_run["record"]["chart"] == png
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_prints_the_table(bench_run):
+    stdout = bench_run["stdout"]
+    assert "CPU replicas" in stdout
+    for column in ("step ms", "samples/s", "speed-up", "scatter", "reduce", "overlap", "peak MiB"):
+        assert column in stdout
+    for row in ("mlp (b=8)", "cnn (b=8)", "transformer (b=8)", "bare", "dpfast x1", "dpfast x2 (CPU replicas)"):
+        assert row in stdout
+    assert "nn.DataParallel: not run: needs 2+ distinct GPUs" in stdout
+    assert "DDP: not run" in stdout
+
+
+def test_bench_fails_loudly_on_a_wrong_result(tmp_path):
+    # Through the command line: the exit status is what a script sees.
+    result = subprocess.run([sys.executable, "-m", "bench", *TINY_BENCH, "--workloads", "mlp", "--inject-fault",
+                             "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "WRONG RESULT: dpfast x1: step 1 differs from the bare module" in result.stderr
+    assert "step ms" not in result.stdout  # no time printed for it
+    assert os.listdir(tmp_path) == []
+
+
+def test_comm_rows_are_correct(tmp_path):
+    status, stdout, stderr = call(comm.main, TINY_COMM + ["--out", str(tmp_path)])
+    assert status == 0, stderr
+    [json_path] = files(str(tmp_path), ".json")
+    with open(json_path) as f:
+        record = json.load(f)
+    rows = record["rows"]
+    assert {r["op"] for r in rows} == {"reduce_add", "broadcast", "scatter", "copy"}
+    assert [r["bytes"] for r in rows if r["op"] == "reduce_add"] == [4096, 65536]
+    for row in rows:
+        assert {"bytes", "ndev", "time_us", "algbw_GBps", "busbw_GBps", "wrong"} <= set(row)
+        assert row["wrong"] == 0 and row["time_us"] > 0
+    assert record["status"] == "ok"
+    assert "busbw_GBps" in stdout and "torch.cuda.comm: not run" in stdout
+
+
+def test_comm_fails_loudly_on_a_wrong_result(tmp_path):
+    status, stdout, stderr = call(comm.main, TINY_COMM + ["--ops", "reduce_add", "--inject-fault",
+                                                          "--out", str(tmp_path)])
+    assert status == 1
+    assert "WRONG RESULTS" in stderr
+    with open(files(str(tmp_path), ".json")[0]) as f:
+        record = json.load(f)
+    assert record["status"].startswith("failed") and all(r["wrong"] == 1 for r in record["rows"])
+
+
+def test_model_prints_its_table(bench_run, tmp_path):
+    status, stdout, _ = call(model.main, ["--bench-json", bench_run["json_path"], "--links", "pcie4,nvlink-h100",
+                                          "--out", str(tmp_path)])
+    assert status == 0
+    for column in ("link", "nn.DP ms", "dpfast ms", "measured dpfast"):
+        assert column in stdout
+    rows = [line.split() for line in stdout.splitlines() if line.startswith("cnn (tiny)")]
+    for link in ("pcie4", "nvlink-h100"):
+        assert sorted(int(row[3]) for row in rows if row[2] == link) == list(model.GPU_COUNTS)
+    # The benchmark measured 2 replicas sharing the CPU: prediction and measurement side by side.
+    [shared] = [row for row in rows if row[2:4] == ["one", "device"]]
+    assert shared[4] == "2" and shared[-1] != "-"
+    assert len(files(str(tmp_path), ".png")) == 1
+
+
+def test_model_runs_without_a_benchmark(tmp_path):
+    status, stdout, _ = call(model.main, ["--links", "pcie4", "--out", str(tmp_path)])
+    assert status == 0
+    assert "resnet50-like (assumed)" in stdout
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", os.path.join(REPO, "bench", "gpu_check.sh")], check=True)
