@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BENCH_ARGS ?= --quick
 
-.PHONY: setup build test test-python test-cpp bench clean
+.PHONY: setup build test test-python test-cpp bench gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,7 @@ bench: build
 
 clean:
 	rm -rf build $(VENV) dpfast/_C*.so *.egg-info
+
+# On a machine with one GPU (the device tool's): build, CUDA tests, benchmarks, results to bench/results/.
+gpu-check:
+	bash bench/gpu_check.sh bench/results

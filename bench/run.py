@@ -71,7 +71,6 @@ CHECK_STEPS = 2  # the second step checks that the replicas saw the optimizer's 
 SEED = 0
 LEARNING_RATE = 0.01
 MiB = 2**20
-FIRST_BUCKET_CAP_MB = 1.0  # dpfast's reducer makes its first bucket this small (as DDP does)
 
 
 # -- systems ---------------------------------------------------------------------------------------
@@ -273,18 +272,12 @@ def backward_compute_samples_us(model, workload: Workload, inputs, targets, cloc
     return times
 
 
-def reduce_work_us(module: nn.Module, devices: List[torch.device], bucket_cap_mb: float, iters: int) -> float:
+def reduce_work_us(model, devices: List[torch.device], iters: int) -> float:
     """The time the engine needs for one step's gradient reduction with nothing else running:
-    reduce_add_ over buckets laid out as dpfast's reducer lays them out."""
-    params = [p for p in reversed(list(module.parameters())) if p.requires_grad]
-    dtype_ids: Dict[torch.dtype, int] = {}
-    groups = [dtype_ids.setdefault(p.dtype, len(dtype_ids)) for p in params]
-    buckets = dpfast._C.assign_buckets([p.numel() * p.element_size() for p in params], groups,
-                                       int(bucket_cap_mb * MiB), int(min(FIRST_BUCKET_CAP_MB, bucket_cap_mb) * MiB))
+    reduce_add_ over buckets laid out as the wrapper's reducer lays them out."""
     total_us = 0.0
-    for members in buckets:
-        numel = sum(params[j].numel() for j in members)
-        buffers = [torch.zeros(numel, dtype=params[members[0]].dtype, device=d) for d in devices]
+    for numel, dtype in model.stats()["bucket_layout"]:
+        buffers = [torch.zeros(numel, dtype=dtype, device=d) for d in devices]
         total_us += common.timed_loop_us(lambda b=buffers: dpfast._C.reduce_add_(b, 0), devices, iters, warmup=1)
     return total_us
 
@@ -359,7 +352,7 @@ def measure_overlap(system: System, model, module: nn.Module, workload: Workload
         return record
     compute_samples_us = backward_compute_samples_us(model, workload, inputs, targets, Clock(system.devices),
                                                      args.steps, bar)
-    work_us = reduce_work_us(module, system.devices, model.bucket_cap_mb, args.steps)
+    work_us = reduce_work_us(model, system.devices, args.steps)
     overlap, note = overlap_estimate(system.devices[0], work_us, compute_samples_us, wall_samples_us)
     record.update(backward_compute_us=common.median(compute_samples_us), reduce_work_us=work_us,
                   reduce_overlap_fraction=overlap, reduce_overlap_note=note)

@@ -295,8 +295,18 @@ at::Tensor gather(const std::vector<at::Tensor>& tensors, const std::vector<Lane
     return out;
   }
 #endif
+  // A CPU destination (output_device=-1) for CUDA lanes: each blocking copy runs on its lane's
+  // stream, so it reads the tensor after the lane wrote it.
   std::vector<at::Tensor> moved;
-  for (const auto& t : tensors) moved.push_back(t.to(destination.device));
+  for (size_t i = 0; i < tensors.size(); ++i) {
+#ifdef DPFAST_WITH_CUDA
+    if (tensors[i].is_cuda()) {
+      cuda::with_lane_stream(lanes[i], [&] { moved.push_back(tensors[i].to(destination.device)); });
+      continue;
+    }
+#endif
+    moved.push_back(tensors[i].to(destination.device));
+  }
   return at::cat(moved, wrapped_dim);
 }
 

@@ -287,11 +287,14 @@ class DataParallel(nn.DataParallel):
         broadcasts and bucket reductions so far."""
         runtime = self._runtime
         if runtime is None:
-            return {"replica_builds": 0, "broadcasts": 0, "reductions": 0, "early_reductions": 0, "buckets": 0}
+            return {"replica_builds": 0, "broadcasts": 0, "reductions": 0, "early_reductions": 0, "buckets": 0,
+                    "bucket_layout": []}
         return {"replica_builds": runtime.replicas.build_count, "broadcasts": runtime.replicas.broadcast_count,
                 "reductions": runtime.reducer.reduction_count if runtime.reducer else 0,
                 "early_reductions": runtime.reducer.early_reduction_count if runtime.reducer else 0,
-                "buckets": len(runtime.reducer.buckets) if runtime.reducer else 0}
+                "buckets": len(runtime.reducer.buckets) if runtime.reducer else 0,
+                # (elements, dtype) of each gradient bucket, in reduction order
+                "bucket_layout": [(b[0].numel(), b[0].dtype) for b in runtime.reducer.flats] if runtime.reducer else []}
 
     # -- internals -------------------------------------------------------------------------------
     def _phase(self, name: str):

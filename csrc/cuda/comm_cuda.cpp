@@ -72,7 +72,9 @@ class CudaLaneOps final : public LaneOps {
     c10::cuda::CUDAGuard guard(dst_device);
     auto stream = stream_of(dst_lane);
     const auto dtype = add_dtype(dst.scalar_type());
-    if (src_device == dst_device || (allow_p2p_ && can_access_peer(dst_device, src_device))) {
+    // allow_p2p_ false (DPFAST_DISABLE_P2P=1) stages even between lanes of one device, so that
+    // the staged path is exercised on a machine with a single GPU.
+    if (allow_p2p_ && (src_device == dst_device || can_access_peer(dst_device, src_device))) {
       // The fused path: dst's kernel reads the peer's chunk directly.
       launch_add_inplace(dst.data_ptr(), src.data_ptr(), dst.numel(), dtype, stream.stream());
       return;
