@@ -276,8 +276,8 @@ def reduce_work_us(model, devices: List[torch.device], iters: int) -> float:
     """The time the engine needs for one step's gradient reduction with nothing else running:
     reduce_add_ over buckets laid out as the wrapper's reducer lays them out."""
     total_us = 0.0
-    for numel, dtype in model.stats()["bucket_layout"]:
-        buffers = [torch.zeros(numel, dtype=dtype, device=d) for d in devices]
+    for numel, dtype_name in model.stats()["bucket_layout"]:
+        buffers = [torch.zeros(numel, dtype=getattr(torch, dtype_name), device=d) for d in devices]
         total_us += common.timed_loop_us(lambda b=buffers: dpfast._C.reduce_add_(b, 0), devices, iters, warmup=1)
     return total_us
 

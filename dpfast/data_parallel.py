@@ -293,8 +293,9 @@ class DataParallel(nn.DataParallel):
                 "reductions": runtime.reducer.reduction_count if runtime.reducer else 0,
                 "early_reductions": runtime.reducer.early_reduction_count if runtime.reducer else 0,
                 "buckets": len(runtime.reducer.buckets) if runtime.reducer else 0,
-                # (elements, dtype) of each gradient bucket, in reduction order
-                "bucket_layout": [(b[0].numel(), b[0].dtype) for b in runtime.reducer.flats] if runtime.reducer else []}
+                # (elements, dtype name) of each gradient bucket, in reduction order
+                "bucket_layout": [(b[0].numel(), str(b[0].dtype).replace("torch.", ""))
+                                  for b in runtime.reducer.flats] if runtime.reducer else []}
 
     # -- internals -------------------------------------------------------------------------------
     def _phase(self, name: str):
