@@ -80,6 +80,7 @@ class System:
     label: str
     kind: str  # "bare", "dpfast", "nn.DataParallel" or "ddp"
     devices: List[torch.device]
+    loss_on_replicas: bool = False  # dpfast with gather=False and dpfast.ParallelCriterion
 
 
 def plan_systems(devices: List[torch.device]) -> Tuple[List[System], List[dict]]:
@@ -92,6 +93,9 @@ def plan_systems(devices: List[torch.device]) -> Tuple[List[System], List[dict]]
         systems.append(System("dpfast x1", "dpfast", devices[:1]))
     if n > 1:
         systems.append(System(f"dpfast x{n} ({where})", "dpfast", list(devices)))
+        # Outputs never gathered: the output device's peak memory with and without it.
+        systems.append(System(f"dpfast x{n} ({where}), loss on replicas", "dpfast", list(devices),
+                              loss_on_replicas=True))
     gpus = [d for d in unique if d.type == "cuda"]
     not_run = []
     if len(gpus) >= 2 and len(unique) == n:
@@ -135,7 +139,7 @@ def wrap(system: System, module: nn.Module) -> nn.Module:
     if system.kind == "bare":
         return module
     if system.kind == "dpfast":
-        return dpfast.DataParallel(module, device_ids=system.devices)
+        return dpfast.DataParallel(module, device_ids=system.devices, gather=not system.loss_on_replicas)
     if system.kind == "nn.DataParallel":
         return PhasedDataParallel(module, device_ids=[d.index for d in system.devices])
     raise ValueError(f"unknown system kind {system.kind!r}")
@@ -390,6 +394,7 @@ def system_record(system: System, step_times_us: List[float], phases_us: Dict[st
     return {
         "system": system.label,
         "kind": system.kind,
+        "loss_on_replicas": system.loss_on_replicas,
         "devices": common.devices_json(system.devices),
         "num_replicas": len(system.devices),
         "status": "ok",

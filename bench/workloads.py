@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Tuple
 
 import torch
+
+import dpfast
 from torch import nn
 from torch.nn import functional as F
 
@@ -44,8 +46,11 @@ class Workload:
         return inputs, targets
 
     @staticmethod
-    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # A mean over the whole gathered batch: the same number however the batch was split.
+    def loss(outputs, targets: torch.Tensor) -> torch.Tensor:
+        # A mean over the whole batch: the same number however the batch was split. Outputs left
+        # on the replicas (DataParallel(..., gather=False)) get it next to each replica's output.
+        if isinstance(outputs, dpfast.ReplicaOutputs):
+            return dpfast.ParallelCriterion(nn.CrossEntropyLoss())(outputs, targets)
         return F.cross_entropy(outputs, targets)
 
 

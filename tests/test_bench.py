@@ -61,10 +61,11 @@ def test_bench_json_has_every_field(bench_run):
         for key in ("size", "description", "config", "batch_size", "param_count", "param_bytes", "num_param_tensors",
                     "num_modules", "input_bytes", "output_bytes", "systems", "not_run"):
             assert key in workload, key
-        assert [s["kind"] for s in workload["systems"]] == ["bare", "dpfast", "dpfast"]
+        assert [s["kind"] for s in workload["systems"]] == ["bare", "dpfast", "dpfast", "dpfast"]
+        assert [s["loss_on_replicas"] for s in workload["systems"]] == [False, False, False, True]
         assert {n["system"] for n in workload["not_run"]} == {"nn.DataParallel", "DDP"}
         for system in workload["systems"]:
-            for key in ("system", "devices", "num_replicas", "step_time_us", "step_time_samples_us", "phases_us",
+            for key in ("system", "loss_on_replicas", "devices", "num_replicas", "step_time_us", "step_time_samples_us", "phases_us",
                         "phase_timing", "throughput_samples_per_s", "speedup_vs_bare", "correctness",
                         "backward_wall_us", "backward_compute_us", "reduce_work_us", "reduce_overlap_fraction",
                         "reduce_overlap_note", "memory", "dpfast_stats"):
@@ -75,7 +76,8 @@ def test_bench_json_has_every_field(bench_run):
             assert system["correctness"]["checked_steps"] == run.CHECK_STEPS
             assert system["correctness"]["max_grad_relative_error"] <= system["correctness"]["tolerance"]
             assert {"torch_peak_allocated_bytes", "nvml_used_bytes", "process_peak_rss_bytes"} <= set(system["memory"])
-        bare, _, replicas = workload["systems"]
+        bare, _, replicas, loss_on_replicas = workload["systems"]
+        assert loss_on_replicas["phases_us"]["gather"] is None  # outputs stay on the replicas
         assert bare["speedup_vs_bare"] == 1.0
         assert replicas["num_replicas"] == 2
         assert replicas["phases_us"]["scatter"] is not None and replicas["phases_us"]["reduce"] is not None
