@@ -31,7 +31,7 @@ from typing import Any, List, Optional
 import torch
 from torch import nn
 
-from . import _C, scatter_gather
+from . import scatter_gather
 
 
 class ReplicaOutputs(list):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -83,10 +83,6 @@ def find_batch_size(inputs: tuple, kwargs: dict, dim: int) -> Optional[int]:
             raise ValueError(f"dpfast.DataParallel: inputs: expected every input tensor to have the same size along "
                              f"dim {dim} (the batch), but {first_path} has {batch} and {path} has {size}")
     return batch
-
-
-def stream_ids(streams: Optional[Sequence[Any]]) -> List[int]:
-    return [s.stream_id for s in streams] if streams else []
 
 
 class Scatter(torch.autograd.Function):
