@@ -1,0 +1,121 @@
+"""Real models wrapped the way their users wrap nn.DataParallel, against the
+unwrapped module on the full batch (float64, 3 CPU replicas)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+import dpfast
+
+torchvision = pytest.importorskip("torchvision")  # in requirements.txt
+
+CPU3 = ["cpu"] * 3
+
+
+def pair(factory, seed=0):
+    torch.manual_seed(seed)
+    reference = factory().double()
+    return reference, dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU3)
+
+
+def assert_train_step_matches(reference, wrapped, x, out=lambda o: o, rtol=1e-9, atol=1e-12):
+    out_ref, out_dp = out(reference(x)), out(wrapped(x))
+    torch.testing.assert_close(out_dp, out_ref, rtol=rtol, atol=atol)
+    out_ref.pow(2).mean().backward()
+    out_dp.pow(2).mean().backward()
+    for (name, p), q in zip(reference.named_parameters(), wrapped.module.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "squeezenet1_1"])
+def test_torchvision_cnns_in_eval_match_exactly(name):
+    reference, wrapped = pair(lambda: getattr(torchvision.models, name)(num_classes=10))
+    reference.eval()
+    wrapped.eval()
+    x = torch.randn(5, 3, 48, 48, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), reference(x), rtol=1e-10, atol=1e-12)
+
+
+def test_torchvision_vision_transformer_trains_like_the_full_batch():
+    reference, wrapped = pair(lambda: torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5))
+    assert_train_step_matches(reference, wrapped, torch.randn(6, 3, 32, 32, dtype=torch.float64))
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, padding_mask=None):
+        return self.head(self.encoder(x, src_key_padding_mask=padding_mask))
+
+
+def test_transformer_encoder_with_padding_mask_in_train_and_eval():
+    reference, wrapped = pair(Encoder)
+    x = torch.randn(6, 5, 16, dtype=torch.float64)
+    mask = torch.zeros(6, 5, dtype=torch.bool)
+    mask[:, -1] = True
+    torch.testing.assert_close(wrapped(x, padding_mask=mask), reference(x, padding_mask=mask))
+    assert_train_step_matches(reference, wrapped, x)
+    reference.eval()
+    wrapped.eval()
+    with torch.no_grad():  # the fused fast path of nn.TransformerEncoderLayer
+        torch.testing.assert_close(wrapped(x), reference(x))
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: nn.Sequential(parametrizations.weight_norm(nn.Linear(8, 8)), nn.Tanh(), nn.Linear(8, 2)),
+    lambda: nn.Sequential(parametrizations.spectral_norm(nn.Linear(8, 8)), nn.Linear(8, 2)),
+    lambda: nn.Sequential(nn.utils.spectral_norm(nn.Linear(8, 8)), nn.Linear(8, 2)),
+], ids=["weight_norm", "spectral_norm", "spectral_norm_hooks"])
+def test_parametrized_and_hooked_weights(factory):
+    reference, wrapped = pair(factory)
+    assert_train_step_matches(reference, wrapped, torch.randn(6, 8, dtype=torch.float64))
+
+
+def test_old_style_weight_norm_trajectory():
+    def make():  # cannot be deep-copied (a torch limitation): build twice from one seed
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return nn.Sequential(nn.utils.weight_norm(nn.Linear(8, 8)), nn.Tanh(), nn.Linear(8, 2)).double()
+
+    reference, wrapped = make(), dpfast.DataParallel(make(), device_ids=CPU3)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    for _ in range(3):
+        for model in (reference, wrapped):
+            model.zero_grad()
+            model(x).pow(2).mean().backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+
+
+def test_gru_bidirectional_two_layers():
+    reference, wrapped = pair(lambda: nn.GRU(4, 8, num_layers=2, batch_first=True, bidirectional=True))
+    assert_train_step_matches(reference, wrapped, torch.randn(6, 5, 4, dtype=torch.float64), out=lambda o: o[0])
+
+
+def test_wgan_gradient_penalty_double_backward():
+    """torch.autograd.grad with respect to the inputs, create_graph=True, then backward through it."""
+    reference, wrapped = pair(lambda: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)))
+    x = torch.randn(6, 8, dtype=torch.float64)
+    for model in (reference, wrapped):
+        inputs = x.clone().requires_grad_(True)
+        critic = model(inputs)
+        grad, = torch.autograd.grad(critic.sum(), inputs, create_graph=True)
+        (critic.mean() + 10 * ((grad.norm(2, dim=1) - 1) ** 2).mean()).backward()
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
