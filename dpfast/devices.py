@@ -49,6 +49,17 @@ def to_device(value: Any, argument: str) -> torch.device:
     return torch.device("cpu")
 
 
+def _names_cuda(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 0
+    try:
+        return torch.device(value).type == "cuda"
+    except (RuntimeError, TypeError):
+        return False
+
+
 def parse_device_ids(device_ids: Optional[Sequence[Any]]) -> List[torch.device]:
     """The devices of the replicas, in order; [] means "run the module directly"
     (as nn.DataParallel does when CUDA is not available)."""
@@ -65,6 +76,10 @@ def parse_device_ids(device_ids: Optional[Sequence[Any]]) -> List[torch.device]:
         raise TypeError(f"dpfast.DataParallel: device_ids: expected a list of devices, but got {_describe(device_ids)}") from None
     if not entries:
         raise ValueError("dpfast.DataParallel: device_ids: expected at least one device, but got an empty list")
+    if not torch.cuda.is_available() and all(_names_cuda(entry) for entry in entries):
+        # nn.DataParallel without CUDA ignores device_ids and runs the module directly, so that
+        # GPU code also runs on a machine without one; so does dpfast.
+        return []
     devices = [to_device(entry, f"device_ids[{i}]") for i, entry in enumerate(entries)]
     types = {d.type for d in devices}
     if len(types) > 1:

@@ -32,11 +32,17 @@ def test_bad_device_ids(device_ids, error, pattern):
         dpfast.DataParallel(make(), device_ids=device_ids)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_device_without_cuda():
-    with pytest.raises(ValueError, match=r"device_ids\[0\]: expected an available device, but got cuda:0 and CUDA is "
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without CUDA")
+def test_cuda_device_ids_without_cuda_run_the_module_directly_as_nn_dataparallel():
+    model = make()
+    wrapped = dpfast.DataParallel(model, device_ids=[0, 1], output_device=0)
+    theirs = torch.nn.DataParallel(model, device_ids=[0, 1], output_device=0)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    assert wrapped.device_ids == theirs.device_ids == []
+    torch.testing.assert_close(wrapped(x), theirs(x))
+    with pytest.raises(ValueError, match=r"device_ids\[1\]: expected an available device, but got cuda:0 and CUDA is "
                                          r"not available here"):
-        dpfast.DataParallel(make(), device_ids=[0, 1])
+        dpfast.DataParallel(model, device_ids=["cpu", 0])  # naming the CPU too: a mix, not GPU code
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
