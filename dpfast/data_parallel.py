@@ -335,6 +335,7 @@ class DataParallel(nn.DataParallel):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_runtime"] = None  # threads, streams and replicas are rebuilt on first use
+        state["process_group"] = None  # a process group belongs to its process: the copy uses the default one
         return state
 
     def __setstate__(self, state):
