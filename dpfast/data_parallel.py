@@ -39,7 +39,9 @@ def _weak_phase(wrapper: "DataParallel"):
 
 
 def module_device_is_cpu(module: nn.Module) -> bool:
-    first = next(iter(module.parameters()), None) or next(iter(module.buffers()), None)
+    first = next(iter(module.parameters()), None)
+    if first is None:
+        first = next(iter(module.buffers()), None)
     return first is None or first.device.type == "cpu"
 
 

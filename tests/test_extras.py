@@ -254,3 +254,11 @@ def test_checkpoint_helpers_both_directions():
     with pytest.raises(RuntimeError, match=r"dpfast.load_state_dict: state_dict: expected the keys of Sequential .* "
                                            r"but 1 are missing \['2.bias'\] and 0 are unexpected"):
         dpfast.load_state_dict(wrapped, broken)
+
+
+def test_auto_moves_a_cpu_module_to_the_first_chosen_gpu_helper():
+    from dpfast.data_parallel import module_device_is_cpu
+
+    assert module_device_is_cpu(nn.Linear(3, 3))  # a multi-element parameter: no truth-value error
+    assert module_device_is_cpu(nn.ReLU())
+    assert not module_device_is_cpu(nn.BatchNorm1d(3, affine=False).to("meta"))
