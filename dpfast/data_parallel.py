@@ -144,6 +144,7 @@ class DataParallel(nn.DataParallel):
         self.trust_version_counters = trust_version_counters
         self.bucket_cap_mb = bucket_cap_mb
         self.tree_shape = tree_shape
+        self._runtime: Optional[_Runtime] = None  # built on first use
         if isinstance(device_ids, str) and device_ids == "auto":
             device_ids = _devices.auto_device_ids(module) or None  # None: no GPU, run the module directly
             if device_ids and module_device_is_cpu(module):
@@ -167,7 +168,6 @@ class DataParallel(nn.DataParallel):
         if weights is not None:
             splits.validate_sizes("weights", weights, len(self.devices))
         _devices.warn_on_imbalance(self.devices, has_split_option=chunk_sizes is not None or weights is not None)
-        self._runtime: Optional[_Runtime] = None
 
     # -- nn.DataParallel's steps, overridable as there -----------------------------------------
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:

@@ -437,3 +437,6 @@ def test_one_device_and_no_device_run_the_module_directly():
     if not torch.cuda.is_available():
         plain = dpfast.DataParallel(model)
         assert plain.device_ids == [] and plain(x).shape == (3, 3)
+        assert plain.stats()["replica_builds"] == 0
+        with plain.no_sync():
+            plain(x).sum().backward()
