@@ -159,6 +159,9 @@ def test_hugging_face_models_with_the_loss_inside_forward(name):
     torch.testing.assert_close(loss, expected.loss)
     loss.backward()
     expected.loss.backward()
+    # GPT-2's causal-LM loss upcasts logits with .float(): float32 even in a float64 model, so its
+    # full-batch mean and the weighted mean of chunk means round differently (~1e-8).
+    rtol, atol = (1e-6, 1e-8) if name == "gpt2" else (1e-10, 1e-12)
     for (key, p), q in zip(reference.named_parameters(), mean.module.parameters()):
         if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-10, msg=key)
+            torch.testing.assert_close(q.grad, p.grad, rtol=rtol, atol=atol, msg=key)
