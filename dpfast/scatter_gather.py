@@ -103,6 +103,9 @@ class Scatter(torch.autograd.Function):
     def backward(ctx, *grads):
         grads = [torch.zeros(shape, dtype=ctx.dtype, device=device) if g is None else g
                  for g, shape, device in zip(grads, ctx.piece_shapes, ctx.devices)]
+        # The gather below reads each gradient on its device's current stream: order those after the
+        # stream this backward runs on (NOTE [Stream ordering]).
+        _current_streams_wait(grads[0].device, [g.device for g in grads])
         return None, None, None, None, Gather.apply(ctx.source_device, ctx.dim, ctx.devices, [], *grads)
 
 
@@ -119,9 +122,23 @@ class Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        # Backward runs on the current streams (autograd's stream semantics).
+        # Backward runs on the current streams (autograd's stream semantics). The pieces for other
+        # devices are copied on those devices' current streams, but autograd orders their consumers
+        # after this node's stream only: make it wait for the copies.
         grads = Scatter.apply(ctx.devices, ctx.chunk_sizes, ctx.dim, [], grad)
+        for device in {g.device for g in grads if g.device != grad.device}:
+            _current_streams_wait(device, [grad.device])
         return (None, None, None, None) + tuple(grads)
+
+
+def _current_streams_wait(producer: torch.device, consumers: List[torch.device]) -> None:
+    """The current stream of every CUDA device in consumers waits for producer's current stream."""
+    if producer.type != "cuda":
+        return
+    producer_stream = torch.cuda.current_stream(producer)
+    for device in set(consumers):
+        if device.type == "cuda" and device != producer:
+            torch.cuda.current_stream(device).wait_stream(producer_stream)
 
 
 def _kind(value: Any) -> str:
