@@ -282,7 +282,9 @@ def reduce_work_us(model, devices: List[torch.device], iters: int) -> float:
     total_us = 0.0
     for numel, dtype_name in model.stats()["bucket_layout"]:
         buffers = [torch.zeros(numel, dtype=getattr(torch, dtype_name), device=d) for d in devices]
-        total_us += common.timed_loop_us(lambda b=buffers: dpfast._C.reduce_add_(b, 0), devices, iters, warmup=1)
+        link = dpfast.devices.link_model(devices)  # the plan the wrapper's reducer uses
+        total_us += common.timed_loop_us(lambda b=buffers: dpfast._C.reduce_add_(b, 0, [], "auto", 0, True, *link),
+                                         devices, iters, warmup=1)
     return total_us
 
 

@@ -101,6 +101,24 @@ def public_device_ids(devices: List[torch.device]) -> list:
     return [d.index if d.type == "cuda" else d for d in devices]
 
 
+# NOTE [Link model]
+# The engine picks its tree and pipeline chunk count from a link model (NOTE [Tree shape] in
+# csrc/plan.h). Lanes that share one device "link" through its memory, where an add moves about
+# three bytes per byte reduced: hundreds of GB/s, so a few chunks suffice and each extra chunk is
+# only host-side launch and event cost. Distinct GPUs get a PCIe Gen4-like 25 GB/s (conservative
+# for NVLink: more chunks than needed, never too few), with 5 us per hop.
+SAME_DEVICE_BANDWIDTH_GBPS = {"cuda": 1000.0, "cpu": 10.0}
+DISTINCT_GPUS_BANDWIDTH_GBPS = 25.0
+HOP_LATENCY_US = 5.0
+
+
+def link_model(devices: List[torch.device]) -> tuple:
+    """(bandwidth_GBps, hop_latency_us) for the engine's planner, for lanes on these devices."""
+    if len(set(devices)) == 1:
+        return SAME_DEVICE_BANDWIDTH_GBPS.get(devices[0].type, DISTINCT_GPUS_BANDWIDTH_GBPS), HOP_LATENCY_US
+    return DISTINCT_GPUS_BANDWIDTH_GBPS, HOP_LATENCY_US
+
+
 def p2p_allowed() -> bool:
     """False when DPFAST_DISABLE_P2P=1: peer reads then go through a staging copy."""
     import os

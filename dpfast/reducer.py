@@ -29,6 +29,7 @@ from typing import List, Optional
 import torch
 
 from . import _C, streams as lane_streams
+from .devices import link_model
 
 _MB = 1024 * 1024
 
@@ -49,6 +50,7 @@ class GradReducer:
         self.comm_stream_ids = lane_streams.ids(self.comm_streams)
         self.tree_shape = tree_shape
         self.allow_p2p = allow_p2p
+        self.link = link_model(devices)  # NOTE [Link model]
         self._phase = phase
         self.cross = cross_process  # dpfast.distributed.CrossProcess, or None inside one process
         self.num_replicas = len(replica_params) + 1
@@ -172,7 +174,7 @@ class GradReducer:
                 lane_streams.wait(self.comm_streams[k], self.streams[k])
         with torch.no_grad():
             _C.reduce_add_([self.flats[b][k] for k in range(used)], 0, self.comm_stream_ids[:used],
-                           self.tree_shape, 0, self.allow_p2p)
+                           self.tree_shape, 0, self.allow_p2p, *self.link)
         self._launched[b] = True
         self.reduction_count += 1
         if self.cross is not None:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from . import _C, streams as lane_streams
+from .devices import link_model
 
 
 def _tensor_meta(t: torch.Tensor) -> tuple:
@@ -63,6 +64,7 @@ class ReplicaSet:
         self.trust_version_counters = trust_version_counters
         self.tree_shape = tree_shape
         self.allow_p2p = allow_p2p
+        self.link = link_model(self.devices)  # NOTE [Link model]
         self.build_count = 0
         self.broadcast_count = 0
         self._build()
@@ -202,7 +204,7 @@ class ReplicaSet:
             _C.coalesce_into([self.tensors[i] for i in members], self.flats[0][g])
             lane_streams.wait(root_lane, current)
             _C.broadcast_([self.flats[k][g] for k in range(num_replicas)], 0,
-                          self.lane_stream_ids[:num_replicas], self.tree_shape, 0, self.allow_p2p)
+                          self.lane_stream_ids[:num_replicas], self.tree_shape, 0, self.allow_p2p, *self.link)
             self.broadcast_count += 1
             if self.trust_version_counters:
                 self.versions[g] = self._current_versions(g, num_replicas)
