@@ -77,3 +77,14 @@ def test_unused_parameters_do_not_stop_the_reduction():
     reference(x, use_b=True).sum().backward()
     for p, q in zip(reference.parameters(), wrapped.module.parameters()):
         torch.testing.assert_close(q.grad, p.grad)
+
+
+def test_link_model_follows_the_lane_topology():
+    cpu = torch.device("cpu")
+    same = dpfast.devices.link_model([cpu] * 4)
+    assert same == (dpfast.devices.SAME_DEVICE_BANDWIDTH_GBPS["cpu"], dpfast.devices.HOP_LATENCY_US)
+    # Lanes on one device: a 25 MB bucket in one or few chunks; over PCIe-like links, many.
+    few = dpfast._C.plan_for(25 * 2**20, 4, "auto", 0, 1000.0, 5.0)[1]
+    many = dpfast._C.plan_for(25 * 2**20, 4, "auto", 0, *dpfast.devices.link_model(
+        [torch.device("cuda", 0), torch.device("cuda", 1)]))[1]
+    assert few >= 10 * many
