@@ -67,6 +67,7 @@ class GradReducer:
         sizes = [root_params[i].numel() * root_params[i].element_size() for i in order]
         self.buckets: List[List[int]] = [[order[j] for j in bucket] for bucket in _C.assign_buckets(
             sizes, groups, int(bucket_cap_mb * _MB), int(min(first_bucket_cap_mb, bucket_cap_mb) * _MB))]
+        self._bucket_len = [len(members) for members in self.buckets]
         self.bucket_of = [0] * len(root_params)
         self.offset_of = [0] * len(root_params)
         # flats[b][k]: bucket b's buffer on replica k; k = 0 is the receive buffer on the root's device.
@@ -104,10 +105,12 @@ class GradReducer:
         return self._views[k][i]
 
     def _make_hook(self, i: int, k: int):
+        view = self._views[k][i]
+
         def hook(param: torch.Tensor) -> None:
-            view = self._view(i, k)
-            if param.grad is not None and param.grad.data_ptr() != view.data_ptr():
-                # Autograd replaced the view (create_graph=True accumulates out of place).
+            # With grad mode on in backward (create_graph=True) autograd accumulates out of place
+            # and replaces the view; otherwise it adds into the view in place (the hot path).
+            if torch.is_grad_enabled() and param.grad is not None and param.grad.data_ptr() != view.data_ptr():
                 with torch.no_grad():
                     view.copy_(param.grad)
                 param.grad = view
@@ -135,8 +138,8 @@ class GradReducer:
             # Every replica's gradient of every parameter of the bucket is in (replica 0's too across
             # processes): reduce it now, while backward goes on with the earlier layers.
             replicas_marking = self._replicas_used if self.cross is not None else self._replicas_used - 1
-            if (self.sync_enabled and not self._launched[b]
-                    and self._marks[b] == len(self.buckets[b]) * replicas_marking):
+            if (self._marks[b] == self._bucket_len[b] * replicas_marking and self.sync_enabled
+                    and not self._launched[b]):
                 self._launch(b)
                 self.early_reduction_count += 1
 

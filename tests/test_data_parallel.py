@@ -440,3 +440,16 @@ def test_one_device_and_no_device_run_the_module_directly():
         assert plain.stats()["replica_builds"] == 0
         with plain.no_sync():
             plain(x).sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_backward_with_create_graph_keeps_bucket_views_working():
+    """create_graph=True makes autograd accumulate out of place (replacing the replicas' bucket
+    views); the next steps must still reduce correctly."""
+    reference, wrapped = pair(mlp)
+    for create_graph in (True, False, True):
+        x = torch.randn(8, 6, dtype=torch.float64)
+        for model in (reference, wrapped):
+            model.zero_grad()
+            model(x).pow(2).sum().backward(create_graph=create_graph)
+        assert_same_grads(reference, wrapped)
