@@ -82,9 +82,7 @@ class GradReducer:
         # _views[k][i]: parameter i's slice of its bucket on replica k, made once (hooks run per step).
         self._views = [[self.flats[self.bucket_of[i]][k].narrow(0, self.offset_of[i], p.numel()).view(p.shape)
                         for i, p in enumerate(root_params)] for k in range(self.num_replicas)]
-        self._reset_window()
-        self._got_grad = [False] * len(root_params)  # since the last reduction, on any replica
-        self._replicas_used = 1
+        self._start_over()  # _got_grad[i]: parameter i got a gradient on any replica since the last reduction
         for k in range(1, self.num_replicas):
             for i, p in enumerate(replica_params[k - 1]):
                 p.grad = self._view(i, k)
@@ -154,16 +152,25 @@ class GradReducer:
 
     def _discard(self) -> None:
         current = lane_streams.current_stream(self.devices[0])
-        with torch.no_grad():
-            for b in range(len(self.buckets)):
-                for k in range(self.num_replicas):
-                    comm = self.comm_streams[k] if self.comm_streams else None
-                    lane_streams.wait(comm, current)
-                    with lane_streams.on(comm):
-                        self.flats[b][k].zero_()
-                    if self.streams:
-                        lane_streams.wait(self.streams[k], comm)
+        for b in range(len(self.buckets)):
+            self._zero_bucket(b, self.num_replicas, current)
         self._callback_queued = False
+        self._start_over()
+
+    def _zero_bucket(self, b: int, replicas: int, current) -> None:
+        """Zeroes bucket b on the first `replicas` replicas, each on its comm stream after what the
+        current stream did with it; the next backward accumulates into it only after that."""
+        with torch.no_grad():
+            for k in range(replicas):
+                comm = self.comm_streams[k] if self.comm_streams else None
+                lane_streams.wait(comm, current)
+                with lane_streams.on(comm):
+                    self.flats[b][k].zero_()
+                if self.streams:
+                    lane_streams.wait(self.streams[k], comm)
+
+    def _start_over(self) -> None:
+        """No gradient pending: the state after a reduction (or after discarding one)."""
         self._got_grad = [False] * len(self.root_params)
         self._replicas_used = 1
         self._reset_window()
@@ -238,16 +245,8 @@ class GradReducer:
                         p.grad = torch.empty_like(p).copy_(reduced)
                     else:
                         p.grad.add_(reduced)
-                for k in range(used):
-                    comm = self.comm_streams[k] if self.comm_streams else None
-                    lane_streams.wait(comm, current)
-                    with lane_streams.on(comm):
-                        self.flats[b][k].zero_()
-                    if self.streams:  # the next backward accumulates into the zeroed buckets
-                        lane_streams.wait(self.streams[k], comm)
-        self._got_grad = [False] * len(self.root_params)
-        self._replicas_used = 1
-        self._reset_window()
+                self._zero_bucket(b, used, current)
+        self._start_over()
 
     def has_pending(self) -> bool:
         return any(self._got_grad)
