@@ -772,6 +772,8 @@ from torch import nn
 import dpfast
 
 scenario = sys.argv[1]
+# A shell that starts this test in the background leaves SIGINT ignored, and Python keeps it so.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 class Net(nn.Module):
     def __init__(self):
