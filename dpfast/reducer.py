@@ -243,6 +243,8 @@ class GradReducer:
                     reduced = self._view(i, 0)
                     if p.grad is None:
                         p.grad = torch.empty_like(p).copy_(reduced)
+                    elif p.grad.is_sparse:  # nn.Embedding(sparse=True): the sum stays sparse, as nn.DataParallel's
+                        p.grad = p.grad + reduced.to_sparse(p.grad.sparse_dim())
                     else:
                         p.grad.add_(reduced)
                 self._zero_bucket(b, used, current)

@@ -81,6 +81,10 @@ class ReplicaSet:
                 if t is not None and id(t) not in index_of:
                     index_of[id(t)] = len(tensors)
                     tensors.append(t)
+        if any(nn.parameter.is_lazy(t) for t in tensors):
+            raise RuntimeError("dpfast.DataParallel: module: expected initialized parameters and buffers, but found "
+                               "uninitialized ones (a lazy module such as nn.LazyLinear): run one forward of the "
+                               "module itself first, to initialize them, then call the wrapper")
         self.tensors = tensors
         self.is_param = [isinstance(t, nn.Parameter) for t in tensors]
         self.meta = [_tensor_meta(t) for t in tensors]

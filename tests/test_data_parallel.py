@@ -453,3 +453,73 @@ def test_backward_with_create_graph_keeps_bucket_views_working():
             model.zero_grad()
             model(x).pow(2).sum().backward(create_graph=create_graph)
         assert_same_grads(reference, wrapped)
+
+
+def test_sparse_embedding_gradients_stay_sparse_and_match():
+    """nn.Embedding(sparse=True): nn.DataParallel's reduction keeps the gradient sparse, so
+    optimizers that need sparse gradients (SparseAdam) keep working."""
+    reference, wrapped = pair(lambda: nn.Embedding(20, 4, sparse=True))
+    opts = [torch.optim.SparseAdam(list(m.parameters()), lr=0.1) for m in (reference, wrapped)]
+    for step in range(3):
+        ids = torch.randint(0, 20, (12, 3))
+        for model, opt in zip((reference, wrapped), opts):
+            opt.zero_grad()
+            model(ids).pow(2).sum().backward()
+        got, want = wrapped.module.weight.grad, reference.weight.grad
+        assert got.is_sparse
+        torch.testing.assert_close(got.to_dense(), want.to_dense(), rtol=1e-12, atol=1e-12)
+        for opt in opts:
+            opt.step()
+        assert_same_params(reference, wrapped)
+
+
+class _Checkpointed(nn.Module):
+    """Activation checkpointing inside forward, as Hugging Face models do with
+    gradient_checkpointing_enable(): the recomputation runs during backward."""
+
+    def __init__(self, use_reentrant):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 3)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.use_reentrant)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_activation_checkpointing_inside_replicas(use_reentrant):
+    reference, wrapped = pair(lambda: _Checkpointed(use_reentrant))
+    x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    reference(x_ref).pow(2).sum().backward()
+    wrapped(x).pow(2).sum().backward()
+    assert_same_grads(reference, wrapped)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+
+
+class _PackedLSTM(nn.Module):
+    """The pattern nn.DataParallel's docs warn about: pack, run, pad back to total_length."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(5, 6, batch_first=True)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.size(1))
+        return out
+
+
+def test_packed_sequences_padded_to_total_length():
+    reference, wrapped = pair(_PackedLSTM)
+    x = torch.randn(11, 7, 5, dtype=torch.float64)
+    lengths = torch.randint(1, 8, (11,))
+    out_ref, out = reference(x, lengths), wrapped(x, lengths)
+    assert out.shape == out_ref.shape == (11, 7, 6)
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    out_ref.pow(2).sum().backward()
+    out.pow(2).sum().backward()
+    assert_same_grads(reference, wrapped)

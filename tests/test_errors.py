@@ -144,3 +144,15 @@ def test_exception_in_replica_zero_is_named_too():
     wrapped.module.fail_on, wrapped.module.error = 7.0, RuntimeError("first chunk")
     with pytest.raises(RuntimeError, match=r"in replica 0 on device cpu"):
         wrapped(x)
+
+
+def test_uninitialized_lazy_module_is_named_and_the_wrapper_works_once_initialized():
+    model = nn.Sequential(nn.LazyLinear(3))
+    wrapped = dpfast.DataParallel(model, device_ids=CPU4)
+    x = torch.randn(8, 5)
+    with pytest.raises(RuntimeError, match=r"module: expected initialized parameters and buffers, but found "
+                                           r"uninitialized ones \(a lazy module such as nn.LazyLinear\)"):
+        wrapped(x)
+    model(x)  # the module alone initializes its parameters
+    torch.testing.assert_close(wrapped(x), model(x))
+    assert wrapped.stats()["replica_builds"] == 1
