@@ -28,6 +28,18 @@ What a user can change on the root between calls, and how a replica sees it:
 Attributes written inside a replica's forward are lost at the next call, as
 with nn.DataParallel; replica 0 is the root, so its writes stay (as on one
 device).
+
+NOTE [RNN replicas]
+cuDNN runs an RNN without copying its weights only when they lie in one
+buffer of exactly cuDNN's size, at cuDNN's offsets; otherwise it copies them
+on every call and warns ("RNN module weights are not part of single
+contiguous chunk of memory"), as nn.DataParallel's replicas do. So the
+weights of every RNN that cuDNN takes get a group of their own, laid out as
+cuDNN itself lays them out (rnn_weight_layout); the root's weights are copied
+into that layout and broadcast like any other group. Many models call
+``self.rnn.flatten_parameters()`` in forward: on a replica that moves the
+weights into a new buffer, out of reach of the broadcast, so every sync
+points such tensors back into their flat buffer first (_repoint).
 """
 
 from __future__ import annotations
@@ -39,6 +51,34 @@ from torch import nn
 
 from . import _C, streams as lane_streams
 from .devices import link_model
+
+
+def rnn_weight_layout(rnn: nn.RNNBase) -> Optional[Tuple[int, List[int]]]:
+    """(numel, offsets): the flat buffer cuDNN wants for ``rnn``'s weights (``_flat_weights``
+    order), or None where cuDNN will not take them (CPU, mixed dtypes, aliased weights, cuDNN
+    off). Asked of cuDNN itself, on scratch copies, as RNNBase.flatten_parameters() does."""
+    weights = getattr(rnn, "_flat_weights", None)
+    if not weights or len(weights) != len(getattr(rnn, "_flat_weights_names", ())):
+        return None
+    if not all(isinstance(w, torch.Tensor) for w in weights):
+        return None
+    first = weights[0]
+    if not all(w.is_cuda and w.dtype == first.dtype and torch.backends.cudnn.is_acceptable(w) for w in weights):
+        return None
+    if len({w.data_ptr() for w in weights}) != len(weights) or not torch._use_cudnn_rnn_flatten_weight():
+        return None
+    import torch.backends.cudnn.rnn as cudnn_rnn
+
+    scratch = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+    with torch.cuda.device_of(first), torch.no_grad():
+        buffer = torch._cudnn_rnn_flatten_weight(
+            scratch, (4 if rnn.bias else 2) + (1 if rnn.proj_size > 0 else 0), rnn.input_size,
+            cudnn_rnn.get_cudnn_mode(rnn.mode), rnn.hidden_size, rnn.proj_size, rnn.num_layers, rnn.batch_first,
+            bool(rnn.bidirectional))
+    size = first.element_size()
+    numel = buffer.untyped_storage().nbytes() // size
+    offsets = [(w.data_ptr() - buffer.untyped_storage().data_ptr()) // size for w in scratch]
+    return numel, offsets
 
 
 def _tensor_meta(t: torch.Tensor) -> tuple:
@@ -95,27 +135,45 @@ class ReplicaSet:
             if t.is_sparse or t.layout != torch.strided:
                 raise RuntimeError(f"dpfast.DataParallel: expected dense parameters and buffers, but found one with "
                                    f"layout {t.layout}")
-        # One flat buffer per dtype group, in first-appearance order.
+        # One flat buffer per group: the weights of each RNN that cuDNN takes, alone and in cuDNN's
+        # layout (NOTE [RNN replicas]); every other tensor in one group per dtype, packed in
+        # first-appearance order.
         self.groups: List[Tuple[torch.dtype, List[int]]] = []
+        layouts: List[Optional[Tuple[int, List[int]]]] = []  # (numel, offsets) of a laid-out group
+        claimed = set()
+        for m in self.modules:
+            layout = rnn_weight_layout(m) if isinstance(m, nn.RNNBase) else None
+            members = [index_of.get(id(w)) for w in m._flat_weights] if layout is not None else []
+            if not members or None in members or claimed.intersection(members):
+                continue
+            claimed.update(members)
+            self.groups.append((tensors[members[0]].dtype, members))
+            layouts.append(layout)
         group_of: Dict[torch.dtype, int] = {}
         for i, t in enumerate(tensors):
+            if i in claimed:
+                continue
             if t.dtype not in group_of:
                 group_of[t.dtype] = len(self.groups)
                 self.groups.append((t.dtype, []))
+                layouts.append(None)
             self.groups[group_of[t.dtype]][1].append(i)
         self.offsets = [0] * len(tensors)
         self.group_numel = []
-        for _, members in self.groups:
+        for (_, members), layout in zip(self.groups, layouts):
             offset = 0
-            for i in members:
-                self.offsets[i] = offset
+            for j, i in enumerate(members):
+                self.offsets[i] = offset if layout is None else layout[1][j]
                 offset += tensors[i].numel()
-            self.group_numel.append(offset)
+            self.group_numel.append(offset if layout is None else layout[0])
+        self.packed = [layout is None for layout in layouts]
         n = len(devices)
         # flats[k][g]: replica k's buffer of group g; flats[0][g] is the root's coalescing buffer.
-        self.flats = [[torch.empty(numel, dtype=dtype, device=devices[k])
-                       for (dtype, _), numel in zip(self.groups, self.group_numel)] for k in range(n)]
-        group_index = {i: g for g, (_, members) in enumerate(self.groups) for i in members}
+        # A laid-out group may have gaps: zeros, never read.
+        self.flats = [[(torch.empty if packed else torch.zeros)(numel, dtype=dtype, device=devices[k])
+                       for (dtype, _), numel, packed in zip(self.groups, self.group_numel, self.packed)]
+                      for k in range(n)]
+        group_index = self.group_index = {i: g for g, (_, members) in enumerate(self.groups) for i in members}
         # replica_tensors[k][i]: replica k's version of root tensor i (k = 0: the root's own).
         self.replica_tensors: List[List[torch.Tensor]] = [tensors]
         for k in range(1, n):
@@ -124,6 +182,14 @@ class ReplicaSet:
                 view = self.flats[k][group_index[i]].narrow(0, self.offsets[i], t.numel()).view(t.shape)
                 own.append(nn.Parameter(view, requires_grad=t.requires_grad) if self.is_param[i] else view)
             self.replica_tensors.append(own)
+        # The root's tensors of a laid-out group are copied into views at their offsets.
+        self.root_views = [None if packed else [self.flats[0][g].narrow(0, self.offsets[i], tensors[i].numel())
+                                                .view(tensors[i].shape) for i in members]
+                           for g, ((_, members), packed) in enumerate(zip(self.groups, self.packed))]
+        # Tensors of modules that may re-point them in forward (RNNs' flatten_parameters()).
+        self.repointable = sorted({index_of[id(t)] for m in self.modules if callable(getattr(m, "flatten_parameters", None))
+                                   for t in list(m._parameters.values()) + list(m._buffers.values()) if t is not None})
+        self.repoint_count = 0
         # replica_modules[k][j]: replica k's copy of self.modules[j]; with their own three dictionaries.
         module_index = {id(m): j for j, m in enumerate(self.modules)}
         self.replica_modules: List[List[nn.Module]] = [self.modules]
@@ -205,7 +271,10 @@ class ReplicaSet:
                 versions = self._current_versions(g, num_replicas)
                 if versions == self.versions[g]:
                     continue
-            _C.coalesce_into([self.tensors[i] for i in members], self.flats[0][g])
+            if self.packed[g]:
+                _C.coalesce_into([self.tensors[i] for i in members], self.flats[0][g])
+            else:
+                torch._foreach_copy_(self.root_views[g], [self.tensors[i] for i in members])
             lane_streams.wait(root_lane, current)
             _C.broadcast_([self.flats[k][g] for k in range(num_replicas)], 0,
                           self.lane_stream_ids[:num_replicas], self.tree_shape, 0, self.allow_p2p, *self.link)
@@ -220,8 +289,27 @@ class ReplicaSet:
                 self._build()
         self._refresh_attributes(num_replicas)
         if num_replicas > 1:
+            self._repoint(num_replicas)
             self._broadcast_values(num_replicas)
         return [mods[0] for mods in self.replica_modules[:num_replicas]]
+
+    def _repoint(self, num_replicas: int) -> None:
+        """Points replica tensors that a forward moved out of their flat buffer back into it.
+
+        An RNN's flatten_parameters(), which many models call at the start of forward to
+        silence cuDNN's warning under nn.DataParallel, copies the weights into a new buffer and
+        re-points the parameters there (Tensor.set_). The broadcast writes the flat buffer, so
+        such a replica would run on the previous step's weights from then on."""
+        group_index = self.group_index
+        for k in range(1, num_replicas):
+            own = self.replica_tensors[k]
+            for i in self.repointable:
+                flat = self.flats[k][group_index[i]]
+                expected = flat.data_ptr() + self.offsets[i] * flat.element_size()
+                if own[i].data_ptr() != expected:
+                    with torch.no_grad():
+                        own[i].set_(flat.narrow(0, self.offsets[i], own[i].numel()).view(own[i].shape))
+                    self.repoint_count += 1
 
     def replica_params(self, k: int) -> List[torch.Tensor]:
         """Replica k's parameters that need gradients, aligned with the root's (self.root_grad_params())."""

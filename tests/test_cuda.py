@@ -102,3 +102,43 @@ def test_fp16_autocast_and_grad_scaler():
     for b, p in zip(before, wrapped.parameters()):
         assert torch.equal(b, p.detach())
     torch.testing.assert_close(wrapped(x), wrapped.module(x))
+
+
+class _LSTMModel(nn.Module):
+    def __init__(self, flatten_in_forward):
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+        self.head = nn.Linear(16, 3)
+        self.flatten_in_forward = flatten_in_forward
+
+    def forward(self, x):
+        if self.flatten_in_forward:
+            self.rnn.flatten_parameters()
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("flatten_in_forward", [False, True])
+def test_cudnn_rnn_replicas_keep_flat_weights_and_train_correctly(flatten_in_forward):
+    """NOTE [RNN replicas]: no 'not part of single contiguous chunk of memory' warning from the
+    replicas, and replicas that call flatten_parameters() in forward still see every step."""
+    import warnings
+
+    torch.manual_seed(0)
+    reference = _LSTMModel(flatten_in_forward).cuda()
+    root = copy.deepcopy(reference)
+    root.rnn.flatten_parameters()  # the root's own layout is the user's business, as on one device
+    wrapped = dpfast.DataParallel(root, device_ids=[0] * 4)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (reference, wrapped)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            x = torch.randn(12, 5, 8, device="cuda")
+            for model, opt in zip((reference, wrapped), opts):
+                opt.zero_grad()
+                model(x).square().sum().backward()
+                opt.step()
+            torch.testing.assert_close(wrapped(x), reference(x), rtol=1e-4, atol=1e-5)
+    assert not [w for w in caught if "contiguous chunk of memory" in str(w.message)]
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)

@@ -523,3 +523,77 @@ def test_packed_sequences_padded_to_total_length():
     out_ref.pow(2).sum().backward()
     out.pow(2).sum().backward()
     assert_same_grads(reference, wrapped)
+
+
+class _FlattensInForward(nn.Module):
+    """What nn.RNNBase.flatten_parameters() does to a replica on CUDA, called at the start of
+    forward as many models do: the weights are copied into a new buffer and re-pointed there."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 6))
+        self.bias = nn.Parameter(torch.randn(3))
+
+    def flatten_parameters(self):
+        with torch.no_grad():
+            fresh = torch.cat([self.weight.reshape(-1), self.bias])
+            self.weight.set_(fresh[:18].view(3, 6))
+            self.bias.set_(fresh[18:])
+
+    def forward(self, x):
+        self.flatten_parameters()
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_weights_moved_by_flatten_parameters_in_forward_still_get_the_new_values():
+    reference, wrapped = pair(_FlattensInForward)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (reference, wrapped)]
+    for step in range(3):
+        x = torch.randn(8, 6, dtype=torch.float64)
+        for model, opt in zip((reference, wrapped), opts):
+            opt.zero_grad()
+            out = model(x)
+            out.pow(2).sum().backward()
+            opt.step()
+        torch.testing.assert_close(wrapped(x), reference(x), rtol=1e-12, atol=1e-12)  # replicas see the step
+        assert_same_params(reference, wrapped)
+    assert wrapped._runtime.replicas.repoint_count > 0
+
+
+def test_rnn_weights_get_a_group_in_the_layout_asked_for(monkeypatch):
+    """On CUDA the layout comes from cuDNN (NOTE [RNN replicas]); here a stand-in with gaps between
+    the weights, as cuDNN's alignment can leave, runs the same grouping, copy and broadcast."""
+    import dpfast.replicas as replicas_module
+
+    def layout_with_gaps(rnn):
+        offsets, offset = [], 0
+        for w in rnn._flat_weights:
+            offset += 3  # a gap before every weight
+            offsets.append(offset)
+            offset += w.numel()
+        return offset + 5, offsets
+
+    monkeypatch.setattr(replicas_module, "rnn_weight_layout", layout_with_gaps)
+    reference, wrapped = pair(lambda: nn.Sequential(nn.Linear(5, 5), nn.LSTM(5, 4, num_layers=2, batch_first=True)))
+    for step in range(2):
+        x = torch.randn(6, 7, 5, dtype=torch.float64)
+        for model in (reference, wrapped):
+            model.zero_grad()
+            out, _ = model(x)
+            out.pow(2).sum().backward()
+        torch.testing.assert_close(wrapped(x)[0], reference(x)[0], rtol=1e-12, atol=1e-12)
+        assert_same_grads(reference, wrapped)
+        with torch.no_grad():
+            for model in (reference, wrapped.module):
+                for p in model.parameters():
+                    p.sub_(0.1 * p.grad)
+    replicas = wrapped._runtime.replicas
+    lstm = wrapped.module[1]
+    rnn_group = [g for g, packed in enumerate(replicas.packed) if not packed]
+    assert len(rnn_group) == 1
+    g = rnn_group[0]
+    assert replicas.flats[1][g].numel() == sum(w.numel() for w in lstm._flat_weights) + 3 * 8 + 5
+    replica_lstm = replicas.replica_modules[1][replicas.modules.index(lstm)]
+    base = replicas.flats[1][g].data_ptr()
+    for w, offset in zip(replica_lstm._flat_weights, layout_with_gaps(lstm)[1]):
+        assert w.data_ptr() == base + offset * w.element_size()
