@@ -198,6 +198,11 @@ def scatter_kwargs(inputs: tuple, kwargs: Optional[dict], devices: List[torch.de
     return [tuple(i) for i in scattered_inputs], [dict(k) for k in scattered_kwargs]
 
 
+def _rebuildable_iterable(value: Any) -> bool:
+    return (hasattr(type(value), "__iter__") and not isinstance(value, (str, bytes, bytearray, torch.Tensor))
+            and not isinstance(value, (set, frozenset)))
+
+
 def gather(outputs: List[Any], destination: torch.device, dim: int, devices: List[torch.device],
            lane_stream_ids: List[int] = (), scalar_weights: Optional[List[int]] = None) -> Any:
     """The replicas' outputs concatenated along dim on ``destination`` (ready
@@ -206,7 +211,9 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
     one value per replica. Other values are kept when every replica returned
     an equal one, else gathered into a list. With ``scalar_weights`` (the
     chunk sizes), 0-dim outputs become their weighted mean instead: the
-    full-batch value of a mean computed per replica."""
+    full-batch value of a mean computed per replica. Other iterable objects
+    (a cache of per-layer tensors) are gathered item by item and rebuilt with
+    their type's constructor, as nn.DataParallel does, where it takes them."""
     lane_stream_ids = list(lane_stream_ids)
 
     def mismatch(path: str, expected: str, k: int, got: str):
@@ -254,6 +261,13 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
                 return first
         except Exception:  # values whose == is not a plain bool
             pass
+        if _rebuildable_iterable(first) and all(type(v) is type(first) for v in values[1:]):
+            # nn.DataParallel's rule for other iterables: gather item by item and rebuild with the
+            # type's constructor (Hugging Face's DynamicCache takes its per-layer tensors this way).
+            try:
+                return type(first)(gather_map(list(items), f"{path}[{i}]") for i, items in enumerate(zip(*values)))
+            except (TypeError, ValueError):
+                pass
         return list(values)
 
     return gather_map(outputs)

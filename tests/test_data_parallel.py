@@ -597,3 +597,44 @@ def test_rnn_weights_get_a_group_in_the_layout_asked_for(monkeypatch):
     base = replicas.flats[1][g].data_ptr()
     for w, offset in zip(replica_lstm._flat_weights, layout_with_gaps(lstm)[1]):
         assert w.data_ptr() == base + offset * w.element_size()
+
+
+class _LayerCache:
+    """An iterable output whose constructor takes its items, like Hugging Face's DynamicCache."""
+
+    def __init__(self, layers=()):
+        self.layers = [tuple(layer) for layer in layers]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+
+class _Opaque:
+    def __init__(self, value):  # not iterable, and different per replica: one per replica, in a list
+        self.value = value
+
+
+class _ReturnsCaches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h, _LayerCache([(h, h * 2), (h * 3, None)]), _Opaque(h.shape[0])
+
+
+def test_other_iterable_outputs_are_gathered_item_by_item_as_nn_dataparallel_does():
+    reference, wrapped = pair(_ReturnsCaches)
+    x = torch.randn(10, 4, dtype=torch.float64)
+    _, cache_ref, _ = reference(x)
+    _, cache, opaque = wrapped(x)
+    assert type(cache) is _LayerCache and len(cache.layers) == 2
+    for got, want in zip(cache, cache_ref):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            if w is None:
+                assert g is None
+            else:
+                torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert isinstance(opaque, list) and [o.value for o in opaque] == [3, 3, 3, 1]  # torch.chunk sizes

@@ -165,3 +165,23 @@ def test_hugging_face_models_with_the_loss_inside_forward(name):
     for (key, p), q in zip(reference.named_parameters(), mean.module.parameters()):
         if p.grad is not None:
             torch.testing.assert_close(q.grad, p.grad, rtol=rtol, atol=atol, msg=key)
+
+
+def test_hugging_face_cache_is_gathered_into_one_cache():
+    """GPT-2 in eval returns its key/value cache (a DynamicCache, which Hugging Face builds to be
+    gathered by nn.DataParallel): one cache of the whole batch, usable to go on generating."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    reference, wrapped = pair(lambda: transformers.GPT2LMHeadModel(config))
+    reference.eval()
+    wrapped.eval()
+    ids = torch.randint(0, 100, (7, 12))
+    with torch.no_grad():
+        expected = reference(input_ids=ids, use_cache=True)
+        outputs = wrapped(input_ids=ids, use_cache=True)
+        cache = outputs.past_key_values
+        assert type(cache) is type(expected.past_key_values)
+        step = torch.randint(0, 100, (7, 1))
+        logits = reference(input_ids=step, past_key_values=cache).logits
+        torch.testing.assert_close(logits, reference(input_ids=step, past_key_values=expected.past_key_values).logits)
