@@ -1,0 +1,73 @@
+"""dpfast's per-step overhead on CPU replicas, split into what the split itself
+costs and what dpfast adds.
+
+Three systems train the same model on the same batch, interleaved round by
+round so that a noisy machine affects them alike:
+- bare: the module on the full batch (the issue's baseline);
+- chunks in sequence: the bare module called on each replica's chunk one
+  after the other, in one step (the same arithmetic as N replicas, with no
+  threads, copies or reductions: what splitting the batch costs by itself);
+- dpfast: DataParallel(device_ids=["cpu"] * N).
+
+    PYTHONPATH=. python tools/cpu_overhead.py [--replicas 2 4] [--rounds 4] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.nn import functional as F
+
+import dpfast
+from bench import workloads
+
+CONFIGS = [("cnn", "tiny", 128), ("cnn", "small", 16), ("mlp", "small", 128), ("transformer", "tiny", 64)]
+
+
+def step_ms(model, chunks, steps: int, warmup: int = 3) -> float:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    batch = sum(len(y) for _, y in chunks)
+    times = []
+    for s in range(warmup + steps):
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        loss = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in chunks) / batch
+        loss.backward()
+        optimizer.step()
+        if s >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; medians of "
+          f"{args.rounds} interleaved rounds of {args.steps} steps, ms per training step")
+    print(f"{'workload':<22}{'N':>3}{'bare':>9}{'chunks':>9}{'dpfast':>9}{'dpfast/bare':>13}{'dpfast/chunks':>15}")
+    for name, size, batch in CONFIGS:
+        workload = getattr(workloads, name)(size)
+        x, y = workload.make_batch(batch, 0)
+        for n in args.replicas:
+            bare = workload.build(0)
+            wrapped = dpfast.DataParallel(workload.build(0), device_ids=["cpu"] * n)
+            chunked = list(zip(x.chunk(n), y.chunk(n)))
+            results = {"bare": [], "chunks": [], "dpfast": []}
+            for _ in range(args.rounds):
+                results["bare"].append(step_ms(bare, [(x, y)], args.steps))
+                results["chunks"].append(step_ms(bare, chunked, args.steps))
+                results["dpfast"].append(step_ms(wrapped, [(x, y)], args.steps))
+            ms = {k: statistics.median(v) for k, v in results.items()}
+            print(f"{name + ':' + size + ' b' + str(batch):<22}{n:>3}{ms['bare']:>9.2f}{ms['chunks']:>9.2f}"
+                  f"{ms['dpfast']:>9.2f}{ms['dpfast'] / ms['bare']:>13.2f}{ms['dpfast'] / ms['chunks']:>15.2f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
