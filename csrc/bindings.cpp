@@ -1,10 +1,12 @@
 // The one file that binds the engine to Python as dpfast._C. The GIL is
 // released for every op that moves data.
+#include <pybind11/functional.h>
 #include <torch/extension.h>
 
 #include <tuple>
 
 #include "comm.h"
+#include "grad_ready.h"
 #include "plan.h"
 
 namespace py = pybind11;
@@ -124,4 +126,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "shape"_a, "bytes"_a, "num_devices"_a, "num_chunks"_a, "bandwidth_GBps"_a = 25.0, "hop_latency_us"_a = 5.0);
   m.def("assign_buckets", &dpfast::plan::assign_buckets, "tensor_bytes"_a, "group"_a, "cap_bytes"_a,
         "first_cap_bytes"_a, "Indices of the tensors in each bucket (csrc/plan.h)");
+
+  // The callbacks are Python functions: pybind11 takes the GIL to call them and to drop them.
+  using dpfast::GradReadiness;
+  py::class_<GradReadiness, std::shared_ptr<GradReadiness>>(m, "GradReadiness",
+                                                            "Counts completed gradient buckets (csrc/grad_ready.h)")
+      .def(py::init<std::vector<int64_t>, std::vector<int64_t>, bool>(), "bucket_of"_a, "bucket_len"_a,
+           "count_root"_a)
+      .def("set_callbacks", &GradReadiness::set_callbacks, "on_first_mark"_a, "on_bucket_complete"_a)
+      .def("clear_callbacks", [](GradReadiness& self) { self.set_callbacks(nullptr, nullptr); })
+      .def("attach", &GradReadiness::attach, "param"_a, "index"_a, "replica"_a, "view"_a)
+      .def_static("detach", &GradReadiness::detach, "param"_a)
+      .def("mark", &GradReadiness::mark, "index"_a, "replica"_a, py::call_guard<py::gil_scoped_release>())
+      .def("note_replicas", &GradReadiness::note_replicas, "used"_a)
+      .def("reset_window", &GradReadiness::reset_window)
+      .def("start_over", &GradReadiness::start_over)
+      .def("got_grad", &GradReadiness::got_grad)
+      .def("any_grad", &GradReadiness::any_grad)
+      .def("replicas_used", &GradReadiness::replicas_used)
+      .def("first_mark_seen", &GradReadiness::first_mark_seen);
 }

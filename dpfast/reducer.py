@@ -4,7 +4,9 @@ Replica k's gradients live as views into flat buckets (one per group of
 parameters of a dtype, about ``bucket_cap_mb`` each, in reverse registration
 order so that the first buckets fill first in backward). Autograd
 accumulates into those views in place. A post-accumulate-grad hook on every
-replica parameter marks it. As soon as a bucket holds every replica's
+replica parameter marks it; the hooks and the counting are C++
+(csrc/grad_ready.h), which calls back here once per backward and once per
+completed bucket. As soon as a bucket holds every replica's
 gradient of every one of its parameters, its tree reduction into a receive
 buffer on the root's device is launched (on the comm streams, while backward
 goes on with earlier layers). The first mark of a backward also queues an
@@ -24,6 +26,7 @@ reductions, so a parameter unused on one replica adds nothing from it.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import List, Optional
 
 import torch
@@ -59,7 +62,8 @@ class GradReducer:
         self.early_reduction_count = 0  # of which launched during backward
         self._lock = threading.Lock()
         self._callback_queued = False
-        self._hooks = []
+        self._hooks = []  # Python hooks (root parameters, across processes)
+        self._hooked: List[torch.Tensor] = []  # replica parameters carrying a C++ hook
         # Buckets in reverse registration order: the last layers' gradients come first in backward.
         order = list(reversed(range(len(root_params))))
         dtype_ids = {}
@@ -82,11 +86,14 @@ class GradReducer:
         # _views[k][i]: parameter i's slice of its bucket on replica k, made once (hooks run per step).
         self._views = [[self.flats[self.bucket_of[i]][k].narrow(0, self.offset_of[i], p.numel()).view(p.shape)
                         for i, p in enumerate(root_params)] for k in range(self.num_replicas)]
-        self._start_over()  # _got_grad[i]: parameter i got a gradient on any replica since the last reduction
+        self._ready = _C.GradReadiness(self.bucket_of, self._bucket_len, self.cross is not None)
+        self._ready.set_callbacks(*_weak_callbacks(self))
+        self._start_over()
         for k in range(1, self.num_replicas):
             for i, p in enumerate(replica_params[k - 1]):
                 p.grad = self._view(i, k)
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(i, k)))
+                self._ready.attach(p, i, k, self._view(i, k))
+                self._hooked.append(p)
         if self.cross is not None:  # NOTE [Cross-process gradients]: replica 0's share goes to the bucket
             for i, p in enumerate(root_params):
                 self._hooks.append(p.register_hook(self._make_root_hook(i)))
@@ -94,7 +101,7 @@ class GradReducer:
     def _reset_window(self) -> None:
         """Per-backward state: marks per bucket, which buckets were launched (locally, and
         across processes in bucket order), and the cross-process work in flight."""
-        self._marks = [0] * len(self.buckets)
+        self._ready.reset_window()
         self._launched = [False] * len(self.buckets)
         self._next_cross = 0
         self._cross_work = [None] * len(self.buckets)
@@ -102,42 +109,27 @@ class GradReducer:
     def _view(self, i: int, k: int) -> torch.Tensor:
         return self._views[k][i]
 
-    def _make_hook(self, i: int, k: int):
-        view = self._views[k][i]
-
-        def hook(param: torch.Tensor) -> None:
-            # With grad mode on in backward (create_graph=True) autograd accumulates out of place
-            # and replaces the view; otherwise it adds into the view in place (the hot path).
-            if torch.is_grad_enabled() and param.grad is not None and param.grad.data_ptr() != view.data_ptr():
-                with torch.no_grad():
-                    view.copy_(param.grad)
-                param.grad = view
-            self._mark(i, k)
-        return hook
-
     def _make_root_hook(self, i: int):
         def hook(grad: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 self._view(i, 0).add_(grad)
-            self._mark(i, 0)
+            self._ready.mark(i, 0)
             # Autograd adds this into the root's .grad: nothing, the bucket carries it.
             return torch.zeros((), dtype=grad.dtype, device=grad.device).expand_as(grad)
         return hook
 
-    def _mark(self, i: int, k: int) -> None:
+    def _on_first_mark(self) -> None:
+        """The first gradient of a backward: its end will finish the reduction."""
         with self._lock:
-            self._got_grad[i] = True
-            self._replicas_used = max(self._replicas_used, k + 1)
             if not self._callback_queued:
                 self._callback_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-            b = self.bucket_of[i]
-            self._marks[b] += 1
-            # Every replica's gradient of every parameter of the bucket is in (replica 0's too across
-            # processes): reduce it now, while backward goes on with the earlier layers.
-            replicas_marking = self._replicas_used if self.cross is not None else self._replicas_used - 1
-            if (self._marks[b] == self._bucket_len[b] * replicas_marking and self.sync_enabled
-                    and not self._launched[b]):
+
+    def _on_bucket_complete(self, b: int) -> None:
+        """Every replica's gradient of every parameter of bucket b is in (replica 0's too across
+        processes): reduce it now, while backward goes on with the earlier layers."""
+        with self._lock:
+            if self.sync_enabled and not self._launched[b]:
                 self._launch(b)
                 self.early_reduction_count += 1
 
@@ -148,7 +140,7 @@ class GradReducer:
                 # run final callbacks then). Drop what it left, as if it had not run, so the next
                 # backward reduces only its own gradients.
                 self._discard()
-            self._replicas_used = max(self._replicas_used, num_replicas)
+            self._ready.note_replicas(num_replicas)
 
     def _discard(self) -> None:
         current = lane_streams.current_stream(self.devices[0])
@@ -171,14 +163,13 @@ class GradReducer:
 
     def _start_over(self) -> None:
         """No gradient pending: the state after a reduction (or after discarding one)."""
-        self._got_grad = [False] * len(self.root_params)
-        self._replicas_used = 1
+        self._ready.start_over()
         self._reset_window()
 
     def _launch(self, b: int) -> None:
         """Starts bucket b's tree reduction on the comm streams, after the replicas' backward work
         that produced its gradients (NOTE [Stream ordering])."""
-        used = self._replicas_used
+        used = self._ready.replicas_used()
         if self.streams:
             for k in range(used):
                 lane_streams.wait(self.comm_streams[k], self.streams[k])
@@ -220,14 +211,14 @@ class GradReducer:
     def _finish(self) -> None:
         """Launches the buckets not yet launched, adds every reduced bucket into the root's .grad
         and zeroes the buckets for the next backward."""
-        used = self._replicas_used
+        used = self._ready.replicas_used()
         current = lane_streams.current_stream(self.devices[0])
-        got_grad = self._got_grad
+        got_grad = self._ready.got_grad()
         if self.cross is not None:  # every bucket, in order, on every rank
             for b in range(len(self.buckets)):
                 if not self._launched[b]:
                     self._launch(b)
-            got_grad = self.cross.any_rank(self._got_grad)
+            got_grad = self.cross.any_rank(got_grad)
         with torch.no_grad():
             for b, members in enumerate(self.buckets):
                 touched = [i for i in members if got_grad[i]]
@@ -251,13 +242,36 @@ class GradReducer:
         self._start_over()
 
     def has_pending(self) -> bool:
-        return any(self._got_grad)
+        return self._ready.any_grad()
 
     def remove(self) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        for param in self._hooked:
+            _C.GradReadiness.detach(param)
+        self._hooked = []
+        self._ready.clear_callbacks()
         # The buckets are freed with this reducer: nothing may still be zeroing or reading them.
         current = lane_streams.current_stream(self.devices[0])
         for stream in (self.comm_streams or []) + (self.streams or []):
             lane_streams.wait(current, stream)
+
+
+def _weak_callbacks(reducer: GradReducer):
+    """The reducer's callbacks for its C++ counter, through a weak reference: the counter lives
+    as long as the replicas' parameters (their hooks hold it), and must not keep the reducer alive
+    in a cycle that Python's collector cannot see through C++."""
+    ref = weakref.ref(reducer)
+
+    def on_first_mark() -> None:
+        r = ref()
+        if r is not None:
+            r._on_first_mark()
+
+    def on_bucket_complete(b: int) -> None:
+        r = ref()
+        if r is not None:
+            r._on_bucket_complete(b)
+
+    return on_first_mark, on_bucket_complete

@@ -598,9 +598,12 @@ def test_a_dropped_wrapper_stops_its_workers_and_frees_its_replicas():
     mine = worker_threads() - before
     assert len(mine) == 3
     alive = weakref.ref(wrapper)
+    reducer = weakref.ref(wrapper._runtime.reducer)  # its C++ hooks call back into it: no cycle may keep it
+    replica_param = weakref.ref(wrapper._runtime.replicas.replica_tensors[1][0])
     del wrapper
     gc.collect()
     assert alive() is None, "the wrapper is still referenced after the user dropped it"
+    assert reducer() is None and replica_param() is None, "the reducer or the replicas outlive the wrapper"
     deadline = time.monotonic() + 5
     while any(t.is_alive() for t in mine) and time.monotonic() < deadline:
         time.sleep(0.05)

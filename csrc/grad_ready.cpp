@@ -1,0 +1,137 @@
+#include "grad_ready.h"
+
+#include <ATen/core/grad_mode.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <algorithm>
+
+namespace dpfast {
+
+namespace {
+
+struct ReadyHook : torch::autograd::PostAccumulateGradHook {
+  ReadyHook(std::shared_ptr<GradReadiness> state, int64_t index, int64_t replica, at::Tensor view)
+      : state(std::move(state)), index(index), replica(replica), view(std::move(view)) {}
+
+  void operator()(const torch::autograd::Variable& param) override {
+    // With grad mode on in backward (create_graph=True) autograd accumulates out of place and
+    // replaces the view; otherwise it adds into the view in place (the hot path).
+    if (at::GradMode::is_enabled()) {
+      at::Tensor& grad = param.mutable_grad();
+      if (grad.defined() && grad.data_ptr() != view.data_ptr()) {
+        at::NoGradGuard no_grad;
+        view.copy_(grad);
+        grad = view;
+      }
+    }
+    state->mark(index, replica);
+  }
+
+  std::shared_ptr<GradReadiness> state;
+  int64_t index;
+  int64_t replica;
+  at::Tensor view;
+};
+
+}  // namespace
+
+GradReadiness::GradReadiness(std::vector<int64_t> bucket_of, std::vector<int64_t> bucket_len, bool count_root)
+    : bucket_of_(std::move(bucket_of)), bucket_len_(std::move(bucket_len)), count_root_(count_root) {
+  for (size_t i = 0; i < bucket_of_.size(); ++i) {
+    TORCH_CHECK(bucket_of_[i] >= 0 && bucket_of_[i] < static_cast<int64_t>(bucket_len_.size()),
+                "dpfast.GradReadiness: bucket_of[", i, "]: expected a bucket index in [0, ", bucket_len_.size(),
+                "), but got ", bucket_of_[i]);
+  }
+  got_grad_.assign(bucket_of_.size(), false);
+  marks_.assign(bucket_len_.size(), 0);
+  reported_.assign(bucket_len_.size(), false);
+}
+
+void GradReadiness::set_callbacks(std::function<void()> on_first_mark,
+                                  std::function<void(int64_t)> on_bucket_complete) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  on_first_mark_ = std::move(on_first_mark);
+  on_bucket_complete_ = std::move(on_bucket_complete);
+}
+
+void GradReadiness::attach(const at::Tensor& param, int64_t i, int64_t k, const at::Tensor& view) {
+  TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(bucket_of_.size()), "dpfast.GradReadiness.attach: index: expected "
+              "a parameter index in [0, ", bucket_of_.size(), "), but got ", i);
+  TORCH_CHECK(param.requires_grad() && param.is_leaf(), "dpfast.GradReadiness.attach: param: expected a leaf "
+              "tensor that requires grad");
+  torch::autograd::impl::set_post_acc_grad_hooks(param,
+                                                 std::make_unique<ReadyHook>(shared_from_this(), i, k, view));
+}
+
+void GradReadiness::detach(const at::Tensor& param) {
+  torch::autograd::impl::set_post_acc_grad_hooks(param, nullptr);
+}
+
+void GradReadiness::mark(int64_t i, int64_t k) {
+  bool first = false;
+  int64_t complete = -1;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    got_grad_[i] = true;
+    replicas_used_ = std::max(replicas_used_, k + 1);
+    if (!first_mark_seen_) {
+      first_mark_seen_ = true;
+      first = true;
+    }
+    const int64_t b = bucket_of_[i];
+    marks_[b] += 1;
+    const int64_t replicas_marking = count_root_ ? replicas_used_ : replicas_used_ - 1;
+    if (!reported_[b] && marks_[b] == bucket_len_[b] * replicas_marking) {
+      reported_[b] = true;
+      complete = b;
+    }
+  }
+  // Outside the lock: the callbacks take Python's GIL, and Python code may call back in here.
+  if (first && on_first_mark_) on_first_mark_();
+  if (complete >= 0 && on_bucket_complete_) on_bucket_complete_(complete);
+}
+
+void GradReadiness::note_replicas(int64_t used) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  replicas_used_ = std::max(replicas_used_, used);
+}
+
+void GradReadiness::reset_window() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::fill(marks_.begin(), marks_.end(), 0);
+  std::fill(reported_.begin(), reported_.end(), false);
+  first_mark_seen_ = false;
+}
+
+void GradReadiness::start_over() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::fill(got_grad_.begin(), got_grad_.end(), false);
+  std::fill(marks_.begin(), marks_.end(), 0);
+  std::fill(reported_.begin(), reported_.end(), false);
+  first_mark_seen_ = false;
+  replicas_used_ = 1;
+}
+
+std::vector<bool> GradReadiness::got_grad() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return got_grad_;
+}
+
+bool GradReadiness::any_grad() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return std::any_of(got_grad_.begin(), got_grad_.end(), [](bool got) { return got; });
+}
+
+int64_t GradReadiness::replicas_used() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return replicas_used_;
+}
+
+bool GradReadiness::first_mark_seen() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return first_mark_seen_;
+}
+
+}  // namespace dpfast
