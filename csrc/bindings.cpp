@@ -137,6 +137,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("clear_callbacks", [](GradReadiness& self) { self.set_callbacks(nullptr, nullptr); })
       .def("attach", &GradReadiness::attach, "param"_a, "index"_a, "replica"_a, "view"_a)
       .def_static("detach", &GradReadiness::detach, "param"_a)
+      .def("set_bucket_len", &GradReadiness::set_bucket_len, "bucket_len"_a)
       .def("mark", &GradReadiness::mark, "index"_a, "replica"_a, py::call_guard<py::gil_scoped_release>())
       .def("note_replicas", &GradReadiness::note_replicas, "used"_a)
       .def("reset_window", &GradReadiness::reset_window)

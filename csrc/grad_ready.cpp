@@ -2,6 +2,7 @@
 
 #include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 
@@ -59,14 +60,22 @@ void GradReadiness::set_callbacks(std::function<void()> on_first_mark,
 void GradReadiness::attach(const at::Tensor& param, int64_t i, int64_t k, const at::Tensor& view) {
   TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(bucket_of_.size()), "dpfast.GradReadiness.attach: index: expected "
               "a parameter index in [0, ", bucket_of_.size(), "), but got ", i);
-  TORCH_CHECK(param.requires_grad() && param.is_leaf(), "dpfast.GradReadiness.attach: param: expected a leaf "
-              "tensor that requires grad");
+  // A frozen parameter may be hooked too: the hook runs once it requires grad again.
+  TORCH_CHECK(param.is_leaf(), "dpfast.GradReadiness.attach: param: expected a leaf tensor, but got one made by ",
+              param.grad_fn() ? param.grad_fn()->name() : std::string("an operation"));
   torch::autograd::impl::set_post_acc_grad_hooks(param,
                                                  std::make_unique<ReadyHook>(shared_from_this(), i, k, view));
 }
 
 void GradReadiness::detach(const at::Tensor& param) {
   torch::autograd::impl::set_post_acc_grad_hooks(param, nullptr);
+}
+
+void GradReadiness::set_bucket_len(std::vector<int64_t> bucket_len) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  TORCH_CHECK(bucket_len.size() == bucket_len_.size(), "dpfast.GradReadiness.set_bucket_len: bucket_len: expected ",
+              bucket_len_.size(), " buckets, but got ", bucket_len.size());
+  bucket_len_ = std::move(bucket_len);
 }
 
 void GradReadiness::mark(int64_t i, int64_t k) {
@@ -83,7 +92,7 @@ void GradReadiness::mark(int64_t i, int64_t k) {
     const int64_t b = bucket_of_[i];
     marks_[b] += 1;
     const int64_t replicas_marking = count_root_ ? replicas_used_ : replicas_used_ - 1;
-    if (!reported_[b] && marks_[b] == bucket_len_[b] * replicas_marking) {
+    if (!reported_[b] && bucket_len_[b] > 0 && marks_[b] == bucket_len_[b] * replicas_marking) {
       reported_[b] = true;
       complete = b;
     }

@@ -35,6 +35,10 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   void attach(const at::Tensor& param, int64_t i, int64_t k, const at::Tensor& view);
   static void detach(const at::Tensor& param);
 
+  // How many parameters of each bucket take part now (those that require grad: a frozen one never
+  // marks, and must not hold its bucket back until the end of backward).
+  void set_bucket_len(std::vector<int64_t> bucket_len);
+
   void mark(int64_t i, int64_t k);
   void note_replicas(int64_t used);  // a forward ran on `used` replicas
 

@@ -59,6 +59,8 @@ class _Runtime:
                                        tree_shape=wrapper.tree_shape, allow_p2p=_devices.p2p_allowed())
         self.reducer: Optional[GradReducer] = None
         self.reducer_build = -1
+        self.reducer_indices: List[int] = []  # the parameters it covers (indices into replicas.tensors)
+        self.reducer_flags: Optional[tuple] = None  # replicas.grad_flags it was last set up for
         self.bn_averager = BatchNormAverager()
         self.cross = distributed.maybe_cross_process(wrapper.process_group, wrapper.devices[0])
         if self.cross is not None:  # every process starts from rank 0's parameters and buffers
@@ -318,20 +320,32 @@ class DataParallel(nn.DataParallel):
         return runtime
 
     def _ensure_reducer(self, runtime: _Runtime) -> GradReducer:
+        """The gradient reducer for the parameters that require grad now. It covers every parameter
+        that required grad since the replicas were built, so freezing and unfreezing (a GAN's
+        discriminator, every step) only changes which of them it waits for."""
         replicas = runtime.replicas
-        if runtime.reducer is None or runtime.reducer_build != replicas.build_count:
+        if runtime.reducer_flags is replicas.grad_flags and runtime.reducer_build == replicas.build_count:
+            return runtime.reducer  # nothing changed since the last forward (the hot path)
+        wanted = replicas.grad_indices()
+        same_build = runtime.reducer is not None and runtime.reducer_build == replicas.build_count
+        if not same_build or not set(wanted) <= set(runtime.reducer_indices):
+            indices = sorted(set(wanted) | set(runtime.reducer_indices)) if same_build else wanted
             pending = runtime.reducer is not None and runtime.reducer.has_pending()
             if pending:
                 runtime.reducer.reduce()  # gradients accumulated under no_sync() before a rebuild
             if runtime.reducer is not None:
                 runtime.reducer.remove()
             runtime.reducer = _make_reducer(
-                replicas.root_grad_params(),
-                [replicas.replica_params(k) for k in range(1, len(self.devices))],
+                replicas.replica_params(0, indices),
+                [replicas.replica_params(k, indices) for k in range(1, len(self.devices))],
                 self.devices, runtime.streams, runtime.comm_streams, bucket_cap_mb=self.bucket_cap_mb,
                 tree_shape=self.tree_shape, allow_p2p=_devices.p2p_allowed(), phase=_weak_phase(self),
                 cross_process=runtime.cross)
             runtime.reducer_build = replicas.build_count
+            runtime.reducer_indices = indices
+        wanted_set = set(wanted)
+        runtime.reducer.set_active([i in wanted_set for i in runtime.reducer_indices])
+        runtime.reducer_flags = replicas.grad_flags
         return runtime.reducer
 
     def __getstate__(self):

@@ -98,6 +98,14 @@ class GradReducer:
             for i, p in enumerate(root_params):
                 self._hooks.append(p.register_hook(self._make_root_hook(i)))
 
+    def set_active(self, active: List[bool]) -> None:
+        """Which parameters require grad now: a bucket is complete when those of its parameters
+        are in (a frozen parameter never marks)."""
+        counts = [sum(1 for i in members if active[i]) for members in self.buckets]
+        if counts != self._bucket_len:
+            self._bucket_len = counts
+            self._ready.set_bucket_len(counts)
+
     def _reset_window(self) -> None:
         """Per-backward state: marks per bucket, which buckets were launched (locally, and
         across processes in bucket order), and the cross-process work in flight."""

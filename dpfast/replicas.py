@@ -22,9 +22,13 @@ What a user can change on the root between calls, and how a replica sees it:
   pointing at the replica's own. Hook dictionaries are shared objects, so a
   hook registered on the root is a hook of every replica.
 - Structure (a submodule, parameter or buffer replaced, added or removed; a
-  dtype, shape, device or requires_grad change): detected by comparing the
-  identity of every entry of those three dictionaries and the metadata of
-  every tensor with a snapshot; any difference rebuilds the replicas.
+  dtype, shape or device change; requires_grad of a buffer): detected by
+  comparing the identity of every entry of those three dictionaries and the
+  metadata of every tensor with a snapshot; any difference rebuilds the
+  replicas.
+- A parameter's requires_grad (flipped every step by GANs that freeze the
+  discriminator for the generator's step): copied onto the replicas' parameters
+  in place; the gradient reducer follows it (dpfast/reducer.py).
 Attributes written inside a replica's forward are lost at the next call, as
 with nn.DataParallel; replica 0 is the root, so its writes stay (as on one
 device).
@@ -81,8 +85,9 @@ def rnn_weight_layout(rnn: nn.RNNBase) -> Optional[Tuple[int, List[int]]]:
     return numel, offsets
 
 
-def _tensor_meta(t: torch.Tensor) -> tuple:
-    return (t.dtype, t.shape, t.device, t.requires_grad)
+def _tensor_meta(t: torch.Tensor, is_param: bool) -> tuple:
+    # A parameter's requires_grad is not structure: GANs flip it every step (sync() follows it).
+    return (t.dtype, t.shape, t.device) if is_param else (t.dtype, t.shape, t.device, t.requires_grad)
 
 
 def _module_entries(module: nn.Module) -> tuple:
@@ -127,7 +132,9 @@ class ReplicaSet:
                                "module itself first, to initialize them, then call the wrapper")
         self.tensors = tensors
         self.is_param = [isinstance(t, nn.Parameter) for t in tensors]
-        self.meta = [_tensor_meta(t) for t in tensors]
+        self.meta = [_tensor_meta(t, p) for t, p in zip(tensors, self.is_param)]
+        self.param_indices = [i for i, p in enumerate(self.is_param) if p]
+        self.grad_flags = tuple(tensors[i].requires_grad for i in self.param_indices)
         for i, t in enumerate(tensors):
             if t.device != devices[0]:
                 raise RuntimeError(f"dpfast.DataParallel: module must have its parameters and buffers on device "
@@ -238,7 +245,7 @@ class ReplicaSet:
         for m, entries in zip(self.modules, self.entries):
             if _module_entries(m) != entries:
                 return True
-        return any(_tensor_meta(t) != meta for t, meta in zip(self.tensors, self.meta))
+        return any(_tensor_meta(t, p) != meta for t, p, meta in zip(self.tensors, self.is_param, self.meta))
 
     def _refresh_attributes(self, num_replicas: int) -> None:
         for k in range(1, num_replicas):
@@ -288,6 +295,7 @@ class ReplicaSet:
             with torch.inference_mode(False):
                 self._build()
         self._refresh_attributes(num_replicas)
+        self._follow_requires_grad()
         if num_replicas > 1:
             self._repoint(num_replicas)
             self._broadcast_values(num_replicas)
@@ -311,9 +319,22 @@ class ReplicaSet:
                         own[i].set_(flat.narrow(0, self.offsets[i], own[i].numel()).view(own[i].shape))
                     self.repoint_count += 1
 
-    def replica_params(self, k: int) -> List[torch.Tensor]:
-        """Replica k's parameters that need gradients, aligned with the root's (self.root_grad_params())."""
-        return [self.replica_tensors[k][i] for i, t in enumerate(self.tensors) if self.is_param[i] and t.requires_grad]
+    def _follow_requires_grad(self) -> None:
+        """Replica parameters require grad exactly where the root's do (a GAN freezes its
+        discriminator for the generator's step, every step): flipped in place, no rebuild."""
+        flags = tuple(self.tensors[i].requires_grad for i in self.param_indices)
+        if flags == self.grad_flags:
+            return
+        for own in self.replica_tensors[1:]:
+            for i, flag in zip(self.param_indices, flags):
+                if own[i].requires_grad != flag:
+                    own[i].requires_grad_(flag)
+        self.grad_flags = flags
 
-    def root_grad_params(self) -> List[torch.Tensor]:
-        return [t for i, t in enumerate(self.tensors) if self.is_param[i] and t.requires_grad]
+    def grad_indices(self) -> List[int]:
+        """Indices (into self.tensors) of the parameters that require grad now."""
+        return [i for i, flag in zip(self.param_indices, self.grad_flags) if flag]
+
+    def replica_params(self, k: int, indices: List[int]) -> List[torch.Tensor]:
+        """Replica k's copies of the tensors at ``indices`` (k = 0: the root's own)."""
+        return [self.replica_tensors[k][i] for i in indices]

@@ -109,5 +109,5 @@ def test_bad_arguments_are_named():
     ready = _C.GradReadiness([0], [1], False)
     with pytest.raises(RuntimeError, match=r"attach: index: expected a parameter index in \[0, 1\), but got 5"):
         ready.attach(torch.ones(1, requires_grad=True), 5, 1, torch.zeros(1))
-    with pytest.raises(RuntimeError, match=r"attach: param: expected a leaf tensor that requires grad"):
-        ready.attach(torch.ones(1), 0, 1, torch.zeros(1))
+    with pytest.raises(RuntimeError, match=r"attach: param: expected a leaf tensor, but got one made by MulBackward0"):
+        ready.attach(torch.ones(1, requires_grad=True) * 2, 0, 1, torch.zeros(1))

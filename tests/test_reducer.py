@@ -88,3 +88,60 @@ def test_link_model_follows_the_lane_topology():
     many = dpfast._C.plan_for(25 * 2**20, 4, "auto", 0, *dpfast.devices.link_model(
         [torch.device("cuda", 0), torch.device("cuda", 1)]))[1]
     assert few >= 10 * many
+
+
+def _set_requires_grad(module, flag):
+    for p in module.parameters():
+        p.requires_grad = flag
+
+
+def test_gan_style_freezing_every_step_needs_no_rebuild_and_matches():
+    """CycleGAN and most GAN loops freeze the discriminator for the generator's step and unfreeze
+    it for its own, every step: the replicas follow requires_grad in place."""
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 6)).double()
+    disc = nn.Sequential(nn.Linear(6, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1)).double()
+    wrapped_gen = dpfast.DataParallel(copy.deepcopy(gen), device_ids=CPU4)
+    wrapped_disc = dpfast.DataParallel(copy.deepcopy(disc), device_ids=CPU4, bucket_cap_mb=0.0002)
+    systems = []
+    for g, d in ((gen, disc), (wrapped_gen, wrapped_disc)):
+        systems.append((g, d, torch.optim.SGD(g.parameters(), lr=0.05), torch.optim.SGD(d.parameters(), lr=0.05)))
+    for step in range(4):
+        z, real = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 6, dtype=torch.float64)
+        for g, d, opt_g, opt_d in systems:
+            fake = g(z)
+            _set_requires_grad(d, False)
+            opt_g.zero_grad()
+            (-d(fake).mean()).backward()
+            opt_g.step()
+            _set_requires_grad(d, True)
+            opt_d.zero_grad()
+            (d(fake.detach()).mean() - d(real).mean()).backward()
+            opt_d.step()
+        for reference, wrapped in ((gen, wrapped_gen), (disc, wrapped_disc)):
+            for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+                torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+    assert wrapped_disc.stats()["replica_builds"] == 1
+    assert wrapped_disc._runtime.reducer_build == 1  # one reducer for all steps, after the first unfreezing
+
+
+def test_a_frozen_parameter_does_not_hold_its_bucket_back():
+    wrapped = dpfast.DataParallel(deep(), device_ids=CPU4)  # one bucket for all parameters
+    x = torch.randn(8, 8, dtype=torch.float64)
+    wrapped(x).sum().backward()
+    assert wrapped.stats()["early_reductions"] == 1
+    first = wrapped.module[0]
+    first.weight.requires_grad_(False)  # fine-tuning: the first layer frozen from now on
+    wrapped.zero_grad()
+    wrapped(x).sum().backward()
+    stats = wrapped.stats()
+    assert stats["reductions"] == 2 and stats["early_reductions"] == 2  # launched by the hooks, not at the end
+    assert stats["replica_builds"] == 1
+    assert first.weight.grad is None  # as on one device: a frozen parameter gets nothing
+    reference = deep()
+    reference[0].weight.requires_grad_(False)
+    reference(x).sum().backward()
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
