@@ -104,9 +104,11 @@ if ! "$PYTHON" -c "import sys; from dpfast import _C; sys.exit(0 if _C.cuda_buil
   finish
 fi
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
-  # The tests that exercise CUDA (they need only torch and pytest, which this machine has); the
-  # CPU suite, with hypothesis, torchvision and transformers, is CI's job.
-  step tests 150 "$PYTHON" -m pytest tests/test_cuda.py tests/test_engine.py -q -p no:cacheprovider
+  # The tests that exercise CUDA (they need only torch and pytest, which this machine has), and the
+  # C++ gradient hooks against this machine's torch; the CPU suite, with hypothesis, torchvision
+  # and transformers, is CI's job.
+  step tests 150 "$PYTHON" -m pytest tests/test_cuda.py tests/test_engine.py tests/test_grad_ready.py \
+    tests/test_reducer.py -q -p no:cacheprovider
 else
   SUMMARY+=("tests    FAILED: pytest is not installed for $PYTHON")
 fi
