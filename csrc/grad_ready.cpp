@@ -52,9 +52,12 @@ GradReadiness::GradReadiness(std::vector<int64_t> bucket_of, std::vector<int64_t
 
 void GradReadiness::set_callbacks(std::function<void()> on_first_mark,
                                   std::function<void(int64_t)> on_bucket_complete) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  on_first_mark_ = std::move(on_first_mark);
-  on_bucket_complete_ = std::move(on_bucket_complete);
+  std::shared_ptr<const Callbacks> fresh(new Callbacks{std::move(on_first_mark), std::move(on_bucket_complete)});
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    callbacks_.swap(fresh);
+  }
+  // `fresh` now holds the previous callbacks: dropped here, outside the mutex.
 }
 
 void GradReadiness::attach(const at::Tensor& param, int64_t i, int64_t k, const at::Tensor& view) {
@@ -81,8 +84,10 @@ void GradReadiness::set_bucket_len(std::vector<int64_t> bucket_len) {
 void GradReadiness::mark(int64_t i, int64_t k) {
   bool first = false;
   int64_t complete = -1;
+  std::shared_ptr<const Callbacks> callbacks;
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    callbacks = callbacks_;
     got_grad_[i] = true;
     replicas_used_ = std::max(replicas_used_, k + 1);
     if (!first_mark_seen_) {
@@ -98,8 +103,9 @@ void GradReadiness::mark(int64_t i, int64_t k) {
     }
   }
   // Outside the lock: the callbacks take Python's GIL, and Python code may call back in here.
-  if (first && on_first_mark_) on_first_mark_();
-  if (complete >= 0 && on_bucket_complete_) on_bucket_complete_(complete);
+  if (!callbacks) return;
+  if (first && callbacks->on_first_mark) callbacks->on_first_mark();
+  if (complete >= 0 && callbacks->on_bucket_complete) callbacks->on_bucket_complete(complete);
 }
 
 void GradReadiness::note_replicas(int64_t used) {

@@ -55,8 +55,13 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   std::vector<int64_t> bucket_of_;
   std::vector<int64_t> bucket_len_;
   bool count_root_;
-  std::function<void()> on_first_mark_;
-  std::function<void(int64_t)> on_bucket_complete_;
+  struct Callbacks {
+    std::function<void()> on_first_mark;
+    std::function<void(int64_t)> on_bucket_complete;
+  };
+  // Swapped as a whole under the mutex and copied out as a pointer: copying or dropping the
+  // functions themselves takes Python's GIL, which must never be waited for under the mutex.
+  std::shared_ptr<const Callbacks> callbacks_;
 
   mutable std::mutex mutex_;
   std::vector<bool> got_grad_;

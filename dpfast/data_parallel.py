@@ -279,12 +279,17 @@ class DataParallel(nn.DataParallel):
         if not self.devices or len(self.devices) == 1:
             yield
             return
-        reducer = self._ensure_reducer(self._ensure_runtime())
+        runtime = self._ensure_runtime()
+        reducer = self._ensure_reducer(runtime)
         previous, reducer.sync_enabled = reducer.sync_enabled, False
         try:
             yield
         finally:
-            reducer.sync_enabled = previous
+            # The reducer in use now: a forward inside the block may have replaced it (it carries
+            # the flag over).
+            current = self.__dict__.get("_runtime")
+            if current is not None and current.reducer is not None:
+                current.reducer.sync_enabled = previous
 
     def stats(self) -> dict:
         """Counters for tests and benchmarks: replica builds, parameter
@@ -333,6 +338,7 @@ class DataParallel(nn.DataParallel):
             pending = runtime.reducer is not None and runtime.reducer.has_pending()
             if pending:
                 runtime.reducer.reduce()  # gradients accumulated under no_sync() before a rebuild
+            sync_enabled = runtime.reducer.sync_enabled if runtime.reducer is not None else True  # no_sync()
             if runtime.reducer is not None:
                 runtime.reducer.remove()
             runtime.reducer = _make_reducer(
@@ -341,6 +347,7 @@ class DataParallel(nn.DataParallel):
                 self.devices, runtime.streams, runtime.comm_streams, bucket_cap_mb=self.bucket_cap_mb,
                 tree_shape=self.tree_shape, allow_p2p=_devices.p2p_allowed(), phase=_weak_phase(self),
                 cross_process=runtime.cross)
+            runtime.reducer.sync_enabled = sync_enabled
             runtime.reducer_build = replicas.build_count
             runtime.reducer_indices = indices
         wanted_set = set(wanted)

@@ -62,7 +62,7 @@ class GradReducer:
         self.early_reduction_count = 0  # of which launched during backward
         self._lock = threading.Lock()
         self._callback_queued = False
-        self._hooks = []  # Python hooks (root parameters, across processes)
+        self._root_hooks = {}  # parameter index -> Python hook on the root's parameter (across processes)
         self._hooked: List[torch.Tensor] = []  # replica parameters carrying a C++ hook
         # Buckets in reverse registration order: the last layers' gradients come first in backward.
         order = list(reversed(range(len(root_params))))
@@ -94,13 +94,21 @@ class GradReducer:
                 p.grad = self._view(i, k)
                 self._ready.attach(p, i, k, self._view(i, k))
                 self._hooked.append(p)
-        if self.cross is not None:  # NOTE [Cross-process gradients]: replica 0's share goes to the bucket
-            for i, p in enumerate(root_params):
-                self._hooks.append(p.register_hook(self._make_root_hook(i)))
+        self._hook_roots([p.requires_grad for p in root_params])
+
+    def _hook_roots(self, active: List[bool]) -> None:
+        """NOTE [Cross-process gradients]: replica 0's share goes to the bucket, through a hook on
+        each root parameter that requires grad (autograd takes none on a frozen one)."""
+        if self.cross is None:
+            return
+        for i, p in enumerate(self.root_params):
+            if active[i] and i not in self._root_hooks:
+                self._root_hooks[i] = p.register_hook(self._make_root_hook(i))
 
     def set_active(self, active: List[bool]) -> None:
         """Which parameters require grad now: a bucket is complete when those of its parameters
         are in (a frozen parameter never marks)."""
+        self._hook_roots(active)
         counts = [sum(1 for i in members if active[i]) for members in self.buckets]
         if counts != self._bucket_len:
             self._bucket_len = counts
@@ -123,6 +131,9 @@ class GradReducer:
                 self._view(i, 0).add_(grad)
             self._ready.mark(i, 0)
             # Autograd adds this into the root's .grad: nothing, the bucket carries it.
+            if grad.is_sparse:  # an empty gradient of the same layout (autograd checks it)
+                return torch.sparse_coo_tensor(grad._indices()[:, :0], grad._values()[:0], grad.shape,
+                                               check_invariants=False)
             return torch.zeros((), dtype=grad.dtype, device=grad.device).expand_as(grad)
         return hook
 
@@ -253,9 +264,9 @@ class GradReducer:
         return self._ready.any_grad()
 
     def remove(self) -> None:
-        for handle in self._hooks:
+        for handle in self._root_hooks.values():
             handle.remove()
-        self._hooks = []
+        self._root_hooks = {}
         for param in self._hooked:
             _C.GradReadiness.detach(param)
         self._hooked = []

@@ -281,7 +281,8 @@ class ReplicaSet:
             if self.packed[g]:
                 _C.coalesce_into([self.tensors[i] for i in members], self.flats[0][g])
             else:
-                torch._foreach_copy_(self.root_views[g], [self.tensors[i] for i in members])
+                with torch.no_grad():  # the root's parameters require grad: no graph for this copy
+                    torch._foreach_copy_(self.root_views[g], [self.tensors[i] for i in members])
             lane_streams.wait(root_lane, current)
             _C.broadcast_([self.flats[k][g] for k in range(num_replicas)], 0,
                           self.lane_stream_ids[:num_replicas], self.tree_shape, 0, self.allow_p2p, *self.link)

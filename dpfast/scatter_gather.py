@@ -11,6 +11,7 @@ are gathered into a vector without a warning.
 from __future__ import annotations
 
 import collections
+import collections.abc
 import copy
 import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
@@ -198,9 +199,19 @@ def scatter_kwargs(inputs: tuple, kwargs: Optional[dict], devices: List[torch.de
     return [tuple(i) for i in scattered_inputs], [dict(k) for k in scattered_kwargs]
 
 
-def _rebuildable_iterable(value: Any) -> bool:
-    return (hasattr(type(value), "__iter__") and not isinstance(value, (str, bytes, bytearray, torch.Tensor))
-            and not isinstance(value, (set, frozenset)))
+def _items_of_iterables(values: List[Any]) -> Optional[List[list]]:
+    """The items of each value, when every value is an iterable of one type (not a string, set or
+    mapping) and all have as many items; else None."""
+    first = values[0]
+    if (not hasattr(type(first), "__iter__") or isinstance(first, (str, bytes, bytearray, torch.Tensor))
+            or isinstance(first, (collections.abc.Set, collections.abc.Mapping))
+            or any(type(v) is not type(first) for v in values[1:])):
+        return None
+    try:
+        columns = [list(v) for v in values]
+    except Exception:  # an __iter__ that refuses (detectron2's Instances raises NotImplementedError)
+        return None
+    return columns if all(len(c) == len(columns[0]) for c in columns) else None
 
 
 def gather(outputs: List[Any], destination: torch.device, dim: int, devices: List[torch.device],
@@ -261,12 +272,14 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
                 return first
         except Exception:  # values whose == is not a plain bool
             pass
-        if _rebuildable_iterable(first) and all(type(v) is type(first) for v in values[1:]):
+        columns = _items_of_iterables(values)
+        if columns is not None:
             # nn.DataParallel's rule for other iterables: gather item by item and rebuild with the
             # type's constructor (Hugging Face's DynamicCache takes its per-layer tensors this way).
+            items = [gather_map(list(row), f"{path}[{i}]") for i, row in enumerate(zip(*columns))]
             try:
-                return type(first)(gather_map(list(items), f"{path}[{i}]") for i, items in enumerate(zip(*values)))
-            except (TypeError, ValueError):
+                return type(first)(items)
+            except Exception:  # a type that is not built from its items
                 pass
         return list(values)
 

@@ -17,19 +17,48 @@ import dpfast  # noqa: E402
 ROWS = [5, 7]  # uneven batches across the two ranks
 
 
-def make_model():
+class BagOfWords(nn.Module):
+    """A sparse embedding (gradients stay sparse across processes too) and a dense head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 6, sparse=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(1))
+
+
+def make_model(kind="mlp"):
+    if kind == "sparse":
+        return BagOfWords().double()
     return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
 
 
-def data(steps):
+def data(steps, kind="mlp"):
     g = torch.Generator().manual_seed(0)
     total = sum(ROWS)
+    if kind == "sparse":
+        return [(torch.randint(0, 20, (total, 4), generator=g), torch.randn(total, 3, generator=g, dtype=torch.float64))
+                for _ in range(steps)]
     return [(torch.randn(total, 6, generator=g, dtype=torch.float64),
              torch.randn(total, 3, generator=g, dtype=torch.float64)) for _ in range(steps)]
 
 
-def train(model, batches, opt):
-    for x, y in batches:
+def freeze_for_step(model, kind, step):
+    """kind "freeze": the last layer trains on even steps, the first on odd ones."""
+    if kind == "freeze":
+        model[0].requires_grad_(step % 2 == 1)
+        model[2].requires_grad_(step % 2 == 0)
+
+
+def make_optimizer(params):
+    return torch.optim.SGD(params, lr=0.1)  # momentum-free: sparse gradients and frozen steps alike
+
+
+def train(model, batches, opt, kind="mlp"):
+    for step, (x, y) in enumerate(batches):
+        freeze_for_step(model, kind, step)
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
@@ -43,19 +72,26 @@ def main():
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--die-at-step", type=int, default=-1)
     parser.add_argument("--replicas", type=int, default=2, help="CPU replicas per process (1: like DDP)")
+    parser.add_argument("--kind", default="mlp", choices=["mlp", "freeze", "sparse"])
     args = parser.parse_args()
     dist.init_process_group("gloo", rank=args.rank, world_size=args.world, timeout=datetime.timedelta(seconds=30))
     torch.manual_seed(100 + args.rank)  # different on each rank: construction must broadcast rank 0's
-    model = make_model()
+    model = make_model(args.kind)
     wrapped = dpfast.DataParallel(model, device_ids=["cpu"] * args.replicas)
-    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    if args.kind == "mlp":
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    else:
+        opt = make_optimizer(wrapped.parameters())
     begin = sum(ROWS[:args.rank])
-    for step, (x, y) in enumerate(data(args.steps)):
+    for step, (x, y) in enumerate(data(args.steps, args.kind)):
+        freeze_for_step(model, args.kind, step)
         if step == args.die_at_step:
             os._exit(3)  # a rank that dies mid-run
         mine = slice(begin, begin + ROWS[args.rank])
         opt.zero_grad()
         nn.functional.mse_loss(wrapped(x[mine]), y[mine]).backward()
+        if args.kind == "sparse":
+            assert model.embed.weight.grad.is_sparse, "the embedding's gradient came back dense"
         opt.step()
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, args.out)
     dist.destroy_process_group()

@@ -592,6 +592,7 @@ def test_rnn_weights_get_a_group_in_the_layout_asked_for(monkeypatch):
     rnn_group = [g for g, packed in enumerate(replicas.packed) if not packed]
     assert len(rnn_group) == 1
     g = rnn_group[0]
+    assert replicas.flats[0][g].grad_fn is None  # the copy of the root's weights builds no graph
     assert replicas.flats[1][g].numel() == sum(w.numel() for w in lstm._flat_weights) + 3 * 8 + 5
     replica_lstm = replicas.replica_modules[1][replicas.modules.index(lstm)]
     base = replicas.flats[1][g].data_ptr()
@@ -614,6 +615,17 @@ class _Opaque:
         self.value = value
 
 
+class _RefusesIteration:
+    """detectron2's Instances: has __iter__, which raises."""
+
+    def __iter__(self):
+        raise NotImplementedError("not iterable")
+
+
+class _PerSample(collections.deque):
+    """One item per sample: replicas hold different numbers, so no item-by-item gather."""
+
+
 class _ReturnsCaches(nn.Module):
     def __init__(self):
         super().__init__()
@@ -621,14 +633,15 @@ class _ReturnsCaches(nn.Module):
 
     def forward(self, x):
         h = self.lin(x)
-        return h, _LayerCache([(h, h * 2), (h * 3, None)]), _Opaque(h.shape[0])
+        return (h, _LayerCache([(h, h * 2), (h * 3, None)]), _Opaque(h.shape[0]), _RefusesIteration(),
+                _PerSample(range(h.shape[0])))
 
 
 def test_other_iterable_outputs_are_gathered_item_by_item_as_nn_dataparallel_does():
     reference, wrapped = pair(_ReturnsCaches)
     x = torch.randn(10, 4, dtype=torch.float64)
-    _, cache_ref, _ = reference(x)
-    _, cache, opaque = wrapped(x)
+    _, cache_ref, _, _, _ = reference(x)
+    _, cache, opaque, refuses, per_sample = wrapped(x)
     assert type(cache) is _LayerCache and len(cache.layers) == 2
     for got, want in zip(cache, cache_ref):
         assert len(got) == len(want)
@@ -638,3 +651,5 @@ def test_other_iterable_outputs_are_gathered_item_by_item_as_nn_dataparallel_doe
             else:
                 torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     assert isinstance(opaque, list) and [o.value for o in opaque] == [3, 3, 3, 1]  # torch.chunk sizes
+    assert isinstance(refuses, list) and len(refuses) == 4
+    assert [list(p) for p in per_sample] == [[0, 1, 2], [0, 1, 2], [0, 1, 2], [0]]  # nothing cut or merged

@@ -53,6 +53,22 @@ def test_two_ranks_match_one_process_on_the_full_batch(tmp_path, replicas):
         torch.testing.assert_close(rank0[key], value, rtol=1e-10, atol=1e-12, msg=key)
 
 
+@pytest.mark.parametrize("kind", ["freeze", "sparse"])
+def test_freezing_every_step_and_sparse_gradients_across_processes(tmp_path, kind):
+    """Layers frozen and unfrozen in turn (the reducer follows without rebuilding its hooks' state
+    wrong), and a sparse embedding whose gradient stays sparse."""
+    codes, outputs = launch(tmp_path, "--steps", "4", "--kind", kind)
+    assert codes == [0, 0], outputs
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    torch.manual_seed(100)
+    reference = worker.make_model(kind)
+    worker.train(reference, worker.data(4, kind), worker.make_optimizer(reference.parameters()), kind)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], value, rtol=1e-10, atol=1e-12, msg=key)
+
+
 def test_a_rank_that_dies_makes_the_other_fail_not_hang(tmp_path):
     codes, outputs = launch(tmp_path, "--steps", "4", "--die-at-step", "2")
     assert codes[1] == 3

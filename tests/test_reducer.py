@@ -145,3 +145,27 @@ def test_a_frozen_parameter_does_not_hold_its_bucket_back():
     for p, q in zip(reference.parameters(), wrapped.module.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_no_sync_holds_even_when_the_reducer_is_rebuilt_inside_it():
+    """A layer trained for the first time inside no_sync() rebuilds the reducer: the new one
+    must hold back its reductions too, and the first backward after the block reduces the sum."""
+    reference, wrapped = deep(), dpfast.DataParallel(deep(), device_ids=CPU4)
+    for model in (reference, wrapped.module):
+        model[0].requires_grad_(False)
+    x1, x2, x3 = (torch.randn(8, 8, dtype=torch.float64) for _ in range(3))
+    wrapped(x1).sum().backward()
+    reference(x1).sum().backward()
+    old_reducer = wrapped._runtime.reducer
+    with wrapped.no_sync():
+        for model in (reference, wrapped.module):
+            model[0].requires_grad_(True)
+        wrapped(x2).sum().backward()
+        assert wrapped._runtime.reducer is not old_reducer  # rebuilt for the newly trained layer
+        assert wrapped.stats()["reductions"] == 0 and wrapped._runtime.reducer.sync_enabled is False
+    reference(x2).sum().backward()
+    wrapped(x3).sum().backward()
+    reference(x3).sum().backward()
+    assert wrapped._runtime.reducer.sync_enabled is True
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
