@@ -248,15 +248,20 @@ class GradReducer:
                 if not self._launched[b]:
                     self._launch(b)
                 lane_streams.wait(current, self.comm_streams[0] if self.comm_streams else None)
+                grads, sums = [], []  # dense .grad to add into: one fused add per bucket
                 for i in touched:
                     p = self.root_params[i]
                     reduced = self._view(i, 0)
-                    if p.grad is None:
+                    grad = p.grad
+                    if grad is None:
                         p.grad = torch.empty_like(p).copy_(reduced)
-                    elif p.grad.is_sparse:  # nn.Embedding(sparse=True): the sum stays sparse, as nn.DataParallel's
-                        p.grad = p.grad + reduced.to_sparse(p.grad.sparse_dim())
+                    elif grad.is_sparse:  # nn.Embedding(sparse=True): the sum stays sparse, as nn.DataParallel's
+                        p.grad = grad + reduced.to_sparse(grad.sparse_dim())
                     else:
-                        p.grad.add_(reduced)
+                        grads.append(grad)
+                        sums.append(reduced)
+                if grads:
+                    torch._foreach_add_(grads, sums)
                 self._zero_bucket(b, used, current)
         self._start_over()
 
