@@ -91,10 +91,12 @@ def _tensor_meta(t: torch.Tensor, is_param: bool) -> tuple:
 
 
 def _module_entries(module: nn.Module) -> tuple:
+    """Names and identities of a module's parameters, buffers and children (map(id): no Python
+    loop; this runs for every module on every call)."""
     d = module.__dict__
-    return (tuple((k, id(v)) for k, v in d["_parameters"].items()),
-            tuple((k, id(v)) for k, v in d["_buffers"].items()),
-            tuple((k, id(v)) for k, v in d["_modules"].items()))
+    params, buffers, children = d["_parameters"], d["_buffers"], d["_modules"]
+    return (tuple(params), tuple(map(id, params.values())), tuple(buffers), tuple(map(id, buffers.values())),
+            tuple(children), tuple(map(id, children.values())))
 
 
 class ReplicaSet:
