@@ -279,14 +279,15 @@ class DataParallel(nn.DataParallel):
         if not self.devices or len(self.devices) == 1:
             yield
             return
-        runtime = self._ensure_runtime()
-        reducer = self._ensure_reducer(runtime)
-        previous, reducer.sync_enabled = reducer.sync_enabled, False
+        # The flag lives on the wrapper: a reducer built inside the block (parameters unfrozen, the
+        # module replaced) takes it from there.
+        previous = self.__dict__.get("_sync_enabled", True)
+        self.__dict__["_sync_enabled"] = False
+        self._ensure_reducer(self._ensure_runtime()).sync_enabled = False
         try:
             yield
         finally:
-            # The reducer in use now: a forward inside the block may have replaced it (it carries
-            # the flag over).
+            self.__dict__["_sync_enabled"] = previous
             current = self.__dict__.get("_runtime")
             if current is not None and current.reducer is not None:
                 current.reducer.sync_enabled = previous
@@ -316,7 +317,11 @@ class DataParallel(nn.DataParallel):
     def _ensure_runtime(self) -> _Runtime:
         runtime = self.__dict__.get("_runtime")
         if runtime is not None and runtime.module is not self.module:
-            runtime.close()  # the wrapped module itself was replaced
+            # The wrapped module itself was replaced: gradients accumulated under no_sync() belong
+            # to the old one's parameters (often the new one's too): reduce them first.
+            if runtime.reducer is not None and runtime.reducer.has_pending():
+                runtime.reducer.reduce()
+            runtime.close()
             runtime = None
         if runtime is None:
             runtime = _Runtime(self)
@@ -338,7 +343,6 @@ class DataParallel(nn.DataParallel):
             pending = runtime.reducer is not None and runtime.reducer.has_pending()
             if pending:
                 runtime.reducer.reduce()  # gradients accumulated under no_sync() before a rebuild
-            sync_enabled = runtime.reducer.sync_enabled if runtime.reducer is not None else True  # no_sync()
             if runtime.reducer is not None:
                 runtime.reducer.remove()
             runtime.reducer = _make_reducer(
@@ -347,7 +351,7 @@ class DataParallel(nn.DataParallel):
                 self.devices, runtime.streams, runtime.comm_streams, bucket_cap_mb=self.bucket_cap_mb,
                 tree_shape=self.tree_shape, allow_p2p=_devices.p2p_allowed(), phase=_weak_phase(self),
                 cross_process=runtime.cross)
-            runtime.reducer.sync_enabled = sync_enabled
+            runtime.reducer.sync_enabled = self.__dict__.get("_sync_enabled", True)  # inside no_sync(): False
             runtime.reducer_build = replicas.build_count
             runtime.reducer_indices = indices
         wanted_set = set(wanted)

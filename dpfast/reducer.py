@@ -260,8 +260,11 @@ class GradReducer:
                     else:
                         grads.append(grad)
                         sums.append(reduced)
-                if grads:
+                if len(set(map(id, grads))) == len(grads):
                     torch._foreach_add_(grads, sums)
+                else:  # a .grad shared by two parameters: one add after the other, as before
+                    for grad, reduced in zip(grads, sums):
+                        grad.add_(reduced)
                 self._zero_bucket(b, used, current)
         self._start_over()
 

@@ -278,7 +278,9 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
             # type's constructor (Hugging Face's DynamicCache takes its per-layer tensors this way).
             items = [gather_map(list(row), f"{path}[{i}]") for i, row in enumerate(zip(*columns))]
             try:
-                return type(first)(items)
+                # An iterator, as nn.DataParallel passes: a list could mean something else to a
+                # constructor (np.ndarray takes it as a shape).
+                return type(first)(iter(items))
             except Exception:  # a type that is not built from its items
                 pass
         return list(values)

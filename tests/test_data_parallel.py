@@ -652,4 +652,12 @@ def test_other_iterable_outputs_are_gathered_item_by_item_as_nn_dataparallel_doe
                 torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     assert isinstance(opaque, list) and [o.value for o in opaque] == [3, 3, 3, 1]  # torch.chunk sizes
     assert isinstance(refuses, list) and len(refuses) == 4
+    np = pytest.importorskip("numpy")
+
+    class SizeOut(nn.Module):  # an image size as a numpy array, equal on every replica
+        def forward(self, x):
+            return x * 2, np.array([3, 4])
+
+    _, size = dpfast.DataParallel(SizeOut(), device_ids=CPU4)(x)
+    assert isinstance(size, list) and all(np.array_equal(s, [3, 4]) for s in size)
     assert [list(p) for p in per_sample] == [[0, 1, 2], [0, 1, 2], [0, 1, 2], [0]]  # nothing cut or merged

@@ -169,3 +169,23 @@ def test_no_sync_holds_even_when_the_reducer_is_rebuilt_inside_it():
     assert wrapped._runtime.reducer.sync_enabled is True
     for p, q in zip(reference.parameters(), wrapped.module.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_module_replaced_inside_no_sync_keeps_the_accumulated_gradients():
+    """dp.module = nn.Sequential(old) inside no_sync(): the replaced runtime's pending gradients
+    are reduced into the (shared) parameters, and the new one holds back its own too."""
+    torch.manual_seed(0)
+    base = nn.Linear(3, 2).double()
+    reference = copy.deepcopy(base)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    for _ in range(3):
+        reference(x).sum().backward()
+    wrapped = dpfast.DataParallel(base, device_ids=["cpu", "cpu"])
+    with wrapped.no_sync():
+        wrapped(x).sum().backward()
+        wrapped.module = nn.Sequential(base)
+        wrapped(x).sum().backward()
+        assert wrapped.stats()["reductions"] == 0  # the new runtime's reducer holds back too
+    wrapped(x).sum().backward()
+    for p, q in zip(reference.parameters(), base.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12)
