@@ -260,7 +260,9 @@ class GradReducer:
                     else:
                         grads.append(grad)
                         sums.append(reduced)
-                if len(set(map(id, grads))) == len(grads):
+                if not grads:
+                    pass
+                elif len(set(map(id, grads))) == len(grads):
                     torch._foreach_add_(grads, sums)
                 else:  # a .grad shared by two parameters: one add after the other, as before
                     for grad, reduced in zip(grads, sums):
