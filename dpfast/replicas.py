@@ -48,6 +48,7 @@ points such tensors back into their flat buffer first (_repoint).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -74,14 +75,22 @@ def rnn_weight_layout(rnn: nn.RNNBase) -> Optional[Tuple[int, List[int]]]:
     import torch.backends.cudnn.rnn as cudnn_rnn
 
     scratch = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
-    with torch.cuda.device_of(first), torch.no_grad():
-        buffer = torch._cudnn_rnn_flatten_weight(
-            scratch, (4 if rnn.bias else 2) + (1 if rnn.proj_size > 0 else 0), rnn.input_size,
-            cudnn_rnn.get_cudnn_mode(rnn.mode), rnn.hidden_size, rnn.proj_size, rnn.num_layers, rnn.batch_first,
-            bool(rnn.bidirectional))
+    try:
+        with torch.cuda.device_of(first), torch.no_grad():
+            buffer = torch._cudnn_rnn_flatten_weight(
+                scratch, (4 if rnn.bias else 2) + (1 if rnn.proj_size > 0 else 0), rnn.input_size,
+                cudnn_rnn.get_cudnn_mode(rnn.mode), rnn.hidden_size, rnn.proj_size, rnn.num_layers,
+                rnn.batch_first, bool(rnn.bidirectional))
+    except RuntimeError as error:  # a private API: never let it stop training, only cost speed
+        warnings.warn(f"dpfast: cuDNN would not lay out the weights of {type(rnn).__name__} ({error}); its "
+                      f"replicas keep them packed, and cuDNN copies them on every call")
+        return None
     size = first.element_size()
     numel = buffer.untyped_storage().nbytes() // size
     offsets = [(w.data_ptr() - buffer.untyped_storage().data_ptr()) // size for w in scratch]
+    spans = sorted((offset, offset + w.numel()) for offset, w in zip(offsets, scratch))
+    if spans[0][0] < 0 or spans[-1][1] > numel or any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        return None  # not a layout of disjoint pieces inside the buffer: keep the packed one
     return numel, offsets
 
 
