@@ -180,8 +180,8 @@ def test_hugging_face_cache_is_gathered_into_one_cache():
     with torch.no_grad():
         expected = reference(input_ids=ids, use_cache=True)
         outputs = wrapped(input_ids=ids, use_cache=True)
-        cache = outputs.past_key_values
-        assert type(cache) is type(expected.past_key_values)
+        cache = outputs["cache"]  # transformers 5's name for past_key_values
+        assert type(cache) is type(expected["cache"])
         step = torch.randint(0, 100, (7, 1))
-        logits = reference(input_ids=step, past_key_values=cache).logits
-        torch.testing.assert_close(logits, reference(input_ids=step, past_key_values=expected.past_key_values).logits)
+        logits = reference(input_ids=step, cache=cache).logits
+        torch.testing.assert_close(logits, reference(input_ids=step, cache=expected["cache"]).logits)
