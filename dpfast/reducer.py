@@ -63,6 +63,9 @@ class GradReducer:
         self._lock = threading.Lock()
         self._callback_queued = False
         self._root_hooks = {}  # parameter index -> Python hook on the root's parameter (across processes)
+        # parameter index -> sparse_dim of the sparse gradient autograd gave the root: the sum stays
+        # sparse when the root sits a step out (replica buckets are dense and cannot tell)
+        self._sparse_dims = {}
         self._hooked: List[torch.Tensor] = []  # replica parameters carrying a C++ hook
         # Buckets in reverse registration order: the last layers' gradients come first in backward.
         order = list(reversed(range(len(root_params))))
@@ -254,8 +257,11 @@ class GradReducer:
                     reduced = self._view(i, 0)
                     grad = p.grad
                     if grad is None:
-                        p.grad = torch.empty_like(p).copy_(reduced)
+                        sparse_dim = self._sparse_dims.get(i)
+                        p.grad = (torch.empty_like(p).copy_(reduced) if sparse_dim is None
+                                  else reduced.to_sparse(sparse_dim))
                     elif grad.is_sparse:  # nn.Embedding(sparse=True): the sum stays sparse, as nn.DataParallel's
+                        self._sparse_dims[i] = grad.sparse_dim()
                         p.grad = grad + reduced.to_sparse(grad.sparse_dim())
                     else:
                         grads.append(grad)

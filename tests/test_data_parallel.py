@@ -471,6 +471,14 @@ def test_sparse_embedding_gradients_stay_sparse_and_match():
         for opt in opts:
             opt.step()
         assert_same_params(reference, wrapped)
+    wrapped.chunk_sizes = [0, 4, 4, 4]  # replica 0 (the root) sits this step out
+    ids = torch.randint(0, 20, (12, 3))
+    for model, opt in zip((reference, wrapped), opts):
+        opt.zero_grad()
+        model(ids).pow(2).sum().backward()
+    assert wrapped.module.weight.grad.is_sparse
+    torch.testing.assert_close(wrapped.module.weight.grad.to_dense(), reference.weight.grad.to_dense(),
+                               rtol=1e-12, atol=1e-12)
 
 
 class _Checkpointed(nn.Module):
