@@ -43,6 +43,27 @@ def test_torchvision_cnns_in_eval_match_exactly(name):
         torch.testing.assert_close(wrapped(x), reference(x), rtol=1e-10, atol=1e-12)
 
 
+def test_googlenet_training_with_aux_outputs_and_batchnorm_per_chunk():
+    """Training-mode GoogLeNet returns a namedtuple with two auxiliary heads; its BatchNorm layers
+    normalize each replica's chunk with that chunk's statistics, as under nn.DataParallel: the
+    reference is the bare model run on the same chunks one after the other."""
+    reference, wrapped = pair(lambda: torchvision.models.googlenet(
+        num_classes=5, aux_logits=True, init_weights=True, dropout=0.0, dropout_aux=0.0))
+    reference.train()
+    wrapped.train()
+    x = torch.randn(6, 3, 64, 64, dtype=torch.float64)
+    out = wrapped(x)
+    assert type(out).__name__ == "GoogLeNetOutputs" and all(t.shape == (6, 5) for t in out)
+    chunks = [reference(c) for c in x.chunk(3)]
+    expected = [torch.cat(parts) for parts in zip(*chunks)]
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    sum(t.pow(2).mean() for t in out).backward()
+    sum(t.pow(2).mean() for t in expected).backward()
+    for (name, p), q in zip(reference.named_parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
 def test_torchvision_vision_transformer_trains_like_the_full_batch():
     reference, wrapped = pair(lambda: torchvision.models.VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5))
