@@ -362,6 +362,7 @@ class DataParallel(nn.DataParallel):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_runtime"] = None  # threads, streams and replicas are rebuilt on first use
+        state.pop("_sync_enabled", None)  # a copy made inside no_sync() is not inside the block
         state["process_group"] = None  # a process group belongs to its process: the copy uses the default one
         return state
 

@@ -189,3 +189,16 @@ def test_module_replaced_inside_no_sync_keeps_the_accumulated_gradients():
     wrapped(x).sum().backward()
     for p, q in zip(reference.parameters(), base.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_copy_made_inside_no_sync_reduces_normally():
+    wrapped = dpfast.DataParallel(deep(), device_ids=CPU4)
+    x = torch.randn(8, 8, dtype=torch.float64)
+    with wrapped.no_sync():
+        twin = copy.deepcopy(wrapped)
+    twin(x).sum().backward()
+    assert twin.stats()["reductions"] == 1
+    reference = deep()
+    reference(x).sum().backward()
+    for p, q in zip(reference.parameters(), twin.module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
