@@ -88,10 +88,16 @@ def rnn_weight_layout(rnn: nn.RNNBase) -> Optional[Tuple[int, List[int]]]:
     size = first.element_size()
     numel = buffer.untyped_storage().nbytes() // size
     offsets = [(w.data_ptr() - buffer.untyped_storage().data_ptr()) // size for w in scratch]
-    spans = sorted((offset, offset + w.numel()) for offset, w in zip(offsets, scratch))
-    if spans[0][0] < 0 or spans[-1][1] > numel or any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
-        return None  # not a layout of disjoint pieces inside the buffer: keep the packed one
-    return numel, offsets
+    return checked_layout(numel, offsets, [w.numel() for w in scratch])
+
+
+def checked_layout(numel: int, offsets: List[int], sizes: List[int]) -> Optional[Tuple[int, List[int]]]:
+    """(numel, offsets) when the pieces lie inside the buffer without overlapping, else None (the
+    packed layout is kept)."""
+    spans = sorted((offset, offset + n) for offset, n in zip(offsets, sizes))
+    if not spans or spans[0][0] < 0 or spans[-1][1] > numel or any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        return None
+    return numel, list(offsets)
 
 
 def _tensor_meta(t: torch.Tensor, is_param: bool) -> tuple:

@@ -669,3 +669,17 @@ def test_other_iterable_outputs_are_gathered_item_by_item_as_nn_dataparallel_doe
     _, size = dpfast.DataParallel(SizeOut(), device_ids=CPU4)(x)
     assert isinstance(size, list) and all(np.array_equal(s, [3, 4]) for s in size)
     assert [list(p) for p in per_sample] == [[0, 1, 2], [0, 1, 2], [0, 1, 2], [0]]  # nothing cut or merged
+
+
+@pytest.mark.parametrize("numel,offsets,expected", [
+    (12, [0, 4, 8], True),      # packed
+    (16, [2, 7, 12], True),     # gaps, as alignment can leave
+    (12, [0, 3, 8], False),     # overlapping pieces
+    (11, [0, 4, 8], False),     # the last piece past the end
+    (12, [-1, 4, 8], False),    # before the start
+])
+def test_a_layout_from_cudnn_is_checked_before_use(numel, offsets, expected):
+    from dpfast.replicas import checked_layout
+
+    result = checked_layout(numel, offsets, [4, 4, 4])
+    assert (result == (numel, offsets)) if expected else result is None
