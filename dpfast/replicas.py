@@ -61,34 +61,29 @@ from .devices import link_model
 def rnn_weight_layout(rnn: nn.RNNBase) -> Optional[Tuple[int, List[int]]]:
     """(numel, offsets): the flat buffer cuDNN wants for ``rnn``'s weights (``_flat_weights``
     order), or None where cuDNN will not take them (CPU, mixed dtypes, aliased weights, cuDNN
-    off). Asked of cuDNN itself, on scratch copies, as RNNBase.flatten_parameters() does."""
+    off). Asked of RNNBase.flatten_parameters() itself, run on a shell of the module that holds
+    scratch copies of the weights: PyTorch's own checks and cuDNN call, the root untouched."""
     weights = getattr(rnn, "_flat_weights", None)
-    if not weights or len(weights) != len(getattr(rnn, "_flat_weights_names", ())):
+    if not weights or not all(isinstance(w, torch.Tensor) and w.is_cuda for w in weights):
         return None
-    if not all(isinstance(w, torch.Tensor) for w in weights):
-        return None
-    first = weights[0]
-    if not all(w.is_cuda and w.dtype == first.dtype and torch.backends.cudnn.is_acceptable(w) for w in weights):
-        return None
-    if len({w.data_ptr() for w in weights}) != len(weights) or not torch._use_cudnn_rnn_flatten_weight():
-        return None
-    import torch.backends.cudnn.rnn as cudnn_rnn
-
-    scratch = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+    if len({w.data_ptr() for w in weights}) != len(weights):
+        return None  # aliased weights: one replica tensor would need two places
+    shell = rnn.__class__.__new__(rnn.__class__)
+    shell.__dict__.update(rnn.__dict__)
+    shell.__dict__["_flat_weights"] = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
     try:
-        with torch.cuda.device_of(first), torch.no_grad():
-            buffer = torch._cudnn_rnn_flatten_weight(
-                scratch, (4 if rnn.bias else 2) + (1 if rnn.proj_size > 0 else 0), rnn.input_size,
-                cudnn_rnn.get_cudnn_mode(rnn.mode), rnn.hidden_size, rnn.proj_size, rnn.num_layers,
-                rnn.batch_first, bool(rnn.bidirectional))
-    except RuntimeError as error:  # a private API: never let it stop training, only cost speed
+        shell.flatten_parameters()  # re-points the scratch copies into one buffer in cuDNN's layout
+    except RuntimeError as error:  # never let it stop training, only cost speed
         warnings.warn(f"dpfast: cuDNN would not lay out the weights of {type(rnn).__name__} ({error}); its "
                       f"replicas keep them packed, and cuDNN copies them on every call")
         return None
-    size = first.element_size()
-    numel = buffer.untyped_storage().nbytes() // size
-    offsets = [(w.data_ptr() - buffer.untyped_storage().data_ptr()) // size for w in scratch]
-    return checked_layout(numel, offsets, [w.numel() for w in scratch])
+    scratch = shell._flat_weights
+    storage = scratch[0].untyped_storage()
+    if any(w.untyped_storage().data_ptr() != storage.data_ptr() for w in scratch):
+        return None  # flatten_parameters() declined: cuDNN will not take these weights
+    size = scratch[0].element_size()
+    offsets = [(w.data_ptr() - storage.data_ptr()) // size for w in scratch]
+    return checked_layout(storage.nbytes() // size, offsets, [w.numel() for w in scratch])
 
 
 def checked_layout(numel: int, offsets: List[int], sizes: List[int]) -> Optional[Tuple[int, List[int]]]:
