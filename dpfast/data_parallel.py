@@ -336,10 +336,10 @@ class DataParallel(nn.DataParallel):
         replicas = runtime.replicas
         if runtime.reducer_flags is replicas.grad_flags and runtime.reducer_build == replicas.build_count:
             return runtime.reducer  # nothing changed since the last forward (the hot path)
-        wanted = replicas.grad_indices()
+        wanted = set(replicas.grad_indices())
         same_build = runtime.reducer is not None and runtime.reducer_build == replicas.build_count
-        if not same_build or not set(wanted) <= set(runtime.reducer_indices):
-            indices = sorted(set(wanted) | set(runtime.reducer_indices)) if same_build else wanted
+        if not same_build or not wanted <= set(runtime.reducer_indices):
+            indices = sorted(wanted | set(runtime.reducer_indices)) if same_build else sorted(wanted)
             pending = runtime.reducer is not None and runtime.reducer.has_pending()
             if pending:
                 runtime.reducer.reduce()  # gradients accumulated under no_sync() before a rebuild
@@ -354,8 +354,7 @@ class DataParallel(nn.DataParallel):
             runtime.reducer.sync_enabled = self.__dict__.get("_sync_enabled", True)  # inside no_sync(): False
             runtime.reducer_build = replicas.build_count
             runtime.reducer_indices = indices
-        wanted_set = set(wanted)
-        runtime.reducer.set_active([i in wanted_set for i in runtime.reducer_indices])
+        runtime.reducer.set_active([i in wanted for i in runtime.reducer_indices])
         runtime.reducer_flags = replicas.grad_flags
         return runtime.reducer
 

@@ -266,11 +266,9 @@ class GradReducer:
                     else:
                         grads.append(grad)
                         sums.append(reduced)
-                if not grads:
-                    pass
-                elif len(set(map(id, grads))) == len(grads):
+                if grads and len(set(map(id, grads))) == len(grads):
                     torch._foreach_add_(grads, sums)
-                else:  # a .grad shared by two parameters: one add after the other, as before
+                else:  # none, or a .grad shared by two parameters: one add after the other
                     for grad, reduced in zip(grads, sums):
                         grad.add_(reduced)
                 self._zero_bucket(b, used, current)
