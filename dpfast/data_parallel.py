@@ -26,6 +26,14 @@ def _make_reducer(*args, **kwargs) -> GradReducer:
         return GradReducer(*args, **kwargs)
 
 
+def _sparse_dims(module: nn.Module, params: List[torch.Tensor]) -> dict:
+    """Which parameters get sparse gradients, by DDP's rule (``expect_sparse_gradient``): the
+    weights of nn.Embedding and nn.EmbeddingBag built with sparse=True (sparse_dim 1)."""
+    sparse = {id(m.weight) for m in module.modules()
+              if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
+    return {i: 1 for i, p in enumerate(params) if id(p) in sparse}
+
+
 def _weak_phase(wrapper: "DataParallel"):
     """wrapper._phase through a weak reference: the runtime (kept by the wrapper's finalizer)
     must not keep the wrapper alive."""
@@ -350,7 +358,7 @@ class DataParallel(nn.DataParallel):
                 [replicas.replica_params(k, indices) for k in range(1, len(self.devices))],
                 self.devices, runtime.streams, runtime.comm_streams, bucket_cap_mb=self.bucket_cap_mb,
                 tree_shape=self.tree_shape, allow_p2p=_devices.p2p_allowed(), phase=_weak_phase(self),
-                cross_process=runtime.cross)
+                cross_process=runtime.cross, sparse_dims=_sparse_dims(self.module, replicas.replica_params(0, indices)))
             runtime.reducer.sync_enabled = self.__dict__.get("_sync_enabled", True)  # inside no_sync(): False
             runtime.reducer_build = replicas.build_count
             runtime.reducer_indices = indices

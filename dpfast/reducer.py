@@ -41,10 +41,11 @@ class GradReducer:
     def __init__(self, root_params: List[torch.Tensor], replica_params: List[List[torch.Tensor]],
                  devices: List[torch.device], streams: Optional[list], comm_streams: Optional[list] = None,
                  bucket_cap_mb: float = 25.0, first_bucket_cap_mb: float = 1.0, tree_shape: str = "auto",
-                 allow_p2p: bool = True, phase=None, cross_process=None):
+                 allow_p2p: bool = True, phase=None, cross_process=None, sparse_dims: Optional[dict] = None):
         """replica_params[k - 1][i] is replica k's copy of root_params[i]. ``streams`` are the
         replicas' compute streams (their gradients are produced there), ``comm_streams`` the
-        streams the reductions run on (None on the CPU)."""
+        streams the reductions run on (None on the CPU). ``sparse_dims`` maps the index of a
+        parameter whose gradient is sparse (a sparse nn.Embedding's weight) to its sparse_dim."""
         self.root_params = root_params
         self.replica_params = replica_params
         self.devices = devices
@@ -63,9 +64,9 @@ class GradReducer:
         self._lock = threading.Lock()
         self._callback_queued = False
         self._root_hooks = {}  # parameter index -> Python hook on the root's parameter (across processes)
-        # parameter index -> sparse_dim of the sparse gradient autograd gave the root: the sum stays
-        # sparse when the root sits a step out (replica buckets are dense and cannot tell)
-        self._sparse_dims = {}
+        # parameter index -> sparse_dim of its sparse gradient, declared by the module or seen on the
+        # root: the sum is handed back sparse even when the root got none (replica buckets are dense)
+        self._sparse_dims = dict(sparse_dims or {})
         self._hooked: List[torch.Tensor] = []  # replica parameters carrying a C++ hook
         # Buckets in reverse registration order: the last layers' gradients come first in backward.
         order = list(reversed(range(len(root_params))))

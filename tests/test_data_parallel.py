@@ -481,6 +481,21 @@ def test_sparse_embedding_gradients_stay_sparse_and_match():
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("module", [lambda: nn.Embedding(20, 4, sparse=True),
+                                    lambda: nn.EmbeddingBag(20, 4, mode="sum", sparse=True)])
+def test_sparse_gradient_is_sparse_even_when_the_root_never_got_one(module):
+    """DDP's rule: a sparse embedding's weight expects a sparse gradient, so the sum is handed
+    back sparse on the very first step, when replica 0 had no rows (and no gradient) at all."""
+    reference, wrapped = pair(module)
+    wrapped.chunk_sizes = [0, 4, 4, 4]
+    ids = torch.randint(0, 20, (12, 3))
+    for model in (reference, wrapped):
+        model(ids).pow(2).sum().backward()
+    assert wrapped.module.weight.grad.is_sparse
+    torch.testing.assert_close(wrapped.module.weight.grad.to_dense(), reference.weight.grad.to_dense(),
+                               rtol=1e-12, atol=1e-12)
+
+
 class _Checkpointed(nn.Module):
     """Activation checkpointing inside forward, as Hugging Face models do with
     gradient_checkpointing_enable(): the recomputation runs during backward."""
