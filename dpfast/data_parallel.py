@@ -5,8 +5,9 @@ engine that moves data by trees of peer copies."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import weakref
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -32,6 +33,13 @@ def _sparse_dims(module: nn.Module, params: List[torch.Tensor]) -> dict:
     sparse = {id(m.weight) for m in module.modules()
               if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
     return {i: 1 for i, p in enumerate(params) if id(p) in sparse}
+
+
+_STEPS = ("scatter", "replicate", "parallel_apply", "gather")
+
+
+def _overrides_a_step(cls: type) -> bool:
+    return any(getattr(cls, name) is not getattr(DataParallel, name) for name in _STEPS)
 
 
 def _weak_phase(wrapper: "DataParallel"):
@@ -171,6 +179,8 @@ class DataParallel(nn.DataParallel):
         self.output_device_obj = output
         self.src_device_obj = self.devices[0]
         self.device_type = self.devices[0].type
+        if len(self.devices) == 1:  # as nn.DataParallel: one device runs the module itself, moved there
+            self.module.to(self.src_device_obj)
         # The module may still move (DataParallel(model).cuda() is common): its device is
         # checked at each forward, as nn.DataParallel does.
         if chunk_sizes is not None:
@@ -184,15 +194,19 @@ class DataParallel(nn.DataParallel):
         with torch.autograd.profiler.record_function("dpfast.DataParallel.forward"):
             if not self.devices:
                 return self.module(*inputs, **kwargs)
+            if _overrides_a_step(type(self)):
+                return self._forward_through_overrides(inputs, kwargs)
             batch = scatter_gather.find_batch_size(inputs, kwargs, self.dim)
-            if batch == 0:
-                raise ValueError(f"dpfast.DataParallel: inputs: expected a non-empty batch, but the batch "
-                                 f"dimension (dim {self.dim}) has size 0")
-            if batch is None:  # no tensor to split: every replica gets the same inputs, as nn.DataParallel
-                sizes = [None] * len(self.devices)
+            n = len(self.devices)
+            if not inputs and not kwargs:  # as nn.DataParallel: a forward without inputs runs once
+                sizes = [None] + [0] * (n - 1)
+            elif batch == 0:  # an empty batch: replica 0 runs it (an empty output, as the module gives)
+                sizes = [0] * n
+            elif batch is None:  # no tensor to split: every replica gets the same inputs, as nn.DataParallel
+                sizes = [None] * n
             else:
-                sizes = splits.chunk_sizes_for(batch, len(self.devices), self.chunk_sizes, self.weights)
-            active = [k for k, size in enumerate(sizes) if size != 0]  # a replica with 0 rows sits this step out
+                sizes = splits.chunk_sizes_for(batch, n, self.chunk_sizes, self.weights)
+            active = [k for k, size in enumerate(sizes) if size != 0] or [0]  # 0 rows: sits this step out
             chunk_sizes = [sizes[k] for k in active]
             devices = [self.devices[k] for k in active]
             runtime = self._ensure_runtime()  # after the inputs were checked: bad input starts nothing
@@ -204,10 +218,40 @@ class DataParallel(nn.DataParallel):
                 share = (batch or 0) / max(cross.global_batch(batch or 0), 1)
                 return distributed.scale_output_grads(
                     self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), share)
-            if active == [0] and self.gather_outputs and cross is None:
+            if n == 1 and self.gather_outputs and cross is None:  # as nn.DataParallel: the module itself
+                self._check_module_device()
                 inputs, kwargs = scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim)
                 return self.module(*inputs[0], **kwargs[0])
             return self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices)
+
+    def _check_module_device(self) -> None:
+        for t in itertools.chain(self.module.parameters(), self.module.buffers()):
+            if t.device != self.src_device_obj:
+                raise RuntimeError(f"dpfast.DataParallel: module must have its parameters and buffers on device "
+                                   f"{self.src_device_obj} (device_ids[0]) but found one of them on device: {t.device}")
+
+    def _forward_through_overrides(self, inputs: tuple, kwargs: dict) -> Any:
+        """nn.DataParallel's forward, step by step, for a subclass that overrides one of its steps
+        (scatter, replicate, parallel_apply, gather): each is called with nn.DataParallel's
+        signature."""
+        self._check_module_device()
+        cross = self._ensure_runtime().cross
+        if cross is not None and self.training and torch.is_grad_enabled():
+            cross.broadcast_from_rank0(list(self.module.buffers()))  # NOTE [Cross-process gradients]
+            batch = scatter_gather.find_batch_size(inputs, kwargs, self.dim) or 0
+            share = batch / max(cross.global_batch(batch), 1)
+            return distributed.scale_output_grads(self._steps(inputs, kwargs, one_device_shortcut=False), share)
+        return self._steps(inputs, kwargs, one_device_shortcut=True)
+
+    def _steps(self, inputs: tuple, kwargs: dict, one_device_shortcut: bool) -> Any:
+        inputs, kwargs = self.scatter(inputs, kwargs, self.device_ids)
+        if not inputs and not kwargs:
+            inputs, kwargs = ((),), ({},)
+        if len(self.device_ids) == 1 and one_device_shortcut:
+            return self.module(*inputs[0], **kwargs[0])
+        replicas = self.replicate(self.module, self.device_ids[:len(inputs)])
+        outputs = self.parallel_apply(replicas, inputs, kwargs)
+        return self.gather(outputs, self.output_device)
 
     def _forward_replicas(self, runtime, inputs, kwargs, batch, active, chunk_sizes, devices):
         """Scatter, replica sync, parallel forward and gather for the active replicas."""
@@ -237,23 +281,50 @@ class DataParallel(nn.DataParallel):
             weights = chunk_sizes if self.scalar_outputs == "mean" and batch is not None else None
             return self.gather(outputs, self.output_device_obj, devices, streams, scalar_weights=weights)
 
-    def scatter(self, inputs, kwargs, devices, chunk_sizes, streams=None):
+    # The four steps take nn.DataParallel's arguments (a subclass may override any of them, or call
+    # them from its own forward); dpfast's forward also passes what it already knows.
+    def scatter(self, inputs: tuple, kwargs: Optional[dict], device_ids: Sequence[Any],
+                chunk_sizes: Optional[List[Any]] = None, streams=None) -> Tuple[List[tuple], List[dict]]:
+        devices = [_devices.to_device(d, f"device_ids[{i}]") for i, d in enumerate(device_ids)]
+        if chunk_sizes is None:  # called as nn.DataParallel's step: the wrapper's split
+            if not inputs and not kwargs:
+                return [], []
+            batch = scatter_gather.find_batch_size(inputs, kwargs or {}, self.dim)
+            if batch is None:
+                chunk_sizes = [None] * len(devices)
+            else:
+                own_policy = len(devices) == len(self.devices)
+                chunk_sizes = splits.chunk_sizes_for(batch, len(devices), self.chunk_sizes if own_policy else None,
+                                                     self.weights if own_policy else None)
+                while len(chunk_sizes) > 1 and chunk_sizes[-1] == 0:  # fewer pieces, as torch.chunk gives
+                    chunk_sizes, devices = chunk_sizes[:-1], devices[:-1]
         return scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim,
                                              lane_streams.ids(streams))
 
-    def replicate(self, module: nn.Module, num_replicas: int) -> List[nn.Module]:
+    def replicate(self, module: nn.Module, device_ids: Any) -> List[nn.Module]:
+        """The first len(device_ids) replicas (device_ids may be that number), made equal to the
+        module: replica 0 is the module itself."""
+        if module is not self.module:
+            raise ValueError(f"dpfast.DataParallel.replicate: module: expected the wrapped module (self.module), "
+                             f"but got another {type(module).__name__}")
+        num_replicas = device_ids if isinstance(device_ids, int) else len(device_ids)
         runtime = self._ensure_runtime()
         replicas = runtime.replicas.sync(num_replicas)
         self._ensure_reducer(runtime).note_forward(num_replicas)
         return replicas
 
-    def parallel_apply(self, replicas: List[nn.Module], inputs: List[tuple], kwargs: List[dict],
+    def parallel_apply(self, replicas: List[nn.Module], inputs: List[tuple], kwargs: Optional[List[dict]] = None,
                        chunk_sizes: Optional[List[Any]] = None, replica_indices: Optional[List[int]] = None
                        ) -> List[Any]:
         runtime = self._ensure_runtime()
         state = capture_thread_state()
-        indices = replica_indices if replica_indices is not None else list(range(len(replicas)))
-        streams = [runtime.streams[k] for k in indices] if runtime.streams else [None] * len(replicas)
+        own_call = replica_indices is not None  # from dpfast's forward, which orders the lanes itself
+        if replica_indices is None:  # called as nn.DataParallel's step: which replicas are these?
+            index_of = {id(mods[0]): k for k, mods in enumerate(runtime.replicas.replica_modules)}
+            replica_indices = [index_of.get(id(r), k) for k, r in enumerate(replicas)]
+        if kwargs is None:
+            kwargs = [{} for _ in replicas]
+        streams = [runtime.streams[k] for k in replica_indices] if runtime.streams else [None] * len(replicas)
 
         def job(replica, args, kw, stream):
             def run():
@@ -265,17 +336,24 @@ class DataParallel(nn.DataParallel):
         sizes = chunk_sizes or [None] * len(replicas)
         wheres = [f"in replica {k} on device {self.devices[k]}" +
                   (f" (a batch chunk of {size} rows)" if size is not None else "")
-                  for k, size in zip(indices, sizes)]
-        return runtime.pool.run(fns, wheres)
+                  for k, size in zip(replica_indices, sizes)]
+        if own_call or not runtime.streams:
+            return runtime.pool.run(fns, wheres)
+        lane_streams.wait_for_callers(streams)  # NOTE [Stream ordering]
+        outputs = runtime.pool.run(fns, wheres)
+        lane_streams.callers_wait_for(streams, outputs)
+        return outputs
 
     def gather(self, outputs: List[Any], output_device, devices=None, streams=None, scalar_weights=None) -> Any:
-        devices = devices if devices is not None else self.devices[:len(outputs)]
+        if devices is None:  # called as nn.DataParallel's step: where each output is
+            devices = [next((t.device for _, t in scatter_gather.iter_tensors(out, "")), self.devices[k])
+                       for k, out in enumerate(outputs)]
         return scatter_gather.gather(outputs, _devices.to_device(output_device, "output_device"), self.dim,
                                      devices, lane_streams.ids(streams), scalar_weights=scalar_weights)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Also takes a plain module's state_dict (keys without ``module.``)."""
-        if not checkpoint.is_wrapped(state_dict) and len(state_dict) > 0:
+        if len(state_dict) > 0 and not any(k.startswith(checkpoint.PREFIX) for k in state_dict):
             state_dict = checkpoint.wrap_state_dict(state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 

@@ -75,6 +75,8 @@ def parse_device_ids(device_ids: Optional[Sequence[Any]]) -> List[torch.device]:
     except TypeError:
         raise TypeError(f"dpfast.DataParallel: device_ids: expected a list of devices, but got {_describe(device_ids)}") from None
     if not entries:
+        if not torch.cuda.is_available():
+            return []  # as nn.DataParallel without CUDA: run the module directly
         raise ValueError("dpfast.DataParallel: device_ids: expected at least one device, but got an empty list")
     if not torch.cuda.is_available() and all(_names_cuda(entry) for entry in entries):
         # nn.DataParallel without CUDA ignores device_ids and runs the module directly, so that

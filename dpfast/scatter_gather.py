@@ -186,7 +186,10 @@ def scatter(obj: Any, devices: List[torch.device], chunk_sizes: List[int], dim: 
                     for vals in zip(*per_field)] if items else [value for _ in devices]
         return [value for _ in devices]
 
-    return scatter_map(obj)
+    try:
+        return scatter_map(obj)
+    finally:
+        scatter_map = None  # the recursive closure refers to itself: no reference cycle per call
 
 
 def scatter_kwargs(inputs: tuple, kwargs: Optional[dict], devices: List[torch.device], chunk_sizes: List[int],
@@ -240,8 +243,10 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
                 raise mismatch(path, _kind(first), k, _kind(v))
             if isinstance(first, (list, tuple)) and len(v) != len(first):
                 raise mismatch(path, f"{len(first)} items", k, f"{len(v)}")
-            if isinstance(first, dict) and list(v.keys()) != list(first.keys()):
-                raise mismatch(path, f"the keys {list(first.keys())}", k, f"the keys {list(v.keys())}")
+            if isinstance(first, dict) and v.keys() != first.keys():  # in any order, as nn.DataParallel
+                raise ValueError(f"dpfast.DataParallel: outputs{path}: expected every replica to return a dict "
+                                 f"with the keys {list(first.keys())} (as replica 0 did), but replica {k} "
+                                 f"returned the keys {list(v.keys())}")
         if isinstance(first, torch.Tensor):
             scalars = first.dim() == 0
             tensors = [v.unsqueeze(0) if v.dim() == 0 else v for v in values]
@@ -285,4 +290,7 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
                 pass
         return list(values)
 
-    return gather_map(outputs)
+    try:
+        return gather_map(outputs)
+    finally:
+        gather_map = None  # the recursive closure refers to itself: no reference cycle per call

@@ -698,3 +698,158 @@ def test_a_layout_from_cudnn_is_checked_before_use(numel, offsets, expected):
 
     result = checked_layout(numel, offsets, [4, 4, 4])
     assert (result == (numel, offsets)) if expected else result is None
+
+
+# -- nn.DataParallel's own behaviour, where its source or its tests pin it -------------------------
+
+
+class _NoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.arange(6, dtype=torch.float64).view(2, 3))
+
+    def forward(self):
+        return self.weight * 2
+
+
+def test_a_forward_without_inputs_runs_one_replica():
+    """nn.DataParallel turns a call without inputs into one replica's call (its test
+    test_data_parallel_module_zero_inputs): the output is the module's, not N copies of it."""
+    wrapped = dpfast.DataParallel(_NoInputs(), device_ids=CPU4)
+    out = wrapped()
+    assert out.shape == (2, 3)
+    torch.testing.assert_close(out, wrapped.module.weight * 2)
+    out.sum().backward()
+    assert torch.equal(wrapped.module.weight.grad, torch.full((2, 3), 2.0, dtype=torch.float64))
+
+
+class _Scalar(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1).double()
+
+    def forward(self, x):
+        return self.lin(x).sum()
+
+
+def test_one_active_replica_of_several_still_goes_through_the_gather():
+    """A batch of one row on several devices: nn.DataParallel replicates and gathers, so a 0-dim
+    output comes back as a vector of one value; on one device it calls the module itself."""
+    x = torch.randn(1, 4, dtype=torch.float64)
+    several = dpfast.DataParallel(_Scalar(), device_ids=CPU4)
+    assert several(x).shape == (1,)
+    one = dpfast.DataParallel(_Scalar(), device_ids=["cpu"])
+    assert one(x).shape == ()
+
+
+class _GathersNothing(dpfast.DataParallel):
+    """The pattern of PyTorch-Encoding's DataParallelModel: outputs stay on their replicas."""
+
+    def gather(self, outputs, output_device):
+        return outputs
+
+
+class _OwnScatter(dpfast.DataParallel):
+    def scatter(self, inputs, kwargs, device_ids):
+        self.scatter_calls = getattr(self, "scatter_calls", 0) + 1
+        return super().scatter(inputs, kwargs, device_ids)
+
+
+class _OwnReplicate(dpfast.DataParallel):
+    """Synchronized-BatchNorm's DataParallelWithCallback overrides replicate this way."""
+
+    def replicate(self, module, device_ids):
+        replicas = super().replicate(module, device_ids)
+        self.replicated = len(replicas)
+        return replicas
+
+
+class _OwnParallelApply(dpfast.DataParallel):
+    def parallel_apply(self, replicas, inputs, kwargs):
+        return super().parallel_apply(replicas, inputs, kwargs)
+
+
+@pytest.mark.parametrize("cls", [_OwnScatter, _OwnReplicate, _OwnParallelApply, _GathersNothing])
+def test_subclasses_overriding_a_step_with_nn_dataparallels_signature(cls):
+    """scatter, replicate, parallel_apply and gather are nn.DataParallel's extension points:
+    overrides written for it (and super() calls from them) keep working, and training is exact."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    wrapped = cls(copy.deepcopy(reference), device_ids=CPU4[:3])
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (reference, wrapped)]
+    for step in range(3):
+        x = torch.randn(7, 4, dtype=torch.float64)
+        for opt in opts:
+            opt.zero_grad()
+        reference(x).pow(2).sum().backward()
+        out = wrapped(x)
+        if cls is _GathersNothing:
+            assert isinstance(out, list) and [o.shape[0] for o in out] == [3, 3, 1]  # torch.chunk's split
+            out = torch.cat(out)
+        out.pow(2).sum().backward()
+        assert_same_grads(reference, wrapped)
+        for opt in opts:
+            opt.step()
+    assert_same_params(reference, wrapped)
+    if cls is _OwnScatter:
+        assert wrapped.scatter_calls == 3
+    if cls is _OwnReplicate:
+        assert wrapped.replicated == 3
+
+
+def test_a_forward_leaves_no_reference_cycles():
+    """nn.DataParallel's test_data_parallel_model_no_refcycles: nothing for the cycle collector
+    after a forward and backward (recursive closures in scatter and gather would leave some)."""
+    wrapped = dpfast.DataParallel(nn.Linear(4, 2).double(), device_ids=CPU4)
+    wrapped(torch.randn(8, 4, dtype=torch.float64)).sum().backward()  # build everything first
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            wrapped(torch.randn(8, 4, dtype=torch.float64)).sum().backward()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
+class _KeysInAnyOrder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2).double()
+
+    def forward(self, x):
+        a, b = self.lin(x), x.sum(1)
+        return {"a": a, "b": b} if x.sum() > 0 else {"b": b, "a": a}
+
+
+def test_dict_outputs_are_gathered_by_key_and_other_keys_are_a_value_error():
+    wrapped = dpfast.DataParallel(_KeysInAnyOrder(), device_ids=CPU4[:2])
+    x = torch.cat([torch.ones(2, 4), -torch.ones(2, 4)]).double()
+    out = wrapped(x)
+    assert list(out) == ["a", "b"]
+    torch.testing.assert_close(out["b"], x.sum(1))
+
+    class OtherKeys(nn.Module):
+        def forward(self, x):
+            return {"a": x} if x.sum() > 0 else {"c": x}
+
+    with pytest.raises(ValueError, match=r"outputs: expected every replica to return a dict with the keys \['a'\] "
+                                         r"\(as replica 0 did\), but replica 1 returned the keys \['c'\]"):
+        dpfast.DataParallel(OtherKeys(), device_ids=CPU4[:2])(x)
+
+
+def test_load_state_dict_with_some_keys_prefixed_loads_those_as_nn_dataparallel():
+    wrapped = dpfast.DataParallel(nn.Linear(3, 2), device_ids=CPU4)
+    result = wrapped.load_state_dict({"module.weight": torch.zeros(2, 3), "bias": torch.zeros(2)}, strict=False)
+    assert torch.equal(wrapped.module.weight, torch.zeros(2, 3))
+    assert result.missing_keys == ["module.bias"] and result.unexpected_keys == ["bias"]
+
+
+def test_one_device_moves_the_module_there_as_nn_dataparallel():
+    module = nn.Linear(3, 2).double()
+    moved = []
+    module.register_forward_pre_hook(lambda m, args: moved.append(m.weight.device))
+    wrapped = dpfast.DataParallel(module, device_ids=["cpu"])
+    assert wrapped.module.weight.device == torch.device("cpu")
+    wrapped(torch.randn(2, 3, dtype=torch.float64))
+    assert moved == [torch.device("cpu")]

@@ -24,7 +24,6 @@ def make():
     (["tpu"], ValueError, r"device_ids\[0\]: expected a device such as 'cpu' or 'cuda:0', but got 'tpu'"),
     (["cpu", 3.5], TypeError, r"device_ids\[1\]: expected a CUDA index, 'cpu', 'cuda:N' or a torch.device, but got 3.5"),
     ("cpu", TypeError, r"device_ids: expected a list of devices, but got 'cpu' \(str\); write \['cpu'\]"),
-    ([], ValueError, r"device_ids: expected at least one device, but got an empty list"),
     ([True], TypeError, r"device_ids\[0\]: expected a CUDA index"),
 ])
 def test_bad_device_ids(device_ids, error, pattern):
@@ -33,16 +32,23 @@ def test_bad_device_ids(device_ids, error, pattern):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without CUDA")
-def test_cuda_device_ids_without_cuda_run_the_module_directly_as_nn_dataparallel():
+@pytest.mark.parametrize("device_ids", [[0, 1], []])
+def test_cuda_device_ids_without_cuda_run_the_module_directly_as_nn_dataparallel(device_ids):
     model = make()
-    wrapped = dpfast.DataParallel(model, device_ids=[0, 1], output_device=0)
-    theirs = torch.nn.DataParallel(model, device_ids=[0, 1], output_device=0)
+    wrapped = dpfast.DataParallel(model, device_ids=device_ids, output_device=0)
+    theirs = torch.nn.DataParallel(model, device_ids=device_ids, output_device=0)
     x = torch.randn(4, 4, dtype=torch.float64)
     assert wrapped.device_ids == theirs.device_ids == []
     torch.testing.assert_close(wrapped(x), theirs(x))
     with pytest.raises(ValueError, match=r"device_ids\[1\]: expected an available device, but got cuda:0 and CUDA is "
                                          r"not available here"):
         dpfast.DataParallel(model, device_ids=["cpu", 0])  # naming the CPU too: a mix, not GPU code
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_empty_device_list_with_cuda_is_rejected():
+    with pytest.raises(ValueError, match=r"device_ids: expected at least one device, but got an empty list"):
+        dpfast.DataParallel(make().cuda(), device_ids=[])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -90,10 +96,19 @@ def test_mismatched_batch_sizes():
         wrapped(torch.zeros(8, 2), b=torch.zeros(6, 2))
 
 
-def test_empty_batch_and_dim_out_of_range():
+@pytest.mark.parametrize("device_ids", [CPU4, ["cpu"]])
+def test_an_empty_batch_gives_the_modules_empty_output_as_nn_dataparallel(device_ids):
+    wrapped = dpfast.DataParallel(make(), device_ids=device_ids)
+    x = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    out = wrapped(x)
+    assert out.shape == (0, 2)
+    out.sum().backward()
+    assert x.grad.shape == (0, 4)
+    assert wrapped(torch.ones(8, 4, dtype=torch.float64)).shape == (8, 2)  # and the next batch as usual
+
+
+def test_dim_out_of_range():
     wrapped = dpfast.DataParallel(make(), device_ids=CPU4)
-    with pytest.raises(ValueError, match=r"expected a non-empty batch, but the batch dimension \(dim 0\) has size 0"):
-        wrapped(torch.zeros(0, 4, dtype=torch.float64))
     wrapped3 = dpfast.DataParallel(make(), device_ids=CPU4, dim=3)
     with pytest.raises(ValueError, match=r"dim: expected a dimension in \[-2, 2\) of every input tensor, but got dim=3 "
                                          r"and inputs\[0\] has shape \(8, 4\)"):

@@ -250,10 +250,6 @@ INPUT_CASES = [
     ("dim_out_of_range_for_a_later_input", {"dim": 1}, (torch.zeros(8, 4),), {"lengths": torch.zeros(8)},
      ValueError, r"dim: expected a dimension in \[-1, 1\) of every input tensor, but got dim=1 and "
                  r"kwargs\['lengths'\] has shape \(8,\)"),
-    ("empty_batch_dim1", {"dim": 1}, (torch.zeros(3, 0, 4),), {}, ValueError,
-     r"inputs: expected a non-empty batch, but the batch dimension \(dim 1\) has size 0"),
-    ("empty_batch_in_kwargs_only", {}, (), {"x": [torch.zeros(0, 4)]}, ValueError,
-     r"inputs: expected a non-empty batch, but the batch dimension \(dim 0\) has size 0"),
 ]
 
 
