@@ -72,7 +72,9 @@ class BatchNormAverager:
             biased = sum(n * ((n - 1) / n * v + (mu - mean) ** 2)
                          for n, mu, v in zip(counts, means, variances)) / total
             unbiased = biased * total / max(total - 1.0, 1.0)
-            root.running_mean.copy_((1 - momentum) * mean_before + momentum * mean)
-            root.running_var.copy_((1 - momentum) * var_before + momentum * unbiased)
+            # Through .data: replica 0's BatchNorm saved these tensors for its backward (which reads
+            # the batch statistics, not these), and a version bump would fail that backward.
+            root.running_mean.data.copy_((1 - momentum) * mean_before + momentum * mean)
+            root.running_var.data.copy_((1 - momentum) * var_before + momentum * unbiased)
             if root.num_batches_tracked is not None:
-                root.num_batches_tracked.copy_(tracked_before + 1)  # whether or not replica 0 ran
+                root.num_batches_tracked.data.copy_(tracked_before + 1)  # whether or not replica 0 ran
