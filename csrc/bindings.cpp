@@ -89,6 +89,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("coalesce_into", &dpfast::coalesce_into, "tensors"_a, "flat"_a, py::call_guard<py::gil_scoped_release>());
   m.def("uncoalesce_from", &dpfast::uncoalesce_from, "flat"_a, "tensors"_a,
         py::call_guard<py::gil_scoped_release>());
+  m.def("point_into", &dpfast::point_into, "tensor"_a, "flat"_a, "offset"_a,
+        py::call_guard<py::gil_scoped_release>());
 
   // The planner, for tests, the benchmark's cost model and dpfast.info.
   m.def(

@@ -357,4 +357,13 @@ void uncoalesce_from(const at::Tensor& flat, const std::vector<at::Tensor>& tens
   at::_foreach_copy_(targets, pieces);  // one fused launch on CUDA
 }
 
+void point_into(const at::Tensor& tensor, const at::Tensor& flat, int64_t offset) {
+  TORCH_CHECK(tensor.defined(), "dpfast.point_into: expected a tensor, but got None");
+  check_coalesce("point_into", {tensor}, flat);
+  TORCH_CHECK(offset >= 0 && offset + tensor.numel() <= flat.numel(), "dpfast.point_into: offset: expected a place for ",
+              tensor.numel(), " elements in a flat buffer of ", flat.numel(), ", but got offset ", offset);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  tensor.set_(flat.narrow(0, offset, tensor.numel()).view(tensor.sizes()));
+}
+
 }  // namespace dpfast

@@ -86,6 +86,12 @@ void coalesce_into(const std::vector<at::Tensor>& tensors, const at::Tensor& fla
 // The inverse of coalesce_into: copies consecutive pieces of `flat` into `tensors`.
 void uncoalesce_from(const at::Tensor& flat, const std::vector<at::Tensor>& tensors);
 
+// Points `tensor` at `flat[offset : offset + tensor.numel()]`, viewed in its shape, without
+// copying and below autograd (NOTE [Engine writes and version counters]): for a replica's weight
+// that a forward moved out of its flat buffer (RNNBase.flatten_parameters), while graphs that saved
+// it may still be alive.
+void point_into(const at::Tensor& tensor, const at::Tensor& flat, int64_t offset);
+
 // The plan the engine would follow for a buffer of `bytes` over `num_lanes`.
 plan::TreeShape resolve_shape(const TreeOptions& options, int64_t bytes, int num_lanes);
 int64_t resolve_chunk_bytes(const TreeOptions& options, plan::TreeShape shape, int64_t bytes, int num_lanes);

@@ -269,6 +269,8 @@ class DataParallel(nn.DataParallel):
             scattered_inputs, scattered_kwargs = self.scatter(inputs, kwargs, devices, chunk_sizes, streams)
         with self._phase("forward"):
             outputs = self.parallel_apply(replicas, scattered_inputs, scattered_kwargs, chunk_sizes, active)
+        if runtime.replicas.weights_moved(active[-1] + 1) and runtime.reducer is not None:
+            runtime.reducer.note_weights_moved()
         if snapshots:
             lane_streams.callers_wait_for(streams)
             runtime.bn_averager.apply(snapshots, runtime.replicas.modules,

@@ -122,6 +122,8 @@ class GradReducer:
         """Per-backward state: marks per bucket, which buckets were launched (locally, and
         across processes in bucket order), and the cross-process work in flight."""
         self._ready.reset_window()
+        self._forwards_in_window = 0
+        self._early_launch = True
         self._launched = [False] * len(self.buckets)
         self._next_cross = 0
         self._cross_work = [None] * len(self.buckets)
@@ -152,7 +154,7 @@ class GradReducer:
         """Every replica's gradient of every parameter of bucket b is in (replica 0's too across
         processes): reduce it now, while backward goes on with the earlier layers."""
         with self._lock:
-            if self.sync_enabled and not self._launched[b]:
+            if self.sync_enabled and self._early_launch and not self._launched[b]:
                 self._launch(b)
                 self.early_reduction_count += 1
 
@@ -164,6 +166,16 @@ class GradReducer:
                 # backward reduces only its own gradients.
                 self._discard()
             self._ready.note_replicas(num_replicas)
+            self._forwards_in_window += 1
+
+    def note_weights_moved(self) -> None:
+        """A forward moved replica weights (Tensor.set_: a new gradient accumulator). After an
+        earlier forward of the same backward, a weight then gets its gradient through two
+        accumulators, one after the other: a bucket counted complete at the first could miss the
+        second. This backward reduces every bucket at its end."""
+        with self._lock:
+            if self._forwards_in_window > 1:
+                self._early_launch = False
 
     def _discard(self) -> None:
         current = lane_streams.current_stream(self.devices[0])

@@ -49,6 +49,7 @@ points such tensors back into their flat buffer first (_repoint).
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -107,6 +108,14 @@ def _module_entries(module: nn.Module) -> tuple:
     params, buffers, children = d["_parameters"], d["_buffers"], d["_modules"]
     return (tuple(params), tuple(map(id, params.values())), tuple(buffers), tuple(map(id, buffers.values())),
             tuple(children), tuple(map(id, children.values())))
+
+
+def _keep_layout() -> None:
+    """A replica RNN's flatten_parameters(): its weights already sit in their flat group."""
+
+
+def _referent(value: Any) -> Any:
+    return value() if isinstance(value, weakref.ReferenceType) else value
 
 
 class ReplicaSet:
@@ -209,6 +218,9 @@ class ReplicaSet:
         self.repointable = sorted({index_of[id(t)] for m in self.modules if callable(getattr(m, "flatten_parameters", None))
                                    for t in list(m._parameters.values()) + list(m._buffers.values()) if t is not None})
         self.repoint_count = 0
+        # Replicas of nn.RNNBase keep their weights where the flat group put them (in cuDNN's layout
+        # where it takes them): their flatten_parameters() does nothing (NOTE [RNN replicas]).
+        self.rnn_modules = [j for j, m in enumerate(self.modules) if isinstance(m, nn.RNNBase)]
         # replica_modules[k][j]: replica k's copy of self.modules[j]; with their own three dictionaries.
         module_index = {id(m): j for j, m in enumerate(self.modules)}
         self.replica_modules: List[List[nn.Module]] = [self.modules]
@@ -237,18 +249,25 @@ class ReplicaSet:
         self._refresh_attributes(n)
 
     def _holds_own_tensor(self, value: Any) -> bool:
-        if isinstance(value, torch.Tensor):
-            return id(value) in self.index_of
+        if isinstance(value, (torch.Tensor, weakref.ReferenceType)):
+            return id(_referent(value)) in self.index_of
         if isinstance(value, (list, tuple)):
-            return any(isinstance(v, torch.Tensor) and id(v) in self.index_of for v in value)
+            return any(isinstance(v, (torch.Tensor, weakref.ReferenceType)) and id(_referent(v)) in self.index_of
+                       for v in value)
         return False
 
     def _map_to_replica(self, value: Any, k: int) -> Any:
-        own = self.replica_tensors[k]
+        """A tensor of the module becomes the replica's own, and a weak reference to one (RNNBase's
+        _flat_weight_refs, which it compares with its weights to decide whether to flatten them
+        again) a weak reference to the replica's own."""
         if isinstance(value, torch.Tensor):
-            return own[self.index_of[id(value)]] if id(value) in self.index_of else value
+            i = self.index_of.get(id(value))
+            return value if i is None else self.replica_tensors[k][i]
+        if isinstance(value, weakref.ReferenceType):
+            i = self.index_of.get(id(value()))
+            return value if i is None else weakref.ref(self.replica_tensors[k][i])
         if isinstance(value, (list, tuple)):
-            return type(value)(self._map_to_replica(v, k) if isinstance(v, torch.Tensor) else v for v in value)
+            return type(value)(self._map_to_replica(v, k) for v in value)
         return value
 
     # -- per call ------------------------------------------------------------------------------
@@ -271,6 +290,8 @@ class ReplicaSet:
                     if key in d:
                         d[key] = self._map_to_replica(d[key], k)
                 object.__setattr__(replica, "__dict__", d)
+            for j in self.rnn_modules:
+                self.replica_modules[k][j].__dict__["flatten_parameters"] = _keep_layout
 
     def _current_versions(self, g: int, num_replicas: int) -> list:
         members = self.groups[g][1]
@@ -321,16 +342,27 @@ class ReplicaSet:
         silence cuDNN's warning under nn.DataParallel, copies the weights into a new buffer and
         re-points the parameters there (Tensor.set_). The broadcast writes the flat buffer, so
         such a replica would run on the previous step's weights from then on."""
-        group_index = self.group_index
+        for k, i in self._moved(num_replicas):
+            # Below autograd: a graph of an earlier call (two forwards, one backward) may have
+            # saved this weight, and a version bump would fail its backward.
+            _C.point_into(self.replica_tensors[k][i], self.flats[k][self.group_index[i]], self.offsets[i])
+            self.repoint_count += 1
+
+    def _moved(self, num_replicas: int) -> List[Tuple[int, int]]:
+        """(replica, tensor index) of the replica tensors that are not in their flat buffer."""
+        moved = []
         for k in range(1, num_replicas):
             own = self.replica_tensors[k]
             for i in self.repointable:
-                flat = self.flats[k][group_index[i]]
-                expected = flat.data_ptr() + self.offsets[i] * flat.element_size()
-                if own[i].data_ptr() != expected:
-                    with torch.no_grad():
-                        own[i].set_(flat.narrow(0, self.offsets[i], own[i].numel()).view(own[i].shape))
-                    self.repoint_count += 1
+                flat = self.flats[k][self.group_index[i]]
+                if own[i].data_ptr() != flat.data_ptr() + self.offsets[i] * flat.element_size():
+                    moved.append((k, i))
+        return moved
+
+    def weights_moved(self, num_replicas: int) -> bool:
+        """Whether a forward moved replica weights (Tensor.set_ gives them a new gradient
+        accumulator: two forwards before one backward then accumulate each through its own)."""
+        return bool(self.repointable) and bool(self._moved(num_replicas))
 
     def _follow_requires_grad(self) -> None:
         """Replica parameters require grad exactly where the root's do (a GAN freezes its

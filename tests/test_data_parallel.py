@@ -583,6 +583,57 @@ def test_weights_moved_by_flatten_parameters_in_forward_still_get_the_new_values
     assert wrapped._runtime.replicas.repoint_count > 0
 
 
+class _FlattensLikeCudnn(nn.Module):
+    """cuDNN's flatten moves the weights into a new buffer without bumping their version counter
+    (it runs below autograd), and the forward saves them for backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 4))
+
+    def flatten_parameters(self):
+        if self.weight.data_ptr() != self.__dict__.get("flat_ptr"):  # not in "its" buffer: move it there
+            with torch.no_grad():
+                version = self.weight._version
+                self.weight.set_(self.weight.detach().clone())
+                torch._C._autograd._unsafe_set_version_counter((self.weight,), (version,))
+            self.flat_ptr = self.weight.data_ptr()
+
+    def forward(self, x):
+        self.flatten_parameters()
+        return torch.tanh(x @ self.weight) @ self.weight
+
+
+def test_two_forwards_then_one_backward_with_weights_moved_in_forward():
+    """The second call points the replica weights the first call moved back into their flat
+    buffer; that must not count as an in-place change of tensors the first call's graph saved."""
+    reference, wrapped = pair(_FlattensLikeCudnn, device_ids=CPU4[:2])
+    wrapped(torch.randn(4, 4, dtype=torch.float64)).sum().backward()  # the root moves its weight once
+    wrapped.zero_grad()
+    a, b = torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)
+    (reference(a).sum() + reference(b).sum()).backward()
+    (wrapped(a).sum() + wrapped(b).sum()).backward()
+    assert_same_grads(reference, wrapped)
+
+
+def test_rnn_replicas_keep_their_weights_for_the_flat_weight_check(monkeypatch):
+    """RNNBase compares its weights with weak references (_flat_weight_refs) and flattens them
+    again when they differ; a replica's references must be to its own weights, or every call of
+    every replica would copy all its weights (on CUDA: a new cuDNN buffer per call)."""
+    reinitialized = []
+    original = nn.RNNBase._init_flat_weights
+    monkeypatch.setattr(nn.RNNBase, "_init_flat_weights",
+                        lambda self: (reinitialized.append(self), original(self))[1])
+    reference, wrapped = pair(lambda: nn.LSTM(3, 5, num_layers=2, batch_first=True))
+    x = torch.randn(6, 8, 3, dtype=torch.float64)
+    wrapped(x)  # the first call builds the replicas
+    reinitialized.clear()
+    for _ in range(2):
+        out, _ = wrapped(x)
+    assert reinitialized == []
+    torch.testing.assert_close(out, reference(x)[0], rtol=1e-12, atol=1e-12)
+
+
 def test_rnn_weights_get_a_group_in_the_layout_asked_for(monkeypatch):
     """On CUDA the layout comes from cuDNN (NOTE [RNN replicas]); here a stand-in with gaps between
     the weights, as cuDNN's alignment can leave, runs the same grouping, copy and broadcast."""
