@@ -35,6 +35,18 @@ def _sparse_dims(module: nn.Module, params: List[torch.Tensor]) -> dict:
     return {i: 1 for i, p in enumerate(params) if id(p) in sparse}
 
 
+def _hold_through_backward(outputs: Any, runtime: _Runtime) -> Any:
+    """The outputs' autograd nodes keep the runtime (and so the gradient reducer) alive: a wrapper
+    dropped between forward and backward (``DataParallel(m)(x).sum().backward()``) still reduces,
+    as nn.DataParallel, which keeps nothing between calls, does."""
+    if not torch.is_grad_enabled():
+        return outputs
+    nodes = {id(t.grad_fn): t.grad_fn for _, t in scatter_gather.iter_tensors(outputs, "") if t.grad_fn is not None}
+    for node in nodes.values():
+        node.metadata["dpfast_runtime"] = runtime
+    return outputs
+
+
 _STEPS = ("scatter", "replicate", "parallel_apply", "gather")
 
 
@@ -85,7 +97,7 @@ class _Runtime:
 
     def close(self) -> None:
         if self.reducer is not None:
-            self.reducer.remove()
+            self.reducer.close()
         self.pool.close()
 
 
@@ -216,13 +228,15 @@ class DataParallel(nn.DataParallel):
                 # NOTE [Cross-process gradients]: rank 0's buffers, and this process's share of the batch.
                 cross.broadcast_from_rank0(list(self.module.buffers()))
                 share = (batch or 0) / max(cross.global_batch(batch or 0), 1)
-                return distributed.scale_output_grads(
-                    self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), share)
+                return _hold_through_backward(distributed.scale_output_grads(
+                    self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), share),
+                    runtime)
             if n == 1 and self.gather_outputs and cross is None:  # as nn.DataParallel: the module itself
                 self._check_module_device()
                 inputs, kwargs = scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim)
                 return self.module(*inputs[0], **kwargs[0])
-            return self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices)
+            return _hold_through_backward(
+                self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), runtime)
 
     def _check_module_device(self) -> None:
         for t in itertools.chain(self.module.parameters(), self.module.buffers()):

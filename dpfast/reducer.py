@@ -63,6 +63,7 @@ class GradReducer:
         self.early_reduction_count = 0  # of which launched during backward
         self._lock = threading.Lock()
         self._callback_queued = False
+        self._remove_after_backward = False  # set by close() while a backward may still come
         self._root_hooks = {}  # parameter index -> Python hook on the root's parameter (across processes)
         # parameter index -> sparse_dim of its sparse gradient, declared by the module or seen on the
         # root: the sum is handed back sparse even when the root got none (replica buckets are dense)
@@ -132,7 +133,12 @@ class GradReducer:
         return self._views[k][i]
 
     def _make_root_hook(self, i: int):
-        def hook(grad: torch.Tensor) -> torch.Tensor:
+        ref = weakref.ref(self)  # the hook lives on the root's parameter, which outlives this reducer
+
+        def hook(grad: torch.Tensor) -> Optional[torch.Tensor]:
+            self = ref()
+            if self is None:
+                return None
             with torch.no_grad():
                 self._view(i, 0).add_(grad)
             self._ready.mark(i, 0)
@@ -236,6 +242,8 @@ class GradReducer:
             else:
                 with self._phase("reduce"):
                     self._finish()
+        if self._remove_after_backward:
+            self.remove()
 
     def reduce(self) -> None:
         """Reduces every bucket holding a gradient into the root's .grad now (outside backward)."""
@@ -289,6 +297,15 @@ class GradReducer:
 
     def has_pending(self) -> bool:
         return self._ready.any_grad()
+
+    def close(self) -> None:
+        """The wrapper is gone. A backward of a forward it ran may still come (the graph keeps this
+        reducer alive, see data_parallel._hold_through_backward): then the hooks go at its end."""
+        with self._lock:
+            if self._forwards_in_window > 0 or self._callback_queued:
+                self._remove_after_backward = True
+                return
+        self.remove()
 
     def remove(self) -> None:
         for handle in self._root_hooks.values():

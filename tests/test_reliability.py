@@ -815,3 +815,32 @@ def test_interpreter_exit_with_a_wrapper_alive_does_not_hang():
         assert code == 0 and "done" in out, f"{name}: exit status {code}, stdout {out!r}\n{err[-3000:]}"
         assert "Fatal Python error" not in err and "Traceback" not in err, f"{name}:\n{err[-3000:]}"
     assert "interrupted" in results["busy"][1]
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_a_wrapper_dropped_between_forward_and_backward_still_reduces(gather):
+    """nn.DataParallel keeps nothing between calls, so `DataParallel(m)(x).sum().backward()` or a
+    helper that wraps per call gives full gradients; the graph keeps dpfast's reducer alive until
+    its backward, and everything goes once that is done."""
+    torch.manual_seed(0)
+    reference = nn.Linear(4, 2).double()
+    module = copy.deepcopy(reference)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    before = worker_threads()
+    wrapped = dpfast.DataParallel(module, device_ids=["cpu"] * 4, gather=gather)
+    out = wrapped(x)
+    runtime = weakref.ref(wrapped._runtime)
+    del wrapped
+    gc.collect()
+    assert worker_threads() == before  # the workers went with the wrapper
+    loss = out.gather().sum() if not gather else out.sum()
+    del out
+    loss.backward()
+    reference(x).sum().backward()
+    torch.testing.assert_close(module.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
+    del loss
+    gc.collect()
+    assert runtime() is None  # and the reducer with the graph
+    module.zero_grad()
+    module(x).sum().backward()  # the module itself is left as it was: no hook of dpfast's on it
+    torch.testing.assert_close(module.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
