@@ -208,8 +208,8 @@ class DataParallel(nn.DataParallel):
                 return self.module(*inputs, **kwargs)
             if _overrides_a_step(type(self)):
                 return self._forward_through_overrides(inputs, kwargs)
-            batch = scatter_gather.find_batch_size(inputs, kwargs, self.dim)
             n = len(self.devices)
+            batch = scatter_gather.find_batch_size(inputs, kwargs, self.dim, n)
             if not inputs and not kwargs:  # as nn.DataParallel: a forward without inputs runs once
                 sizes = [None] + [0] * (n - 1)
             elif batch == 0:  # an empty batch: replica 0 runs it (an empty output, as the module gives)
@@ -233,7 +233,8 @@ class DataParallel(nn.DataParallel):
                     runtime)
             if n == 1 and self.gather_outputs and cross is None:  # as nn.DataParallel: the module itself
                 self._check_module_device()
-                inputs, kwargs = scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim)
+                inputs, kwargs = scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim,
+                                                               replica_rows=(1, [0]))
                 return self.module(*inputs[0], **kwargs[0])
             return _hold_through_backward(
                 self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), runtime)
@@ -280,7 +281,8 @@ class DataParallel(nn.DataParallel):
         # reuse of memory the allocator hands to a lane after the caller freed it.
         lane_streams.wait_for_callers(streams)
         with self._phase("scatter"):
-            scattered_inputs, scattered_kwargs = self.scatter(inputs, kwargs, devices, chunk_sizes, streams)
+            scattered_inputs, scattered_kwargs = self.scatter(inputs, kwargs, devices, chunk_sizes, streams,
+                                                              replica_indices=active)
         with self._phase("forward"):
             outputs = self.parallel_apply(replicas, scattered_inputs, scattered_kwargs, chunk_sizes, active)
         if runtime.replicas.weights_moved(active[-1] + 1) and runtime.reducer is not None:
@@ -300,12 +302,14 @@ class DataParallel(nn.DataParallel):
     # The four steps take nn.DataParallel's arguments (a subclass may override any of them, or call
     # them from its own forward); dpfast's forward also passes what it already knows.
     def scatter(self, inputs: tuple, kwargs: Optional[dict], device_ids: Sequence[Any],
-                chunk_sizes: Optional[List[Any]] = None, streams=None) -> Tuple[List[tuple], List[dict]]:
+                chunk_sizes: Optional[List[Any]] = None, streams=None, replica_indices: Optional[List[int]] = None
+                ) -> Tuple[List[tuple], List[dict]]:
         devices = [_devices.to_device(d, f"device_ids[{i}]") for i, d in enumerate(device_ids)]
+        num_replicas = len(self.devices) if replica_indices is not None else len(devices)
         if chunk_sizes is None:  # called as nn.DataParallel's step: the wrapper's split
             if not inputs and not kwargs:
                 return [], []
-            batch = scatter_gather.find_batch_size(inputs, kwargs or {}, self.dim)
+            batch = scatter_gather.find_batch_size(inputs, kwargs or {}, self.dim, num_replicas)
             if batch is None:
                 chunk_sizes = [None] * len(devices)
             else:
@@ -314,8 +318,9 @@ class DataParallel(nn.DataParallel):
                                                      self.weights if own_policy else None)
                 while len(chunk_sizes) > 1 and chunk_sizes[-1] == 0:  # fewer pieces, as torch.chunk gives
                     chunk_sizes, devices = chunk_sizes[:-1], devices[:-1]
+        running = replica_indices if replica_indices is not None else list(range(len(devices)))
         return scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim,
-                                             lane_streams.ids(streams))
+                                             lane_streams.ids(streams), replica_rows=(num_replicas, running))
 
     def replicate(self, module: nn.Module, device_ids: Any) -> List[nn.Module]:
         """The first len(device_ids) replicas (device_ids may be that number), made equal to the

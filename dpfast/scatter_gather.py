@@ -67,23 +67,29 @@ def iter_tensors(obj: Any, path: str):
             yield from iter_tensors(value, f"{path}.{name}")
 
 
-def find_batch_size(inputs: tuple, kwargs: dict, dim: int) -> Optional[int]:
+def find_batch_size(inputs: tuple, kwargs: dict, dim: int, num_replicas: Optional[int] = None) -> Optional[int]:
     """The common size along ``dim`` of every input tensor that has a batch
-    dimension, or None when there is none. Raises on disagreement."""
-    first_path, batch = None, None
+    dimension, or None when there is none. Raises on disagreement, except for
+    tensors of ``num_replicas`` rows next to a batch of another size: those
+    carry one row per replica (see ``scatter``)."""
+    sizes = []
     for path, tensor in list(iter_tensors(inputs, "inputs")) + list(iter_tensors(kwargs, "kwargs")):
         if tensor.dim() == 0:
             continue  # given whole to every replica
         if not -tensor.dim() <= dim < tensor.dim():
             raise ValueError(f"dpfast.DataParallel: dim: expected a dimension in [{-tensor.dim()}, {tensor.dim()}) "
                              f"of every input tensor, but got dim={dim} and {path} has shape {tuple(tensor.shape)}")
-        size = tensor.size(dim)
-        if batch is None:
-            first_path, batch = path, size
-        elif size != batch:
-            raise ValueError(f"dpfast.DataParallel: inputs: expected every input tensor to have the same size along "
-                             f"dim {dim} (the batch), but {first_path} has {batch} and {path} has {size}")
-    return batch
+        sizes.append((path, tensor.size(dim)))
+    distinct = {size for _, size in sizes}
+    if len(distinct) <= 1:
+        return distinct.pop() if distinct else None
+    if len(distinct) == 2 and num_replicas in distinct:
+        return (distinct - {num_replicas}).pop()
+    first_path, first = sizes[0]
+    path, size = next((p, n) for p, n in sizes if n != first)
+    raise ValueError(f"dpfast.DataParallel: inputs: expected every input tensor to have the same size along "
+                     f"dim {dim} (the batch), or one row per replica, but {first_path} has {first} and {path} "
+                     f"has {size}")
 
 
 class Scatter(torch.autograd.Function):
@@ -160,13 +166,26 @@ def scatter_tensor(tensor: torch.Tensor, devices: List[torch.device], chunk_size
 
 
 def scatter(obj: Any, devices: List[torch.device], chunk_sizes: List[int], dim: int,
-            lane_stream_ids: List[int] = ()) -> List[Any]:
+            lane_stream_ids: List[int] = (), replica_rows: Optional[Tuple[int, List[int]]] = None) -> List[Any]:
     """One object per replica: tensors split along dim in chunk_sizes, the
-    containers rebuilt with their own types, everything else shared."""
+    containers rebuilt with their own types, everything else shared.
+
+    ``replica_rows`` is (number of replicas, indices of those that run): a tensor
+    with one row per replica next to a batch of another size gives each running
+    replica its row, as nn.DataParallel's chunking does (the Hugging Face Trainer
+    passes ``num_items_in_batch`` so)."""
     lane_stream_ids = list(lane_stream_ids)
+    batch = sum(chunk_sizes) if chunk_sizes and None not in chunk_sizes else None
+    if replica_rows is not None:
+        num_replicas, running = replica_rows
+        running_rows = None if list(running) == list(range(num_replicas)) else torch.tensor(running)
 
     def scatter_map(value):
         if isinstance(value, torch.Tensor):
+            if (replica_rows is not None and value.dim() > 0 and value.size(dim) == num_replicas
+                    and value.size(dim) != batch):
+                rows = value if running_rows is None else value.index_select(dim, running_rows.to(value.device))
+                return scatter_tensor(rows, devices, [1] * len(devices), dim, lane_stream_ids)
             return scatter_tensor(value, devices, chunk_sizes, dim, lane_stream_ids)
         if _is_namedtuple(value) and len(value) > 0:
             return [type(value)(*fields) for fields in zip(*map(scatter_map, value))]
@@ -193,9 +212,10 @@ def scatter(obj: Any, devices: List[torch.device], chunk_sizes: List[int], dim: 
 
 
 def scatter_kwargs(inputs: tuple, kwargs: Optional[dict], devices: List[torch.device], chunk_sizes: List[int],
-                   dim: int, lane_stream_ids: List[int] = ()) -> Tuple[List[tuple], List[dict]]:
-    scattered_inputs = scatter(tuple(inputs), devices, chunk_sizes, dim, lane_stream_ids) if inputs else []
-    scattered_kwargs = scatter(dict(kwargs), devices, chunk_sizes, dim, lane_stream_ids) if kwargs else []
+                   dim: int, lane_stream_ids: List[int] = (), replica_rows: Optional[Tuple[int, List[int]]] = None
+                   ) -> Tuple[List[tuple], List[dict]]:
+    scattered_inputs = scatter(tuple(inputs), devices, chunk_sizes, dim, lane_stream_ids, replica_rows) if inputs else []
+    scattered_kwargs = scatter(dict(kwargs), devices, chunk_sizes, dim, lane_stream_ids, replica_rows) if kwargs else []
     n = len(devices)
     scattered_inputs = list(scattered_inputs) + [() for _ in range(n - len(scattered_inputs))]
     scattered_kwargs = list(scattered_kwargs) + [{} for _ in range(n - len(scattered_kwargs))]

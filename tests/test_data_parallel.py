@@ -904,3 +904,35 @@ def test_one_device_moves_the_module_there_as_nn_dataparallel():
     assert wrapped.module.weight.device == torch.device("cpu")
     wrapped(torch.randn(2, 3, dtype=torch.float64))
     assert moved == [torch.device("cpu")]
+
+
+class _LossOverItems(nn.Module):
+    """The Hugging Face pattern: the loss is a sum over tokens divided by num_items_in_batch, which
+    the Trainer passes with one row per GPU under nn.DataParallel (its shape (n_gpu, 1))."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3).double()
+
+    def forward(self, x, labels, num_items_in_batch=None):
+        loss = nn.functional.cross_entropy(self.lin(x), labels, reduction="sum")
+        return loss / num_items_in_batch
+
+
+@pytest.mark.parametrize("batch,chunk_sizes", [(8, None), (3, None), (8, [0, 4, 4, 0])])
+def test_a_tensor_with_one_row_per_replica_gives_each_replica_its_row(batch, chunk_sizes):
+    """nn.DataParallel chunks every tensor on its own, so the Trainer's (n_gpu, 1) num_items_in_batch
+    reaches each replica as one row; the mean of the gathered losses is the full-batch loss."""
+    torch.manual_seed(0)
+    reference = _LossOverItems()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, chunk_sizes=chunk_sizes)
+    x, labels = torch.randn(batch, 4, dtype=torch.float64), torch.randint(0, 3, (batch,))
+    running = 4 if chunk_sizes is None and batch >= 4 else (batch if chunk_sizes is None else 2)
+    per_gpu = torch.tensor(float(batch) / running, dtype=torch.float64)
+    losses = wrapped(x, labels, num_items_in_batch=per_gpu.reshape(1).expand(4, -1).reshape(4, 1))
+    assert losses.shape == (running, 1)
+    expected = reference(x, labels, num_items_in_batch=torch.tensor(float(batch), dtype=torch.float64))
+    torch.testing.assert_close(losses.mean(), expected, rtol=1e-12, atol=1e-12)
+    losses.mean().backward()
+    expected.backward()
+    assert_same_grads(reference, wrapped)
