@@ -17,15 +17,21 @@ struct ReadyHook : torch::autograd::PostAccumulateGradHook {
       : state(std::move(state)), index(index), replica(replica), view(std::move(view)) {}
 
   void operator()(const torch::autograd::Variable& param) override {
-    // With grad mode on in backward (create_graph=True) autograd accumulates out of place and
-    // replaces the view; otherwise it adds into the view in place (the hot path).
-    if (at::GradMode::is_enabled()) {
-      at::Tensor& grad = param.mutable_grad();
-      if (grad.defined() && grad.data_ptr() != view.data_ptr()) {
-        at::NoGradGuard no_grad;
-        view.copy_(grad);
-        grad = view;
+    // Autograd adds into the view in place (the hot path). The gradient is elsewhere when grad
+    // mode is on in backward (create_graph=True: autograd accumulated out of place, the view's
+    // contents included), or when something set the replica's .grad to None (a zero_grad() inside
+    // forward, which nn.DataParallel's replicas ignore): autograd then made a new one of this
+    // backward's gradient alone. Either way it goes into the view, and the view back into .grad.
+    at::Tensor& grad = param.mutable_grad();
+    if (grad.defined() && (grad.layout() != c10::kStrided || grad.data_ptr() != view.data_ptr())) {
+      const bool out_of_place = at::GradMode::is_enabled();
+      at::NoGradGuard no_grad;
+      if (out_of_place) {
+        view.copy_(grad.layout() == c10::kStrided ? grad : grad.to_dense());
+      } else {
+        view.add_(grad);
       }
+      grad = view;
     }
     state->mark(index, replica);
   }

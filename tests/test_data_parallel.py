@@ -936,3 +936,26 @@ def test_a_tensor_with_one_row_per_replica_gives_each_replica_its_row(batch, chu
     losses.mean().backward()
     expected.backward()
     assert_same_grads(reference, wrapped)
+
+
+class _ZeroGradInForward(nn.Module):
+    def __init__(self, set_to_none):
+        super().__init__()
+        self.lin = nn.Linear(4, 2).double()
+        self.set_to_none = set_to_none
+
+    def forward(self, x):
+        self.zero_grad(set_to_none=self.set_to_none)  # nn.DataParallel's replicas ignore this (with a warning)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_inside_forward_does_not_lose_the_replicas_gradients(set_to_none):
+    reference, wrapped = pair(lambda: _ZeroGradInForward(set_to_none))
+    for step in range(3):
+        x = torch.randn(8, 4, dtype=torch.float64)
+        reference.zero_grad()
+        wrapped.zero_grad()
+        reference(x).pow(2).sum().backward()
+        wrapped(x).pow(2).sum().backward()
+        assert_same_grads(reference, wrapped)
