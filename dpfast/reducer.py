@@ -88,6 +88,9 @@ class GradReducer:
                 offset += root_params[i].numel()
             dtype = root_params[members[0]].dtype
             self.flats.append([torch.zeros(offset, dtype=dtype, device=devices[k]) for k in range(self.num_replicas)])
+        # What the engine adds: a complex bucket as the real numbers it holds (a sum is a sum of those).
+        self._real_flats = [[torch.view_as_real(f).view(-1) if f.is_complex() else f for f in flats]
+                            for flats in self.flats]
         # _views[k][i]: parameter i's slice of its bucket on replica k, made once (hooks run per step).
         self._views = [[self.flats[self.bucket_of[i]][k].narrow(0, self.offset_of[i], p.numel()).view(p.shape)
                         for i, p in enumerate(root_params)] for k in range(self.num_replicas)]
@@ -215,7 +218,7 @@ class GradReducer:
             for k in range(used):
                 lane_streams.wait(self.comm_streams[k], self.streams[k])
         with torch.no_grad():
-            _C.reduce_add_([self.flats[b][k] for k in range(used)], 0, self.comm_stream_ids[:used],
+            _C.reduce_add_([self._real_flats[b][k] for k in range(used)], 0, self.comm_stream_ids[:used],
                            self.tree_shape, 0, self.allow_p2p, *self.link)
         self._launched[b] = True
         self.reduction_count += 1

@@ -959,3 +959,27 @@ def test_zero_grad_inside_forward_does_not_lose_the_replicas_gradients(set_to_no
         reference(x).pow(2).sum().backward()
         wrapped(x).pow(2).sum().backward()
         assert_same_grads(reference, wrapped)
+
+
+class _Complex(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, dtype=torch.complex128))
+        self.bias = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return (x.to(torch.complex128) @ self.weight).abs() + self.bias
+
+
+def test_complex_parameters_train_like_the_full_batch():
+    reference, wrapped = pair(_Complex)
+    opts = [torch.optim.Adam(m.parameters(), lr=0.1) for m in (reference, wrapped)]
+    for step in range(3):
+        x = torch.randn(8, 4, dtype=torch.float64)
+        for model, opt in zip((reference, wrapped), opts):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+        assert_same_grads(reference, wrapped)
+        for opt in opts:
+            opt.step()
+    assert_same_params(reference, wrapped)
