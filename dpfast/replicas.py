@@ -201,6 +201,9 @@ class ReplicaSet:
         self.flats = [[(torch.empty if packed else torch.zeros)(numel, dtype=dtype, device=devices[k])
                        for (dtype, _), numel, packed in zip(self.groups, self.group_numel, self.packed)]
                       for k in range(n)]
+        # The zeros were written on each device's current stream; the broadcasts that fill the
+        # buffers run on the lanes (NOTE [Stream ordering]).
+        lane_streams.wait_for_callers(self.streams)
         group_index = self.group_index = {i: g for g, (_, members) in enumerate(self.groups) for i in members}
         # replica_tensors[k][i]: replica k's version of root tensor i (k = 0: the root's own).
         self.replica_tensors: List[List[torch.Tensor]] = [tensors]

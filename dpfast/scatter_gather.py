@@ -158,8 +158,10 @@ def _kind(value: Any) -> str:
 
 def scatter_tensor(tensor: torch.Tensor, devices: List[torch.device], chunk_sizes: List[int], dim: int,
                    lane_stream_ids: List[int]) -> List[torch.Tensor]:
-    if tensor.dim() == 0:
-        return [tensor.to(d) for d in devices]
+    if tensor.dim() == 0:  # whole to every replica, copied on the lanes as the rest of the inputs
+        pieces = scatter_tensor(tensor.reshape(1).expand(len(devices)), devices, [1] * len(devices), 0,
+                                lane_stream_ids)
+        return [piece.reshape(()) for piece in pieces]
     if torch.is_grad_enabled() and tensor.requires_grad:
         return list(Scatter.apply(devices, chunk_sizes, dim, lane_stream_ids, tensor))
     return _C.scatter(tensor, devices, chunk_sizes, dim, lane_stream_ids)
