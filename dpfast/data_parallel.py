@@ -43,7 +43,7 @@ def _hold_through_backward(outputs: Any, runtime: _Runtime) -> Any:
         return outputs
     nodes = {id(t.grad_fn): t.grad_fn for _, t in scatter_gather.iter_tensors(outputs, "") if t.grad_fn is not None}
     for node in nodes.values():
-        node.metadata["dpfast_runtime"] = runtime
+        node.metadata["dpfast"] = (runtime, runtime.reducer)  # the reducer of these replicas, should it be replaced
     return outputs
 
 
@@ -451,7 +451,12 @@ class DataParallel(nn.DataParallel):
             if pending:
                 runtime.reducer.reduce()  # gradients accumulated under no_sync() before a rebuild
             if runtime.reducer is not None:
-                runtime.reducer.remove()
+                # New replicas: a graph of a forward on the old ones may still come back (it holds the
+                # old reducer); the same replicas: the new reducer's hooks take over theirs.
+                if same_build:
+                    runtime.reducer.remove()
+                else:
+                    runtime.reducer.close()
             runtime.reducer = _make_reducer(
                 replicas.replica_params(0, indices),
                 [replicas.replica_params(k, indices) for k in range(1, len(self.devices))],

@@ -302,8 +302,9 @@ class GradReducer:
         return self._ready.any_grad()
 
     def close(self) -> None:
-        """The wrapper is gone. A backward of a forward it ran may still come (the graph keeps this
-        reducer alive, see data_parallel._hold_through_backward): then the hooks go at its end."""
+        """The wrapper is gone, or its replicas were rebuilt. A backward of a forward on these
+        replicas may still come (the graph keeps this reducer alive, see
+        data_parallel._hold_through_backward): then the hooks go at its end."""
         with self._lock:
             if self._forwards_in_window > 0 or self._callback_queued:
                 self._remove_after_backward = True

@@ -844,3 +844,25 @@ def test_a_wrapper_dropped_between_forward_and_backward_still_reduces(gather):
     module.zero_grad()
     module(x).sum().backward()  # the module itself is left as it was: no hook of dpfast's on it
     torch.testing.assert_close(module.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_replicas_rebuilt_between_forward_and_backward_still_reduce_the_first_forward():
+    """A structure change between two forwards of one backward rebuilds the replicas; the first
+    forward's graph still reaches its reducer (it holds it), so no replica's share is lost."""
+    torch.manual_seed(0)
+    reference = nn.Linear(4, 2).double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu"] * 4)
+    x1, x2 = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    out1 = wrapped(x1)
+    wrapped.module.register_buffer("added", torch.zeros(1, dtype=torch.float64))  # a new structure
+    reference.register_buffer("added", torch.zeros(1, dtype=torch.float64))
+    out2 = wrapped(x2)
+    assert wrapped.stats()["replica_builds"] == 2
+    (out1.sum() + out2.sum()).backward()
+    (reference(x1).sum() + reference(x2).sum()).backward()
+    torch.testing.assert_close(wrapped.module.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
+    wrapped.zero_grad()
+    reference.zero_grad()
+    wrapped(x1).sum().backward()  # and the next step reduces on the new replicas alone
+    reference(x1).sum().backward()
+    torch.testing.assert_close(wrapped.module.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
