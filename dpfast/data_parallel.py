@@ -39,7 +39,9 @@ def _hold_through_backward(outputs: Any, runtime: _Runtime) -> Any:
     """The outputs' autograd nodes keep the runtime (and so the gradient reducer) alive: a wrapper
     dropped between forward and backward (``DataParallel(m)(x).sum().backward()``) still reduces,
     as nn.DataParallel, which keeps nothing between calls, does."""
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or isinstance(outputs, ReplicaOutputs):
+        # Not with gather=False: those nodes are the module's own, and a module that keeps its output
+        # would make a cycle the collector cannot see through C++ (the README says so).
         return outputs
     nodes = {id(t.grad_fn): t.grad_fn for _, t in scatter_gather.iter_tensors(outputs, "") if t.grad_fn is not None}
     for node in nodes.values():
@@ -96,8 +98,8 @@ class _Runtime:
         self.pool = WorkerPool(len(wrapper.devices) - 1)
 
     def close(self) -> None:
-        if self.reducer is not None:
-            self.reducer.close()
+        # The reducer goes when nothing holds it any more (NOTE [Reducer lifetime]): a graph of a
+        # forward may still need it.
         self.pool.close()
 
 
@@ -200,6 +202,13 @@ class DataParallel(nn.DataParallel):
         if weights is not None:
             splits.validate_sizes("weights", weights, len(self.devices))
         _devices.warn_on_imbalance(self.devices, has_split_option=chunk_sizes is not None or weights is not None)
+        if _overrides_a_step(type(self)):
+            for name, value, default in (("gather", gather, True), ("scalar_outputs", scalar_outputs, "vector"),
+                                         ("average_buffers", average_buffers, False)):
+                if value != default:
+                    raise ValueError(f"dpfast.DataParallel: {name}: expected {default!r} in a subclass that overrides "
+                                     f"scatter, replicate, parallel_apply or gather (its steps run as nn.DataParallel's "
+                                     f"do), but got {value!r}")
 
     # -- nn.DataParallel's steps, overridable as there -----------------------------------------
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
@@ -296,7 +305,7 @@ class DataParallel(nn.DataParallel):
             lane_streams.callers_wait_for(streams, outputs)
             return ReplicaOutputs(outputs, chunk_sizes, devices, self.output_device_obj, self.dim)
         with self._phase("gather"):
-            weights = chunk_sizes if self.scalar_outputs == "mean" and batch is not None else None
+            weights = chunk_sizes if self.scalar_outputs == "mean" and batch else None  # not for an empty batch
             return self.gather(outputs, self.output_device_obj, devices, streams, scalar_weights=weights)
 
     # The four steps take nn.DataParallel's arguments (a subclass may override any of them, or call
@@ -366,9 +375,12 @@ class DataParallel(nn.DataParallel):
         return outputs
 
     def gather(self, outputs: List[Any], output_device, devices=None, streams=None, scalar_weights=None) -> Any:
-        if devices is None:  # called as nn.DataParallel's step: where each output is
+        if devices is None:  # called as nn.DataParallel's step (an override's super() call, say)
             devices = [next((t.device for _, t in scatter_gather.iter_tensors(out, "")), self.devices[k])
                        for k, out in enumerate(outputs)]
+            return _hold_through_backward(
+                scatter_gather.gather(outputs, _devices.to_device(output_device, "output_device"), self.dim, devices),
+                self._ensure_runtime())
         return scatter_gather.gather(outputs, _devices.to_device(output_device, "output_device"), self.dim,
                                      devices, lane_streams.ids(streams), scalar_weights=scalar_weights)
 
@@ -450,13 +462,10 @@ class DataParallel(nn.DataParallel):
             pending = runtime.reducer is not None and runtime.reducer.has_pending()
             if pending:
                 runtime.reducer.reduce()  # gradients accumulated under no_sync() before a rebuild
-            if runtime.reducer is not None:
-                # New replicas: a graph of a forward on the old ones may still come back (it holds the
-                # old reducer); the same replicas: the new reducer's hooks take over theirs.
-                if same_build:
-                    runtime.reducer.remove()
-                else:
-                    runtime.reducer.close()
+            if runtime.reducer is not None and same_build:
+                # The same replicas: the new reducer's hooks take over. New replicas: the old reducer
+                # stays with the graphs of forwards on the old ones (NOTE [Reducer lifetime]).
+                runtime.reducer.remove()
             runtime.reducer = _make_reducer(
                 replicas.replica_params(0, indices),
                 [replicas.replica_params(k, indices) for k in range(1, len(self.devices))],

@@ -63,7 +63,6 @@ class GradReducer:
         self.early_reduction_count = 0  # of which launched during backward
         self._lock = threading.Lock()
         self._callback_queued = False
-        self._remove_after_backward = False  # set by close() while a backward may still come
         self._root_hooks = {}  # parameter index -> Python hook on the root's parameter (across processes)
         # parameter index -> sparse_dim of its sparse gradient, declared by the module or seen on the
         # root: the sum is handed back sparse even when the root got none (replica buckets are dense)
@@ -103,6 +102,13 @@ class GradReducer:
                 self._ready.attach(p, i, k, self._view(i, k))
                 self._hooked.append(p)
         self._hook_roots([p.requires_grad for p in root_params])
+        # NOTE [Reducer lifetime]: the wrapper's runtime holds the reducer, and so does every graph of
+        # a forward that used it (data_parallel._hold_through_backward), so a backward still reduces
+        # after the wrapper was dropped or its replicas rebuilt, as often as the graph is run. When
+        # the last of them goes, so do the hooks on the root and the buckets, after the lanes.
+        self._release = weakref.finalize(self, _release, self._root_hooks, devices[0],
+                                         (self.comm_streams or []) + (self.streams or []))
+        self._release.atexit = False  # nothing to order at interpreter exit
 
     def _hook_roots(self, active: List[bool]) -> None:
         """NOTE [Cross-process gradients]: replica 0's share goes to the bucket, through a hook on
@@ -245,8 +251,6 @@ class GradReducer:
             else:
                 with self._phase("reduce"):
                     self._finish()
-        if self._remove_after_backward:
-            self.remove()
 
     def reduce(self) -> None:
         """Reduces every bucket holding a gradient into the root's .grad now (outside backward)."""
@@ -301,28 +305,24 @@ class GradReducer:
     def has_pending(self) -> bool:
         return self._ready.any_grad()
 
-    def close(self) -> None:
-        """The wrapper is gone, or its replicas were rebuilt. A backward of a forward on these
-        replicas may still come (the graph keeps this reducer alive, see
-        data_parallel._hold_through_backward): then the hooks go at its end."""
-        with self._lock:
-            if self._forwards_in_window > 0 or self._callback_queued:
-                self._remove_after_backward = True
-                return
-        self.remove()
-
     def remove(self) -> None:
-        for handle in self._root_hooks.values():
-            handle.remove()
-        self._root_hooks = {}
+        """Detaches this reducer now: another takes over the same replicas' parameters."""
         for param in self._hooked:
             _C.GradReadiness.detach(param)
         self._hooked = []
         self._ready.clear_callbacks()
-        # The buckets are freed with this reducer: nothing may still be zeroing or reading them.
-        current = lane_streams.current_stream(self.devices[0])
-        for stream in (self.comm_streams or []) + (self.streams or []):
-            lane_streams.wait(current, stream)
+        self._release()
+
+
+def _release(root_hooks: dict, device: torch.device, streams: list) -> None:
+    """What a reducer leaves behind: its hooks on the root's parameters, and its buckets, freed
+    only after the lanes' work on them (the caching allocator would hand them out at once)."""
+    for handle in root_hooks.values():
+        handle.remove()
+    root_hooks.clear()
+    current = lane_streams.current_stream(device)
+    for stream in streams:
+        lane_streams.wait(current, stream)
 
 
 def _weak_callbacks(reducer: GradReducer):

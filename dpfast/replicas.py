@@ -223,7 +223,7 @@ class ReplicaSet:
         self.repoint_count = 0
         # Replicas of nn.RNNBase keep their weights where the flat group put them (in cuDNN's layout
         # where it takes them): their flatten_parameters() does nothing (NOTE [RNN replicas]).
-        self.rnn_modules = [j for j, m in enumerate(self.modules) if isinstance(m, nn.RNNBase)]
+        self.is_rnn = [isinstance(m, nn.RNNBase) for m in self.modules]
         # replica_modules[k][j]: replica k's copy of self.modules[j]; with their own three dictionaries.
         module_index = {id(m): j for j, m in enumerate(self.modules)}
         self.replica_modules: List[List[nn.Module]] = [self.modules]
@@ -283,8 +283,8 @@ class ReplicaSet:
 
     def _refresh_attributes(self, num_replicas: int) -> None:
         for k in range(1, num_replicas):
-            for m, replica, (params, buffers, children), alias_keys in zip(
-                    self.modules, self.replica_modules[k], self.replica_dicts[k], self.alias_keys):
+            for m, replica, (params, buffers, children), alias_keys, is_rnn in zip(
+                    self.modules, self.replica_modules[k], self.replica_dicts[k], self.alias_keys, self.is_rnn):
                 d = m.__dict__.copy()
                 d["_parameters"] = params
                 d["_buffers"] = buffers
@@ -292,9 +292,9 @@ class ReplicaSet:
                 for key in alias_keys:
                     if key in d:
                         d[key] = self._map_to_replica(d[key], k)
+                if is_rnn:  # in place before the swap: another thread's forward may be running it
+                    d["flatten_parameters"] = _keep_layout
                 object.__setattr__(replica, "__dict__", d)
-            for j in self.rnn_modules:
-                self.replica_modules[k][j].__dict__["flatten_parameters"] = _keep_layout
 
     def _current_versions(self, g: int, num_replicas: int) -> list:
         members = self.groups[g][1]

@@ -983,3 +983,18 @@ def test_complex_parameters_train_like_the_full_batch():
         for opt in opts:
             opt.step()
     assert_same_params(reference, wrapped)
+
+
+@pytest.mark.parametrize("option", [{"gather": False}, {"scalar_outputs": "mean"}, {"average_buffers": True}])
+def test_options_that_a_subclass_overriding_a_step_cannot_honour_are_refused(option):
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=rf"dpfast.DataParallel: {name}: expected .* in a subclass that overrides "
+                                         rf"scatter, replicate, parallel_apply or gather"):
+        _GathersNothing(nn.Linear(4, 2), device_ids=CPU4, **option)
+
+
+def test_an_empty_batch_with_scalar_outputs_mean_gives_the_modules_value():
+    model = _Scalar()
+    wrapped = dpfast.DataParallel(copy.deepcopy(model), device_ids=CPU4, scalar_outputs="mean")
+    x = torch.zeros(0, 4, dtype=torch.float64)
+    torch.testing.assert_close(wrapped(x), model(x).reshape(1))

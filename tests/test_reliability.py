@@ -817,33 +817,62 @@ def test_interpreter_exit_with_a_wrapper_alive_does_not_hang():
     assert "interrupted" in results["busy"][1]
 
 
-@pytest.mark.parametrize("gather", [True, False])
-def test_a_wrapper_dropped_between_forward_and_backward_still_reduces(gather):
+class _KeepsOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2).double()
+
+    def forward(self, x):
+        self.last = self.lin(x)  # a module that keeps its output (a debugging aid, a forward hook)
+        return self.last
+
+
+class _OverridesGather(dpfast.DataParallel):
+    def gather(self, outputs, output_device):
+        return super().gather(outputs, output_device)
+
+
+@pytest.mark.parametrize("cls", [dpfast.DataParallel, _OverridesGather])
+def test_a_wrapper_dropped_between_forward_and_backward_still_reduces(cls):
     """nn.DataParallel keeps nothing between calls, so `DataParallel(m)(x).sum().backward()` or a
-    helper that wraps per call gives full gradients; the graph keeps dpfast's reducer alive until
-    its backward, and everything goes once that is done."""
+    helper that wraps per call gives full gradients; the graph keeps dpfast's reducer alive for as
+    long as it lives (retain_graph included), and everything goes with it."""
     torch.manual_seed(0)
-    reference = nn.Linear(4, 2).double()
+    reference = _KeepsOutput()
     module = copy.deepcopy(reference)
     x = torch.randn(8, 4, dtype=torch.float64)
     before = worker_threads()
-    wrapped = dpfast.DataParallel(module, device_ids=["cpu"] * 4, gather=gather)
-    out = wrapped(x)
+    wrapped = cls(module, device_ids=["cpu"] * 4)
+    loss = wrapped(x).sum()
     runtime = weakref.ref(wrapped._runtime)
     del wrapped
     gc.collect()
     assert worker_threads() == before  # the workers went with the wrapper
-    loss = out.gather().sum() if not gather else out.sum()
-    del out
-    loss.backward()
-    reference(x).sum().backward()
-    torch.testing.assert_close(module.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
+    for _ in range(2):
+        loss.backward(retain_graph=True)
+        reference(x).sum().backward()
+        torch.testing.assert_close(module.lin.weight.grad, reference.lin.weight.grad, rtol=1e-12, atol=1e-12)
     del loss
+    module.last = None  # the module's own reference to the graph
     gc.collect()
     assert runtime() is None  # and the reducer with the graph
     module.zero_grad()
+    reference.zero_grad()
     module(x).sum().backward()  # the module itself is left as it was: no hook of dpfast's on it
-    torch.testing.assert_close(module.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
+    reference(x).sum().backward()
+    torch.testing.assert_close(module.lin.weight.grad, reference.lin.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_module_that_keeps_its_output_is_freed_with_its_wrapper():
+    """With gather=False the outputs' nodes are the module's own: nothing of dpfast's goes there,
+    or a module keeping its output would hold its wrapper's runtime in a cycle through C++."""
+    for gather in (True, False):
+        wrapped = dpfast.DataParallel(_KeepsOutput(), device_ids=["cpu"] * 4, gather=gather)
+        out = wrapped(torch.randn(8, 4, dtype=torch.float64))
+        module = weakref.ref(wrapped.module)
+        del wrapped, out
+        gc.collect()
+        assert module() is None, f"gather={gather}"
 
 
 def test_replicas_rebuilt_between_forward_and_backward_still_reduce_the_first_forward():
