@@ -142,3 +142,22 @@ def test_cudnn_rnn_replicas_keep_flat_weights_and_train_correctly(flatten_in_for
     assert not [w for w in caught if "contiguous chunk of memory" in str(w.message)]
     for p, q in zip(reference.parameters(), wrapped.module.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+def test_cudnn_rnn_two_forwards_one_backward_without_copying_replica_weights():
+    """Two forwards before one backward (a siamese step) with flatten_parameters() in forward: the
+    replicas keep their weights where the flat group put them (no re-flatten, no re-pointing per
+    call), and every replica's share of both forwards reaches the root."""
+    torch.manual_seed(0)
+    reference = _LSTMModel(True).cuda()
+    root = copy.deepcopy(reference)
+    root.rnn.flatten_parameters()
+    wrapped = dpfast.DataParallel(root, device_ids=[0] * 4)
+    for _ in range(3):
+        a, b = torch.randn(12, 5, 8, device="cuda"), torch.randn(12, 5, 8, device="cuda")
+        for model in (reference, wrapped):
+            model.zero_grad()
+            (model(a).square().sum() + model(b).square().sum()).backward()
+        for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4)
+    assert wrapped._runtime.replicas.repoint_count == 0
