@@ -33,17 +33,20 @@ class BatchNormAverager:
     def __init__(self) -> None:
         self.elements_per_channel: Dict[int, int] = {}  # id(module or replica) -> n of its last forward
         self._hooked: Dict[int, object] = {}
+        self.hooked_now = False
 
     def prepare(self, root_modules: List[nn.Module]) -> List[Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Before a training forward: hooks every BatchNorm (hooks are shared with the replicas)
+        """Before a training forward: hooks every BatchNorm (the replicas copy the root's hooks)
         and returns (module index, running_mean, running_var, num_batches_tracked) snapshots."""
         self.elements_per_channel.clear()
+        self.hooked_now = False  # a new hook: the replicas get it from the root at their next refresh
         snapshots = []
         for j, m in enumerate(root_modules):
             if not _tracks(m) or not m.training:
                 continue
             if id(m) not in self._hooked:
                 self._hooked[id(m)] = m.register_forward_pre_hook(self._count)
+                self.hooked_now = True
             snapshots.append((j, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()))
         return snapshots
 

@@ -285,6 +285,8 @@ class DataParallel(nn.DataParallel):
         replicas = [replicas[k] for k in active]
         averaging = self.average_buffers and self.training
         snapshots = runtime.bn_averager.prepare(runtime.replicas.modules) if averaging else None
+        if averaging and runtime.bn_averager.hooked_now:
+            runtime.replicas.refresh_attributes(active[-1] + 1)  # NOTE [Replica hooks]: copy the new hooks
         # NOTE [Stream ordering]: each lane starts after what the caller enqueued on its device's
         # current stream (the optimizer step, zero_grad, the snapshots above). This also orders the
         # reuse of memory the allocator hands to a lane after the caller freed it.

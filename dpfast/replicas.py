@@ -48,6 +48,7 @@ points such tensors back into their flat buffer first (_repoint).
 
 from __future__ import annotations
 
+import collections
 import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
@@ -108,6 +109,11 @@ def _module_entries(module: nn.Module) -> tuple:
     params, buffers, children = d["_parameters"], d["_buffers"], d["_modules"]
     return (tuple(params), tuple(map(id, params.values())), tuple(buffers), tuple(map(id, buffers.values())),
             tuple(children), tuple(map(id, children.values())))
+
+
+# The dictionaries of nn.Module that register_forward_hook / register_forward_pre_hook write.
+_FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                       "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
 
 
 def _keep_layout() -> None:
@@ -236,7 +242,8 @@ class ReplicaSet:
                 params = {name: None if p is None else own[index_of[id(p)]] for name, p in m._parameters.items()}
                 buffers = {name: None if b is None else own[index_of[id(b)]] for name, b in m._buffers.items()}
                 children = {name: None if c is None else mods[module_index[id(c)]] for name, c in m._modules.items()}
-                dicts.append((params, buffers, children))
+                hooks = {key: collections.OrderedDict() for key in _FORWARD_HOOK_DICTS}
+                dicts.append((params, buffers, children, hooks))
             self.replica_modules.append(mods)
             self.replica_dicts.append(dicts)
         # Plain attributes that hold the module's own tensors (nn.RNNBase's _flat_weights list, a
@@ -249,7 +256,7 @@ class ReplicaSet:
         self.versions: Optional[list] = None  # per group, at the last broadcast (trust_version_counters)
         self.versions_replicas = 0
         self.build_count += 1
-        self._refresh_attributes(n)
+        self.refresh_attributes(n)
 
     def _holds_own_tensor(self, value: Any) -> bool:
         if isinstance(value, (torch.Tensor, weakref.ReferenceType)):
@@ -281,14 +288,33 @@ class ReplicaSet:
                 return True
         return any(_tensor_meta(t, p) != meta for t, p, meta in zip(self.tensors, self.is_param, self.meta))
 
-    def _refresh_attributes(self, num_replicas: int) -> None:
+    def refresh_attributes(self, num_replicas: int) -> None:
         for k in range(1, num_replicas):
-            for m, replica, (params, buffers, children), alias_keys, is_rnn in zip(
+            for m, replica, (params, buffers, children, hooks), alias_keys, is_rnn in zip(
                     self.modules, self.replica_modules[k], self.replica_dicts[k], self.alias_keys, self.is_rnn):
                 d = m.__dict__.copy()
                 d["_parameters"] = params
                 d["_buffers"] = buffers
                 d["_modules"] = children
+                # NOTE [Replica hooks]: the root's forward hooks, in dictionaries of the replica's own.
+                # A hook that a replica's forward installs (Hugging Face installs its output
+                # capturing hooks in the first forward that asks) stays with that replica for the
+                # call; the root's forward installs its own. Shared dictionaries would get one copy
+                # per replica, forever (nn.DataParallel: per replica and call). Never mutated, but
+                # replaced: another thread's forward may be iterating the previous one.
+                # The *_with_kwargs and *_always_called dictionaries only name hooks of these two.
+                if not (d["_forward_hooks"] or d["_forward_pre_hooks"]
+                        or hooks["_forward_hooks"] or hooks["_forward_pre_hooks"]):
+                    d.update(hooks)  # no hooks anywhere (the common case)
+                else:
+                    for key, own in hooks.items():
+                        shared = d[key]
+                        if shared:
+                            d[key] = shared.copy()
+                        else:
+                            if own:
+                                own = hooks[key] = collections.OrderedDict()
+                            d[key] = own
                 for key in alias_keys:
                     if key in d:
                         d[key] = self._map_to_replica(d[key], k)
@@ -331,7 +357,7 @@ class ReplicaSet:
         if self.structure_changed():
             with torch.inference_mode(False):
                 self._build()
-        self._refresh_attributes(num_replicas)
+        self.refresh_attributes(num_replicas)
         self._follow_requires_grad()
         if num_replicas > 1:
             self._repoint(num_replicas)

@@ -998,3 +998,31 @@ def test_an_empty_batch_with_scalar_outputs_mean_gives_the_modules_value():
     wrapped = dpfast.DataParallel(copy.deepcopy(model), device_ids=CPU4, scalar_outputs="mean")
     x = torch.zeros(0, 4, dtype=torch.float64)
     torch.testing.assert_close(wrapped(x), model(x).reshape(1))
+
+
+class _HooksItselfOnce(nn.Module):
+    """Installs a forward hook in its first forward, behind a flag on itself (transformers' pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 2).double()
+
+    def forward(self, x):
+        if not getattr(self, "hooked", False):
+            self.lin.register_forward_hook(lambda module, args, out: out * 2)
+            self.hooked = True
+        return self.lin(x)
+
+
+def test_a_hook_installed_in_forward_is_installed_once_per_module():
+    """NOTE [Replica hooks]: the replicas' installs stay with them; the root keeps one hook, and
+    user hooks registered on the root between calls reach every replica."""
+    reference, wrapped = pair(_HooksItselfOnce)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    for _ in range(3):
+        torch.testing.assert_close(wrapped(x), reference(x))
+    assert len(wrapped.module.lin._forward_hooks) == 1
+    handle = wrapped.module.lin.register_forward_pre_hook(lambda module, args: (args[0] + 1,))
+    torch.testing.assert_close(wrapped(x), reference(x + 1))
+    handle.remove()
+    torch.testing.assert_close(wrapped(x), reference(x))

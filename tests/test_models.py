@@ -206,3 +206,26 @@ def test_hugging_face_cache_is_gathered_into_one_cache():
         step = torch.randint(0, 100, (7, 1))
         logits = reference(input_ids=step, cache=cache).logits
         torch.testing.assert_close(logits, reference(input_ids=step, cache=expected["cache"]).logits)
+
+
+def test_hugging_face_hidden_states_and_attentions_match_the_model():
+    """transformers installs its output-capturing hooks in the first forward that asks for
+    output_hidden_states/output_attentions; each replica's install stays with that replica (NOTE
+    [Replica hooks]), so every call returns one hidden state per layer, and the module itself is
+    left with one set of hooks."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, attn_implementation="eager")  # eager: attentions come out
+    reference, wrapped = pair(lambda: transformers.BertModel(config))
+    reference.eval()
+    wrapped.eval()
+    ids = torch.randint(1, 100, (6, 10))
+    expected = reference(input_ids=ids, output_hidden_states=True, output_attentions=True)
+    for _ in range(3):
+        out = wrapped(input_ids=ids, output_hidden_states=True, output_attentions=True)
+        assert len(out.hidden_states) == len(expected.hidden_states) == 3
+        assert len(out.attentions) == len(expected.attentions) == 2
+        for got, want in zip(out.hidden_states + out.attentions, expected.hidden_states + expected.attentions):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    alone = wrapped.module(input_ids=ids, output_hidden_states=True)
+    assert len(alone.hidden_states) == 3

@@ -68,7 +68,7 @@ def main() -> None:
     def dpfast_checks():
         if replicas.structure_changed():
             raise AssertionError("structure must not change between calls here")
-        replicas._refresh_attributes(args.replicas)
+        replicas.refresh_attributes(args.replicas)
 
     checks_ms = median_ms(dpfast_checks, args.repeats)
     sync_ms = median_ms(lambda: replicas.sync(args.replicas), args.repeats)
