@@ -18,7 +18,7 @@ from . import scatter_gather, streams as lane_streams
 from .buffers import BatchNormAverager
 from .criterion import ReplicaOutputs
 from .reducer import GradReducer
-from .replicas import ReplicaSet
+from .replicas import ReplicaSet, check_on_device
 from .workers import WorkerPool, capture_thread_state, thread_state
 
 
@@ -234,9 +234,7 @@ class DataParallel(nn.DataParallel):
             cross = runtime.cross
             training_step = self.training and torch.is_grad_enabled()
             if cross is not None and training_step:
-                # NOTE [Cross-process gradients]: rank 0's buffers, and this process's share of the batch.
-                cross.broadcast_from_rank0(list(self.module.buffers()))
-                share = (batch or 0) / max(cross.global_batch(batch or 0), 1)
+                share = self._cross_process_share(cross, batch)
                 return _hold_through_backward(distributed.scale_output_grads(
                     self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), share),
                     runtime)
@@ -249,10 +247,12 @@ class DataParallel(nn.DataParallel):
                 self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), runtime)
 
     def _check_module_device(self) -> None:
-        for t in itertools.chain(self.module.parameters(), self.module.buffers()):
-            if t.device != self.src_device_obj:
-                raise RuntimeError(f"dpfast.DataParallel: module must have its parameters and buffers on device "
-                                   f"{self.src_device_obj} (device_ids[0]) but found one of them on device: {t.device}")
+        check_on_device(itertools.chain(self.module.parameters(), self.module.buffers()), self.src_device_obj)
+
+    def _cross_process_share(self, cross, batch: Optional[int]) -> float:
+        """NOTE [Cross-process gradients]: rank 0's buffers, and this process's share of the batch."""
+        cross.broadcast_from_rank0(list(self.module.buffers()))
+        return (batch or 0) / max(cross.global_batch(batch or 0), 1)
 
     def _forward_through_overrides(self, inputs: tuple, kwargs: dict) -> Any:
         """nn.DataParallel's forward, step by step, for a subclass that overrides one of its steps
@@ -261,9 +261,7 @@ class DataParallel(nn.DataParallel):
         self._check_module_device()
         cross = self._ensure_runtime().cross
         if cross is not None and self.training and torch.is_grad_enabled():
-            cross.broadcast_from_rank0(list(self.module.buffers()))  # NOTE [Cross-process gradients]
-            batch = scatter_gather.find_batch_size(inputs, kwargs, self.dim) or 0
-            share = batch / max(cross.global_batch(batch), 1)
+            share = self._cross_process_share(cross, scatter_gather.find_batch_size(inputs, kwargs, self.dim))
             return distributed.scale_output_grads(self._steps(inputs, kwargs, one_device_shortcut=False), share)
         return self._steps(inputs, kwargs, one_device_shortcut=True)
 

@@ -116,6 +116,14 @@ _FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward
                        "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
 
 
+def check_on_device(tensors, device: torch.device) -> None:
+    """nn.DataParallel's check that the module lives on device_ids[0], with its message."""
+    for t in tensors:
+        if t.device != device:
+            raise RuntimeError(f"dpfast.DataParallel: module must have its parameters and buffers on device "
+                               f"{device} (device_ids[0]) but found one of them on device: {t.device}")
+
+
 def _keep_layout() -> None:
     """A replica RNN's flatten_parameters(): its weights already sit in their flat group."""
 
@@ -162,10 +170,8 @@ class ReplicaSet:
         self.meta = [_tensor_meta(t, p) for t, p in zip(tensors, self.is_param)]
         self.param_indices = [i for i, p in enumerate(self.is_param) if p]
         self.grad_flags = tuple(tensors[i].requires_grad for i in self.param_indices)
+        check_on_device(tensors, devices[0])
         for i, t in enumerate(tensors):
-            if t.device != devices[0]:
-                raise RuntimeError(f"dpfast.DataParallel: module must have its parameters and buffers on device "
-                                   f"{devices[0]} (device_ids[0]) but found one of them on device: {t.device}")
             if t.is_sparse or t.layout != torch.strided:
                 raise RuntimeError(f"dpfast.DataParallel: expected dense parameters and buffers, but found one with "
                                    f"layout {t.layout}")

@@ -178,15 +178,13 @@ def scatter(obj: Any, devices: List[torch.device], chunk_sizes: List[int], dim: 
     passes ``num_items_in_batch`` so)."""
     lane_stream_ids = list(lane_stream_ids)
     batch = sum(chunk_sizes) if chunk_sizes and None not in chunk_sizes else None
-    if replica_rows is not None:
-        num_replicas, running = replica_rows
-        running_rows = None if list(running) == list(range(num_replicas)) else torch.tensor(running)
+    num_replicas, running = replica_rows if replica_rows is not None else (None, None)
 
     def scatter_map(value):
         if isinstance(value, torch.Tensor):
-            if (replica_rows is not None and value.dim() > 0 and value.size(dim) == num_replicas
-                    and value.size(dim) != batch):
-                rows = value if running_rows is None else value.index_select(dim, running_rows.to(value.device))
+            if num_replicas is not None and value.dim() > 0 and value.size(dim) == num_replicas != batch:
+                all_run = list(running) == list(range(num_replicas))
+                rows = value if all_run else value.index_select(dim, torch.tensor(running, device=value.device))
                 return scatter_tensor(rows, devices, [1] * len(devices), dim, lane_stream_ids)
             return scatter_tensor(value, devices, chunk_sizes, dim, lane_stream_ids)
         if _is_namedtuple(value) and len(value) > 0:
