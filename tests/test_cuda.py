@@ -161,3 +161,200 @@ def test_cudnn_rnn_two_forwards_one_backward_without_copying_replica_weights():
         for p, q in zip(reference.parameters(), wrapped.module.parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4)
     assert wrapped._runtime.replicas.repoint_count == 0
+
+
+# -- the CPU suite's main behaviours, on CUDA lanes -------------------------------------------------
+# Each body compares with the unwrapped module on the full batch in float64 on the CPU.
+
+def _mlp64():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 48), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 5)).double()
+
+
+def _assert_root_grads(reference, wrapped, rtol=1e-9, atol=1e-11):
+    for (name, p), q in zip(reference.named_parameters(), wrapped.module.parameters()):
+        assert q.grad is not None, name
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+@pytest.mark.parametrize("bucket_cap_mb", [1000.0, 0.001, 0.01], ids=["one_bucket", "tiny_buckets", "param_over_cap"])
+def test_no_sync_reduces_each_bucket_once_after_the_block(replicas, bucket_cap_mb):
+    reference = _mlp64()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference).cuda(), device_ids=[0] * replicas,
+                                  bucket_cap_mb=bucket_cap_mb)
+    batches = [torch.randn(11, 6, dtype=torch.float64) for _ in range(3)]
+    with wrapped.no_sync():
+        for x in batches[:2]:
+            wrapped(x.cuda()).square().sum().backward()
+    assert wrapped.stats()["reductions"] == 0
+    wrapped(batches[2].cuda()).square().sum().backward()
+    stats = wrapped.stats()
+    assert stats["reductions"] == stats["buckets"] >= 1
+    for x in batches:
+        reference(x).square().sum().backward()
+    _assert_root_grads(reference, wrapped)
+    for _ in range(2):  # and once per backward after that
+        wrapped(batches[0].cuda()).sum().backward()
+    assert wrapped.stats()["reductions"] == 3 * stats["buckets"]
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(4, 4)
+        self.sometimes = nn.Linear(4, 4)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.trunk(x)
+        if bool((x[:, 0] > 0).all()):
+            y = y + self.sometimes(x)
+        return y
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_a_conditionally_skipped_branch_completes_backward_with_correct_grads(replicas):
+    torch.manual_seed(0)
+    reference = _Branchy().double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference).cuda(), device_ids=[0] * replicas, bucket_cap_mb=0.0001)
+    x = -torch.rand(8, 4, dtype=torch.float64)
+    x[8 // replicas:2 * (8 // replicas), 0] = 1  # only the second chunk takes the branch
+    chunk = 8 // replicas
+    sum(reference(x[i:i + chunk]).sum() for i in range(0, 8, chunk)).backward()
+    wrapped(x.cuda()).sum().backward()
+    assert wrapped.module.unused.weight.grad is None
+    for name in ("trunk", "sometimes"):
+        for p, q in zip(getattr(reference, name).parameters(), getattr(wrapped.module, name).parameters()):
+            torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_training_trajectory_with_adam_and_integer_valued_reduction(replicas):
+    # Integer-valued weights, inputs and gradients: the tree sum must be exact.
+    lin = nn.Linear(8, 3, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randint(-3, 4, lin.weight.shape))
+    wrapped = dpfast.DataParallel(copy.deepcopy(lin).cuda(), device_ids=[0] * replicas)
+    x = torch.randint(-4, 5, (16, 8)).double()
+    lin(x).sum().backward()
+    wrapped(x.cuda()).sum().backward()
+    assert torch.equal(wrapped.module.weight.grad.cpu(), lin.weight.grad)
+    reference = _mlp64()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference).cuda(), device_ids=[0] * replicas, bucket_cap_mb=0.005)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (reference, wrapped)]
+    for step in range(5):
+        x = torch.randn(13, 6, dtype=torch.float64)
+        for model, opt, inp in ((reference, opts[0], x), (wrapped, opts[1], x.cuda())):
+            opt.zero_grad()
+            model(inp).square().mean().backward()
+            opt.step()
+        torch.testing.assert_close(wrapped(x.cuda()).cpu(), reference(x), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_average_buffers_and_buffer_broadcast_on_one_gpu(replicas):
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)).double()
+    averaged = dpfast.DataParallel(copy.deepcopy(reference).cuda(), device_ids=[0] * replicas, average_buffers=True)
+    for _ in range(3):
+        x = torch.randn(4 * replicas, 2, 4, 4, dtype=torch.float64) * 3 + 1
+        reference(x)
+        averaged(x.cuda()).sum().backward()
+    bn, ours = reference[1], averaged.module[1]
+    torch.testing.assert_close(ours.running_mean.cpu(), bn.running_mean, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(ours.running_var.cpu(), bn.running_var, rtol=1e-9, atol=1e-11)
+    # The root's buffers reach the replicas: an eval forward uses the root's statistics.
+    reference.eval()
+    averaged.eval()
+    with torch.no_grad():
+        averaged.module[1].running_mean.add_(0.5)
+        reference[1].running_mean.add_(0.5)
+    x = torch.randn(2 * replicas, 2, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(averaged(x.cuda()).cpu(), reference(x), rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_loss_on_replicas_with_uneven_chunks_and_scalar_outputs(replicas):
+    reference = _mlp64()
+    weights = [1, 3, 2, 1][:replicas]
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference).cuda(), device_ids=[0] * replicas, gather=False,
+                                  weights=weights)
+    x, y = torch.randn(13, 6, dtype=torch.float64), torch.randint(0, 5, (13,))
+    outputs = wrapped(x.cuda())
+    assert isinstance(outputs, dpfast.ReplicaOutputs) and sum(outputs.chunk_sizes) == 13
+    loss = dpfast.ParallelCriterion(nn.CrossEntropyLoss())(outputs, y.cuda())
+    expected = nn.functional.cross_entropy(reference(x), y)
+    torch.testing.assert_close(loss.cpu(), expected, rtol=1e-10, atol=1e-12)
+    loss.backward()
+    expected.backward()
+    _assert_root_grads(reference, wrapped)
+
+    class LossInside(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, labels):
+            return nn.functional.cross_entropy(self.inner(x), labels)
+
+    reference.zero_grad()
+    inside = LossInside(copy.deepcopy(reference))
+    vector = dpfast.DataParallel(copy.deepcopy(inside).cuda(), device_ids=[0] * replicas)(x.cuda(), y.cuda())
+    assert vector.shape == (replicas,)
+    mean = dpfast.DataParallel(copy.deepcopy(inside).cuda(), device_ids=[0] * replicas, scalar_outputs="mean")
+    loss = mean(x.cuda(), y.cuda())
+    expected = inside(x, y)
+    torch.testing.assert_close(loss.cpu(), expected, rtol=1e-10, atol=1e-12)
+    loss.backward()
+    expected.backward()
+    _assert_root_grads(inside, mean)
+
+
+def test_an_error_in_a_replica_is_named_and_the_wrapper_goes_on():
+    class FailsOnce(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.fail = False
+
+        def forward(self, x):
+            if self.fail and x.shape[0] == 1:
+                raise ValueError("bad chunk")
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    reference = FailsOnce().double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference).cuda(), device_ids=[0] * 4)
+    x = torch.randn(10, 4, dtype=torch.float64)  # chunks of 3, 3, 3, 1
+    wrapped(x.cuda()).sum().backward()
+    wrapped.module.fail = True
+    with pytest.raises(ValueError, match=r"in replica 3 on device cuda:0"):
+        wrapped(x.cuda())
+    wrapped.module.fail = False
+    wrapped.zero_grad()
+    wrapped(x.cuda()).sum().backward()
+    reference(x).sum().backward()
+    _assert_root_grads(reference, wrapped)
+
+
+def test_bf16_autocast_and_structured_outputs_on_one_gpu():
+    class Structured(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x, *, scale=1.0):
+            y = self.lin(x) * scale
+            return {"out": y, "pair": (y.sum(1), None), "tag": "t"}
+
+    torch.manual_seed(0)
+    model = Structured().cuda()
+    wrapped = dpfast.DataParallel(model, device_ids=[0] * 4)
+    x = torch.randn(10, 8, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = wrapped(x, scale=2.0)
+        expected = model(x, scale=2.0)
+    assert out["out"].dtype == torch.bfloat16 and out["tag"] == "t" and out["pair"][1] is None
+    torch.testing.assert_close(out["out"], expected["out"])
+    torch.testing.assert_close(out["pair"][0], expected["pair"][0])
