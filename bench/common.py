@@ -81,6 +81,19 @@ def devices_json(devices: Sequence[torch.device]) -> List[str]:
     return [str(d) for d in devices]
 
 
+@contextlib.contextmanager
+def exact_float32():
+    """TF32 off for the block (cuDNN's convolutions use it by default on Ampere and later): the
+    checked steps compare a split batch with the whole one, and TF32's per-batch-size algorithms
+    would differ by more than any tolerance that still catches a wrong gradient."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def synchronize(devices: Iterable[torch.device]) -> None:
     for device in distinct(list(devices)):
         if device.type == "cuda":

@@ -111,8 +111,14 @@ if "$PYTHON" -c "import pytest" 2>/dev/null; then
   # A hang in the CUDA path must not eat the budget: one test at most 60 s, with its stacks printed.
   TIMEOUT_ARGS=()
   "$PYTHON" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout 60)
-  step tests 150 "$PYTHON" -m pytest tests/test_cuda.py tests/test_engine.py tests/test_grad_ready.py \
-    tests/test_reducer.py -q -rfE --tb=short -p no:cacheprovider "${TIMEOUT_ARGS[@]}"
+  # One process per file: a crash in one leaves the others' results.
+  for file in cuda engine grad_ready reducer; do
+    step "t-$file" $([[ $file == cuda ]] && echo 100 || echo 60) "$PYTHON" -X faulthandler -m pytest "tests/test_$file.py" -q -rfE --tb=short -p no:cacheprovider \
+      "${TIMEOUT_ARGS[@]}"
+  done
+  # dpfast against the module on the same chunks one after the other (its arithmetic without its
+  # streams) and on the whole batch, TF32 on and off, with and without a synchronize per phase.
+  step numerics 60 "$PYTHON" tools/gpu_numerics.py --workloads mlp,cnn,transformer --size small --steps 2
 else
   SUMMARY+=("tests    FAILED: pytest is not installed for $PYTHON")
 fi

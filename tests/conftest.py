@@ -1,3 +1,7 @@
+import gc
+import os
+import sys
+
 import pytest
 import torch
 
@@ -10,3 +14,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _collect_after_each_test(request):
+    """DPFAST_TEST_GC=1: a full garbage collection after each test, its name printed first, so
+    that a native crash in a finalizer names the test whose garbage it was (bench/gpu_check.sh)."""
+    yield
+    if os.environ.get("DPFAST_TEST_GC"):
+        print(f"gc after {request.node.nodeid}", file=sys.__stderr__, flush=True)
+        gc.collect()
