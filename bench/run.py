@@ -618,7 +618,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed steps per system (default 30; --quick 5)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them (default 5; --quick 2)")
     parser.add_argument("--tolerance", type=float, help="largest relative error of the checked loss and gradients "
-                        "(default 1e-3 on CPU, 5e-3 on CUDA; the checked steps run with TF32 off)")
+                        "(default 1e-3 on CPU; 2e-2 on CUDA, where cuDNN picks other convolution algorithms for other batch sizes; the checked steps run with TF32 off)")
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch intra-op threads for CPU devices (default 1: each CPU replica is a thread of "
                              "its own, and single-threaded ops keep the times steady on shared cores; 0: torch's "
@@ -645,7 +645,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               (False, False): "small"}[(cuda, args.quick)]
     args.steps = args.steps or (5 if args.quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 5)
-    args.tolerance = args.tolerance or (5e-3 if cuda else 1e-3)
+    args.tolerance = args.tolerance or (2e-2 if cuda else 1e-3)
     args.label = args.label or common.card_label(devices) + ("-quick" if args.quick else "")
     threads = torch.get_num_threads()
     if not cuda and args.cpu_threads:
