@@ -69,6 +69,39 @@ def extra_cuda_includes():
     return sorted(set(found))
 
 
+# NOTE [One libstdc++]: torch and every extension must share the process's libstdc++. A compiler
+# wrapper that links it statically (seen on a GPU image whose CXX adds -static-libstdc++) gives the
+# extension a second copy whose locale facets do not match the stream objects made by the first:
+# the first TORCH_CHECK message that prints a number crashed (H100 machine, 2026-11-27) or came
+# out cut short. Naming the shared library before the driver's own libraries keeps the static copy
+# out, and the build is refused if one got in anyway.
+LINK_SHARED_LIBSTDCXX = ["-lstdc++"] if sys.platform.startswith("linux") else []
+
+
+def defines_own_libstdcxx(library):
+    """True if the built library defines libstdc++'s locale (a static copy); None if nm is missing."""
+    import shutil
+    import subprocess
+
+    nm = shutil.which("nm")
+    if nm is None or not sys.platform.startswith("linux"):
+        return None
+    symbols = subprocess.run([nm, "-D", "--defined-only", library], capture_output=True, text=True).stdout
+    return "_ZNSt6locale" in symbols
+
+
+class BuildWithOneLibstdcxx(BuildExtension.with_options(use_ninja=True)):
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        path = self.get_ext_fullpath(ext.name)
+        if defines_own_libstdcxx(path):
+            raise RuntimeError(
+                f"dpfast: {path} carries its own copy of libstdc++ (the compiler {os.environ.get('CXX', 'c++')} "
+                "links it statically), which crashes on the first error message it formats (NOTE [One libstdc++] "
+                "in setup.py). Rebuild with a compiler that links libstdc++ dynamically, e.g. CXX=/usr/bin/g++ "
+                "CC=/usr/bin/gcc.")
+
+
 def extension():
     with_cuda, reason = want_cuda()
     print(f"dpfast: building the {'CUDA' if with_cuda else 'CPU'} variant of dpfast._C ({reason})")
@@ -76,7 +109,7 @@ def extension():
     cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for
     if not with_cuda:
         return CppExtension("dpfast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                            extra_compile_args={"cxx": cxx_flags})
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=LINK_SHARED_LIBSTDCXX)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     sources += ["csrc/cuda/comm_cuda.cpp", "csrc/cuda/add_kernel.cu"]
@@ -87,6 +120,7 @@ def extension():
         include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(CUDA_HOME, "include")] + extra_cuda_includes(),
         define_macros=[("DPFAST_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-DDPFAST_WITH_CUDA=1"]},
+        extra_link_args=LINK_SHARED_LIBSTDCXX,
     )
 
 
@@ -96,7 +130,7 @@ setup(
     description="A drop-in, faster torch.nn.DataParallel with persistent replicas and tree reductions",
     packages=find_packages(include=["dpfast", "dpfast.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithOneLibstdcxx},
     python_requires=">=3.9",
     install_requires=["torch", "nvidia-ml-py"],
 )

@@ -127,3 +127,20 @@ def test_planner_bindings():
     assert _C.plan_for(4096, 8)[0] == "binomial"
     with pytest.raises(ValueError, match="make_tree: expected root in"):
         _C.make_tree(2, 5, "chain")
+
+
+def test_the_extension_shares_the_process_libstdcxx():
+    """NOTE [One libstdc++] in setup.py: a static copy of libstdc++ inside _C garbles or crashes
+    every error message that prints a number."""
+    import shutil
+    import subprocess
+    import sys
+
+    nm = shutil.which("nm")
+    if nm is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs binutils' nm on Linux")
+    symbols = subprocess.run([nm, "-D", "--defined-only", _C.__file__], capture_output=True, text=True,
+                             check=True).stdout
+    assert "_ZNSt6locale" not in symbols
+    with pytest.raises(RuntimeError, match=r"expected root in \[0, 2\), but got 12345"):
+        _C.reduce_add_([torch.zeros(2), torch.zeros(2)], 12345)
