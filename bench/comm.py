@@ -4,6 +4,11 @@ times them, each timing beside a correctness check.
 Rows: op, impl, bytes, ndev, time_us, algbw_GBps, busbw_GBps, wrong.
 - time_us: mean of --iters back-to-back calls after --warmup calls; the
   devices are synchronised only around the loop.
+- dpfast's reduce_add and broadcast run as the wrapper runs them: one CUDA
+  stream per lane, and the planner's link model for these devices
+  (dpfast.devices.link_model: lanes sharing one GPU are planned for its
+  memory, not for a link between GPUs). Results before 2026-11-27 10:00 UTC
+  ran every lane on the current stream with the 25 GB/s link model.
 - algbw = bytes / time. busbw (nccl-tests doc/PERFORMANCE.md): reduce and
   broadcast: busbw = algbw (all the data crosses the root's link once);
   scatter: algbw x (n-1)/n (the root's own piece does not move).
@@ -28,6 +33,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from dpfast import _C
+from dpfast import streams as lane_streams
+from dpfast.devices import link_model
 
 from . import common
 from .common import fmt
@@ -67,6 +74,16 @@ class OpBench:
     def __init__(self, op: str, impl: str, devices: List[torch.device], numel: int, fault: bool):
         self.op, self.impl, self.devices, self.numel, self.fault = op, impl, devices, numel, fault
         self.n = len(devices)
+        # The engine as the wrapper drives it: a stream per lane and the planner's link model for
+        # these devices (lanes sharing one GPU: its memory, not a link between GPUs).
+        self.lanes = lane_streams.make_lane_streams(devices)
+        self.link = link_model(devices)
+
+    def engine(self, op, buffers: List[torch.Tensor]) -> None:
+        """One engine call on the lanes, ordered after and before the caller's current streams."""
+        lane_streams.wait_for_callers(self.lanes)
+        op(buffers, 0, lane_streams.ids(self.lanes), "auto", 0, True, *self.link)
+        lane_streams.callers_wait_for(self.lanes)
 
     def corrupt(self, result: torch.Tensor) -> None:
         if self.fault:  # for the tests: the check must see a wrong element
@@ -80,11 +97,11 @@ class OpBench:
 
             def check():
                 inputs = [pattern(self.numel, d) * (k + 1) for k, d in enumerate(self.devices)]
-                _C.reduce_add_(inputs, 0)
+                self.engine(_C.reduce_add_, inputs)
                 self.corrupt(inputs[0])
                 return count_wrong(inputs[0], pattern(self.numel, self.devices[0]) * (self.n * (self.n + 1) // 2))
 
-            return (lambda: _C.reduce_add_(buffers, 0)), check, 1.0, ""
+            return (lambda: self.engine(_C.reduce_add_, buffers)), check, 1.0, ""
         inputs = [pattern(self.numel, d) * (k + 1) for k, d in enumerate(self.devices)]
 
         def check():
@@ -102,11 +119,11 @@ class OpBench:
             def check():
                 for b in buffers[1:]:
                     b.zero_()
-                _C.broadcast_(buffers, 0)
+                self.engine(_C.broadcast_, buffers)
                 self.corrupt(buffers[-1])
                 return sum(count_wrong(b, source) for b in buffers)
 
-            return (lambda: _C.broadcast_(buffers, 0)), check, 1.0, ""
+            return (lambda: self.engine(_C.broadcast_, buffers)), check, 1.0, ""
 
         def check():
             copies = torch.cuda.comm.broadcast(source, devices=[d.index for d in self.devices])
