@@ -60,6 +60,10 @@ class GradReducer:
         self.num_replicas = len(replica_params) + 1
         self.sync_enabled = True
         self.reduction_count = 0  # bucket reductions so far, for tests and benchmarks
+        # NOTE [Reduction trace]: the benchmark sets a list here; every backward then appends CUDA
+        # timing events: each bucket's reduction span on the root's comm stream, the end of the
+        # replicas' backward work, and the end of the end-of-backward step. None costs nothing.
+        self.trace: Optional[list] = None
         self.early_reduction_count = 0  # of which launched during backward
         self._lock = threading.Lock()
         self._callback_queued = False
@@ -223,9 +227,13 @@ class GradReducer:
         if self.streams:
             for k in range(used):
                 lane_streams.wait(self.comm_streams[k], self.streams[k])
+        trace = self.trace if self.comm_streams else None
+        start = _timing_event(self.comm_streams[0]) if trace is not None else None
         with torch.no_grad():
             _C.reduce_add_([self._real_flats[b][k] for k in range(used)], 0, self.comm_stream_ids[:used],
                            self.tree_shape, 0, self.allow_p2p, *self.link)
+        if trace is not None:
+            trace.append(("bucket", b, start, _timing_event(self.comm_streams[0])))
         self._launched[b] = True
         self.reduction_count += 1
         if self.cross is not None:
@@ -246,11 +254,17 @@ class GradReducer:
             if not self.sync_enabled:
                 self._reset_window()  # no_sync(): gradients keep accumulating in the replicas' buckets
                 return
+            trace = self.trace if self.streams else None
+            if trace is not None:  # the replicas' backward work is all enqueued by now
+                current = lane_streams.current_stream(self.devices[0])
+                trace.append(("compute_end", [_timing_event(s) for s in self.streams + [current]]))
             if self._phase is None:
                 self._finish()
             else:
                 with self._phase("reduce"):
                     self._finish()
+            if trace is not None:
+                trace.append(("finish_end", _timing_event(lane_streams.current_stream(self.devices[0]))))
 
     def reduce(self) -> None:
         """Reduces every bucket holding a gradient into the root's .grad now (outside backward)."""
@@ -312,6 +326,12 @@ class GradReducer:
         self._hooked = []
         self._ready.clear_callbacks()
         self._release()
+
+
+def _timing_event(stream) -> "torch.cuda.Event":
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event
 
 
 def _release(root_hooks: dict, device: torch.device, streams: list) -> None:

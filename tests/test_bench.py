@@ -162,3 +162,14 @@ def test_model_runs_without_a_benchmark(tmp_path):
 
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", os.path.join(REPO, "bench", "gpu_check.sh")], check=True)
+
+
+def test_hidden_fraction_counts_overlapping_spans_once_and_cuts_at_the_end_of_backward():
+    from bench.run import hidden_fraction
+
+    assert hidden_fraction(100.0, []) == (None, 0.0)
+    # Spans 0-40 and 30-60 merge into 0-60, all before backward ended at 100: fully hidden.
+    assert hidden_fraction(100.0, [(30.0, 60.0), (0.0, 40.0)]) == (1.0, 60.0)
+    # 80-120 is half hidden, 150-170 not at all: (20 + 0) / (40 + 20).
+    fraction, total = hidden_fraction(100.0, [(150.0, 170.0), (80.0, 120.0)])
+    assert total == 60.0 and abs(fraction - 20.0 / 60.0) < 1e-12

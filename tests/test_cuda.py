@@ -358,3 +358,21 @@ def test_bf16_autocast_and_structured_outputs_on_one_gpu():
     assert out["out"].dtype == torch.bfloat16 and out["tag"] == "t" and out["pair"][1] is None
     torch.testing.assert_close(out["out"], expected["out"])
     torch.testing.assert_close(out["pair"][0], expected["pair"][0])
+
+
+def test_reduction_trace_shows_early_buckets_hidden_under_backward():
+    """NOTE [Reduction trace]: the benchmark's traced overlap, on a model whose first buckets are
+    complete long before backward ends."""
+    from bench.run import traced_overlap
+    from bench.workloads import Workload
+
+    model = dpfast.DataParallel(deep(1024, 12).cuda(), device_ids=[0] * 4, bucket_cap_mb=4)
+    x, y = torch.randn(256, 1024, device="cuda"), torch.randn(256, 1024, device="cuda")
+    workload = Workload("deep", "test", "", {}, 256, None, None)
+    workload.loss = lambda out, target: (out - target).square().mean()
+    for _ in range(2):
+        model(x).sum().backward()
+    result = traced_overlap(model, workload, x, y, steps=3)
+    assert result["reduce_hidden_fraction_traced"] > 0
+    assert result["reduce_span_us_traced"] > 0 and result["exposed_after_backward_us_traced"] >= 0
+    assert model._runtime.reducer.trace is None
