@@ -67,6 +67,7 @@ if not __package__:  # run as a script (python bench/run.py): make the relative 
     __package__ = "bench"
 
 import dpfast  # noqa: E402
+from dpfast import splits  # noqa: E402
 
 from . import common  # noqa: E402
 from .common import Clock, PhaseTimer, WrongResult, fmt  # noqa: E402
@@ -85,9 +86,10 @@ MiB = 2**20
 @dataclass
 class System:
     label: str
-    kind: str  # "bare", "dpfast", "nn.DataParallel" or "ddp"
+    kind: str  # "bare", "chunks", "dpfast", "nn.DataParallel" or "ddp"
     devices: List[torch.device]
     loss_on_replicas: bool = False  # dpfast with gather=False and dpfast.ParallelCriterion
+    chunks: int = 1  # "chunks": the batch's pieces, run one after the other
 
 
 def plan_systems(devices: List[torch.device]) -> Tuple[List[System], List[dict]]:
@@ -96,6 +98,9 @@ def plan_systems(devices: List[torch.device]) -> Tuple[List[System], List[dict]]
     n = len(devices)
     where = "CPU replicas" if devices[0].type == "cpu" else ("on one GPU" if len(unique) == 1 else "GPUs")
     systems = [System("bare", "bare", devices[:1])]
+    if len(unique) == 1 and n > 1:
+        # Replicas sharing one device: what the split alone costs there (dpfast's own cost is the rest).
+        systems.append(System(f"bare on {n} chunks in turn", "chunks", devices[:1], chunks=n))
     if len(unique) == 1:
         systems.append(System("dpfast x1", "dpfast", devices[:1]))
     if n > 1:
@@ -142,9 +147,23 @@ class PhasedDataParallel(nn.DataParallel):
             return super().gather(*args, **kwargs)
 
 
+class Chunked(nn.Module):
+    """The module on the batch's chunks (dpfast's split) one after the other, outputs joined."""
+
+    def __init__(self, module: nn.Module, chunks: int):
+        super().__init__()
+        self.module, self.chunks = module, chunks
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        sizes = splits.chunk_sizes_for(inputs.shape[0], self.chunks, None, None)
+        return torch.cat([self.module(piece) for piece in inputs.split(sizes) if piece.shape[0]])
+
+
 def wrap(system: System, module: nn.Module) -> nn.Module:
     if system.kind == "bare":
         return module
+    if system.kind == "chunks":
+        return Chunked(module, system.chunks)
     if system.kind == "dpfast":
         return dpfast.DataParallel(module, device_ids=system.devices, gather=not system.loss_on_replicas)
     if system.kind == "nn.DataParallel":
@@ -409,6 +428,7 @@ def measure_overlap(system: System, model, module: nn.Module, workload: Workload
     record = {"backward_wall_us": common.median(wall_samples_us), "backward_compute_us": None,
               "reduce_work_us": None, "reduce_overlap_fraction": None,
               "reduce_overlap_note": {"bare": "no reduction", "dpfast": "no reduction (one replica)",
+                                      "chunks": "no reduction",
                                       "nn.DataParallel": "none by design: the reduction starts after every "
                                       "replica's backward (inside autograd, not timed apart)"}[system.kind]}
     if system.kind != "dpfast" or len(system.devices) == 1:
@@ -433,7 +453,7 @@ def run_in_process(system: System, workload: Workload, args, check_batches, refe
     release_memory(system.devices)  # so that NVML's view shows this system, not the previous one's cache
     module = workload.build(SEED).to(device)
     model = wrap(system, module)
-    if args.inject_fault and system.kind != "bare":
+    if args.inject_fault and system.kind not in ("bare", "chunks"):  # the baselines stay right
         inject_fault(model)
     optimizer = make_optimizer(module)
     common.reset_peak_memory(system.devices)
@@ -602,8 +622,13 @@ def bench_workload(workload: Workload, systems: List[System], not_run: List[dict
         else:
             record["not_run"].append({"system": result["system"], "reason": result["reason"]})
     bare_us = record["systems"][0]["step_time_us"]
+    chunks_us = next((r["step_time_us"] for r in record["systems"] if r["kind"] == "chunks"), None)
     for result in record["systems"]:
         result["speedup_vs_bare"] = bare_us / result["step_time_us"]
+        # dpfast's own cost where replicas share a device: its step over the same split run in turn
+        result["time_vs_chunks"] = (result["step_time_us"] / chunks_us
+                                    if chunks_us and result["kind"] == "dpfast" and len(result["devices"]) > 1
+                                    else None)
     return record
 
 
@@ -619,7 +644,7 @@ def peak_memory_label(memory: dict) -> str:
 
 
 def format_results(record: dict) -> str:
-    headers = ["workload", "system", "step ms", "samples/s", "speed-up", "scatter", "sync", "fwd", "gather", "loss",
+    headers = ["workload", "system", "step ms", "samples/s", "speed-up", "vs chunks", "scatter", "sync", "fwd", "gather", "loss",
                "bwd", "reduce", "overlap", "opt", "other", "peak MiB"]
     rows = []
     for w in record["workloads"]:
@@ -627,6 +652,7 @@ def format_results(record: dict) -> str:
             ms = {name: (None if v is None else v / 1e3) for name, v in s["phases_us"].items()}
             rows.append([f"{w['workload']} (b={w['batch_size']})", s["system"], fmt(s["step_time_us"] / 1e3),
                          fmt(s["throughput_samples_per_s"], 0), fmt(s["speedup_vs_bare"]) + "x",
+                         "-" if s.get("time_vs_chunks") is None else fmt(s["time_vs_chunks"]) + "x",
                          *(fmt(ms[p]) for p in ("scatter", "param_sync", "forward", "gather", "loss", "backward",
                                                 "reduce")),
                          fmt(s["reduce_overlap_fraction"]), fmt(ms["optimizer"]), fmt(ms["other"]),
@@ -691,7 +717,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--label", help="file-name label (default: cpu-quick, gpu1, ...)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--inject-fault", action="store_true",
-                        help="for tests: make every wrapped system return a wrong output; the run must fail")
+                        help="for tests: make every system but the baselines (bare, chunks) return a wrong output; the run must fail")
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error("--steps: expected at least 1")

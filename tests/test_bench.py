@@ -61,12 +61,12 @@ def test_bench_json_has_every_field(bench_run):
         for key in ("size", "description", "config", "batch_size", "param_count", "param_bytes", "num_param_tensors",
                     "num_modules", "input_bytes", "output_bytes", "systems", "not_run"):
             assert key in workload, key
-        assert [s["kind"] for s in workload["systems"]] == ["bare", "dpfast", "dpfast", "dpfast"]
-        assert [s["loss_on_replicas"] for s in workload["systems"]] == [False, False, False, True]
+        assert [s["kind"] for s in workload["systems"]] == ["bare", "chunks", "dpfast", "dpfast", "dpfast"]
+        assert [s["loss_on_replicas"] for s in workload["systems"]] == [False, False, False, False, True]
         assert {n["system"] for n in workload["not_run"]} == {"nn.DataParallel", "DDP"}
         for system in workload["systems"]:
             for key in ("system", "loss_on_replicas", "devices", "num_replicas", "step_time_us", "step_time_samples_us", "phases_us",
-                        "phase_timing", "throughput_samples_per_s", "speedup_vs_bare", "correctness",
+                        "phase_timing", "throughput_samples_per_s", "speedup_vs_bare", "time_vs_chunks", "correctness",
                         "backward_wall_us", "backward_compute_us", "reduce_work_us", "reduce_overlap_fraction",
                         "reduce_overlap_note", "memory", "dpfast_stats"):
                 assert key in system, key
@@ -76,9 +76,13 @@ def test_bench_json_has_every_field(bench_run):
             assert system["correctness"]["checked_steps"] == run.CHECK_STEPS
             assert system["correctness"]["max_grad_relative_error"] <= system["correctness"]["tolerance"]
             assert {"torch_peak_allocated_bytes", "nvml_used_bytes", "process_peak_rss_bytes"} <= set(system["memory"])
-        bare, _, replicas, loss_on_replicas = workload["systems"]
+        bare, chunks, one, replicas, loss_on_replicas = workload["systems"]
         assert loss_on_replicas["phases_us"]["gather"] is None  # outputs stay on the replicas
         assert bare["speedup_vs_bare"] == 1.0
+        # dpfast's own cost where its replicas share a device: against the same split run in turn
+        assert chunks["system"] == "bare on 2 chunks in turn" and chunks["time_vs_chunks"] is None
+        assert one["time_vs_chunks"] is None
+        assert replicas["time_vs_chunks"] == replicas["step_time_us"] / chunks["step_time_us"]
         assert replicas["num_replicas"] == 2
         assert replicas["phases_us"]["scatter"] is not None and replicas["phases_us"]["reduce"] is not None
         assert replicas["reduce_overlap_fraction"] == 0.0  # the CPU runs the reduction in program order
@@ -95,7 +99,7 @@ def test_bench_writes_the_chart(bench_run):
 def test_bench_prints_the_table(bench_run):
     stdout = bench_run["stdout"]
     assert "CPU replicas" in stdout
-    for column in ("step ms", "samples/s", "speed-up", "scatter", "reduce", "overlap", "peak MiB"):
+    for column in ("step ms", "samples/s", "speed-up", "vs chunks", "scatter", "reduce", "overlap", "peak MiB"):
         assert column in stdout
     for row in ("mlp (b=8)", "cnn (b=8)", "transformer (b=8)", "bare", "dpfast x1", "dpfast x2 (CPU replicas)"):
         assert row in stdout
