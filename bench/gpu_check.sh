@@ -94,6 +94,9 @@ if [[ $GPUS == 0 ]]; then
 fi
 
 say "$GPUS GPU(s) visible"
+# The build's compiler (NOTE [One libstdc++] in setup.py: a wrapper that links libstdc++ statically
+# is refused there).
+say "compiler: CXX=${CXX:-c++} ($("${CXX:-c++}" --version 2>&1 | head -n 1))"
 # A fresh build for this machine's torch; TORCH_CUDA_ARCH_LIST defaults to the visible card.
 "$PYTHON" -c "import ninja" 2>/dev/null || command -v ninja >/dev/null ||
   say "note: ninja is missing: torch compiles the extension one file at a time (slower)"
