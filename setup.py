@@ -74,27 +74,34 @@ def extra_cuda_includes():
 # extension a second copy whose locale facets do not match the stream objects made by the first:
 # the first TORCH_CHECK message that prints a number crashed (H100 machine, 2026-11-27) or came
 # out cut short. Naming the shared library before the driver's own libraries keeps the static copy
-# out, and the build is refused if one got in anyway.
+# out, and the build is refused if a copy got in anyway (setup.py's carries_own_libstdcxx).
 LINK_SHARED_LIBSTDCXX = ["-lstdc++"] if sys.platform.startswith("linux") else []
 
 
-def defines_own_libstdcxx(library):
-    """True if the built library defines libstdc++'s locale (a static copy); None if nm is missing."""
+def carries_own_libstdcxx(library):
+    """True if the built library carries a copy of libstdc++: it does not load the shared one
+    (readelf -d), or it exports libstdc++'s own std::locale::classic() (nm -D). None where that
+    cannot be told (not Linux, or binutils missing or failing)."""
     import shutil
     import subprocess
 
-    nm = shutil.which("nm")
-    if nm is None or not sys.platform.startswith("linux"):
+    readelf, nm = shutil.which("readelf"), shutil.which("nm")
+    if readelf is None or nm is None or not sys.platform.startswith("linux"):
         return None
-    symbols = subprocess.run([nm, "-D", "--defined-only", library], capture_output=True, text=True).stdout
-    return "_ZNSt6locale" in symbols
+    needed = subprocess.run([readelf, "-d", library], capture_output=True, text=True)
+    exported = subprocess.run([nm, "-D", "--defined-only", library], capture_output=True, text=True)
+    if needed.returncode != 0 or exported.returncode != 0:
+        print(f"dpfast: could not check which libstdc++ {library} uses: {needed.stderr}{exported.stderr}".strip())
+        return None
+    exports_locale = any(word.split("@")[0] == "_ZNSt6locale7classicEv" for word in exported.stdout.split())
+    return "libstdc++.so" not in needed.stdout or exports_locale
 
 
 class BuildWithOneLibstdcxx(BuildExtension.with_options(use_ninja=True)):
     def build_extension(self, ext):
         super().build_extension(ext)
         path = self.get_ext_fullpath(ext.name)
-        if defines_own_libstdcxx(path):
+        if carries_own_libstdcxx(path):
             raise RuntimeError(
                 f"dpfast: {path} carries its own copy of libstdc++ (the compiler {os.environ.get('CXX', 'c++')} "
                 "links it statically), which crashes on the first error message it formats (NOTE [One libstdc++] "

@@ -117,7 +117,7 @@ if "$PYTHON" -c "import pytest" 2>/dev/null; then
   # One process per file: a crash in one leaves the others' results.
   for file in cuda engine grad_ready reducer; do
     step "t-$file" $([[ $file == cuda ]] && echo 100 || echo 60) "$PYTHON" -X faulthandler -m pytest "tests/test_$file.py" -q -rfE --tb=short -p no:cacheprovider \
-      "${TIMEOUT_ARGS[@]}"
+      ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"}
   done
   # dpfast against the module on the same chunks one after the other (its arithmetic without its
   # streams) and on the whole batch, TF32 on and off, with and without a synchronize per phase.

@@ -31,11 +31,13 @@ Method
   reduce_work, clamped to [0, 1]; left out (None, with a note) where the
   reduction is too short to tell from the noise of backward's time. On CUDA
   the reported overlap is traced instead, and the timing estimate only
-  stays in the note. The reducer records CUDA events (NOTE [Reduction
-  trace]) around each bucket's reduction on the root's comm stream, and
+  stays in the note. This holds where the lanes share one GPU: events of
+  different devices cannot be compared. The reducer records CUDA events
+  (NOTE [Reduction trace]). Each bucket's span runs from the moment every
+  lane's gradients of it are in to the root's last add. Another event marks
   when the replicas' backward work is all enqueued. overlap is the share of
-  the buckets' reduction spans that ends before that work does: the median
-  of up to 5 extra steps. Beside it, exposed_after_backward_us_traced is
+  the spans' time that lies before that work ends (a span cut by it counts
+  in part), as the median of up to 5 extra steps. Beside it, exposed_after_backward_us_traced is
   what the caller waits for once that work is done. On the CPU overlap is 0
   by construction: the engine runs in program order on the thread that runs
   backward.
@@ -351,36 +353,40 @@ def hidden_fraction(compute_end_us: float, spans_us: List[Tuple[float, float]]) 
 
 def traced_overlap(model, workload: Workload, inputs, targets, steps: int) -> dict:
     """NOTE [Reduction trace]: CUDA events from inside dpfast's reducer, over `steps` backward
-    passes: the share of the reduction hidden under the replicas' backward, and the time from the
-    end of that backward to the end of the end-of-backward step (what the caller waits for)."""
+    passes on lanes of one GPU: the share of the reduction's spans that lies before the replicas'
+    backward work ended, and the time from then to the end of the end-of-backward step (what the
+    caller waits for)."""
     fractions, tails_us, spans_us = [], [], []
-    reducer = None
+    traced = []  # every reducer given a trace list, so that each is reset
     try:
         for _ in range(steps):
             loss = workload.loss(model(inputs), targets)
             reducer = model._runtime.reducer  # the one this forward's backward reduces through
             reducer.trace = []
+            traced.append(reducer)
             origin = torch.cuda.Event(enable_timing=True)
             origin.record()
             loss.backward()
             torch.cuda.synchronize()
+            model.module.zero_grad()
             at_us = lambda event: origin.elapsed_time(event) * 1e3  # noqa: E731 (ms -> us)
-            compute_end_us = max(at_us(e) for kind, *rest in reducer.trace if kind == "compute_end"
-                                 for e in rest[0])
-            finish_end_us = max(at_us(rest[0]) for kind, *rest in reducer.trace if kind == "finish_end")
-            spans = [(at_us(rest[1]), at_us(rest[2])) for kind, *rest in reducer.trace if kind == "bucket"]
-            fraction, span_us = hidden_fraction(compute_end_us, spans)
+            compute_ends = [at_us(e) for kind, *rest in reducer.trace if kind == "compute_end" for e in rest[0]]
+            finish_ends = [at_us(rest[0]) for kind, *rest in reducer.trace if kind == "finish_end"]
+            spans = [(max(at_us(e) for e in rest[1]), at_us(rest[2])) for kind, *rest in reducer.trace
+                     if kind == "bucket"]
+            if not compute_ends or not finish_ends:  # nothing reduced at this backward's end
+                continue
+            fraction, span_us = hidden_fraction(max(compute_ends), spans)
             if fraction is not None:
                 fractions.append(fraction)
-            tails_us.append(finish_end_us - compute_end_us)
+            tails_us.append(max(finish_ends) - max(compute_ends))
             spans_us.append(span_us)
-            model.module.zero_grad()
     finally:
-        if reducer is not None:
+        for reducer in traced:
             reducer.trace = None
     return {"reduce_hidden_fraction_traced": common.median(fractions) if fractions else None,
-            "reduce_span_us_traced": common.median(spans_us),
-            "exposed_after_backward_us_traced": common.median(tails_us)}
+            "reduce_span_us_traced": common.median(spans_us) if spans_us else None,
+            "exposed_after_backward_us_traced": common.median(tails_us) if tails_us else None}
 
 
 def steps_per_system(system: System, args) -> int:
@@ -439,7 +445,7 @@ def measure_overlap(system: System, model, module: nn.Module, workload: Workload
     overlap, note = overlap_estimate(system.devices[0], work_us, compute_samples_us, wall_samples_us)
     record.update(backward_compute_us=common.median(compute_samples_us), reduce_work_us=work_us,
                   reduce_overlap_fraction=overlap, reduce_overlap_note=note)
-    if system.devices[0].type == "cuda":
+    if system.devices[0].type == "cuda" and len(common.distinct(system.devices)) == 1:  # NOTE [Reduction trace]
         record.update(traced_overlap(model, workload, inputs, targets, min(args.steps, 5)))
         if record["reduce_hidden_fraction_traced"] is not None:
             record["reduce_overlap_fraction"] = record["reduce_hidden_fraction_traced"]

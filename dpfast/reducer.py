@@ -61,8 +61,10 @@ class GradReducer:
         self.sync_enabled = True
         self.reduction_count = 0  # bucket reductions so far, for tests and benchmarks
         # NOTE [Reduction trace]: the benchmark sets a list here; every backward then appends CUDA
-        # timing events: each bucket's reduction span on the root's comm stream, the end of the
-        # replicas' backward work, and the end of the end-of-backward step. None costs nothing.
+        # timing events: each bucket's reduction span (from the moment every lane's gradients of it
+        # are in to the end of the root's last add), the end of the replicas' backward work, and the
+        # end of the end-of-backward step. Only for lanes on one device (events of different devices
+        # cannot be compared). None costs nothing.
         self.trace: Optional[list] = None
         self.early_reduction_count = 0  # of which launched during backward
         self._lock = threading.Lock()
@@ -228,12 +230,14 @@ class GradReducer:
             for k in range(used):
                 lane_streams.wait(self.comm_streams[k], self.streams[k])
         trace = self.trace if self.comm_streams else None
-        start = _timing_event(self.comm_streams[0]) if trace is not None else None
+        # The span starts when every lane's gradients of the bucket are in (each comm stream has
+        # just waited for its lane), not when the root's lane is: no wait counts as reduction.
+        ready = [_timing_event(self.comm_streams[k]) for k in range(used)] if trace is not None else None
         with torch.no_grad():
             _C.reduce_add_([self._real_flats[b][k] for k in range(used)], 0, self.comm_stream_ids[:used],
                            self.tree_shape, 0, self.allow_p2p, *self.link)
         if trace is not None:
-            trace.append(("bucket", b, start, _timing_event(self.comm_streams[0])))
+            trace.append(("bucket", b, ready, _timing_event(self.comm_streams[0])))
         self._launched[b] = True
         self.reduction_count += 1
         if self.cross is not None:

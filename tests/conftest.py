@@ -19,7 +19,8 @@ def _seed():
 @pytest.fixture(autouse=True)
 def _collect_after_each_test(request):
     """DPFAST_TEST_GC=1: a full garbage collection after each test, its name printed first, so
-    that a native crash in a finalizer names the test whose garbage it was (bench/gpu_check.sh)."""
+    that a native crash in a finalizer names the test whose garbage it was (set it by hand when
+    a GPU run crashes between tests)."""
     yield
     if os.environ.get("DPFAST_TEST_GC"):
         print(f"gc after {request.node.nodeid}", file=sys.__stderr__, flush=True)

@@ -177,3 +177,13 @@ def test_hidden_fraction_counts_overlapping_spans_once_and_cuts_at_the_end_of_ba
     # 80-120 is half hidden, 150-170 not at all: (20 + 0) / (40 + 20).
     fraction, total = hidden_fraction(100.0, [(150.0, 170.0), (80.0, 120.0)])
     assert total == 60.0 and abs(fraction - 20.0 / 60.0) < 1e-12
+
+
+def test_gpu_numerics_tool_runs_on_cpu_replicas_and_finds_dpfast_equal_to_the_same_chunks():
+    result = subprocess.run([sys.executable, "tools/gpu_numerics.py", "--device", "cpu", "--size", "tiny",
+                             "--steps", "1", "--tf32", "off", "--sync", "no"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if "step 1" in line]
+    assert len(lines) == 3  # mlp, cnn, transformer
+    assert all("grads dpfast/chunked 0.00e+00" in line for line in lines)  # CPU: the same arithmetic
