@@ -86,6 +86,19 @@ def exact_float32():
     """TF32 off for the block (cuDNN's convolutions use it by default on Ampere and later): the
     checked steps compare a split batch with the whole one, and TF32's per-batch-size algorithms
     would differ by more than any tolerance that still catches a wrong gradient."""
+    # torch's fp32_precision settings where they exist: once a process has used them, the older
+    # allow_tf32 flags raise ("mix of the legacy and new APIs"); the reverse is allowed.
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        flags = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+        saved = [f.fp32_precision for f in flags]
+        for f in flags:
+            f.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            for f, value in zip(flags, saved):
+                f.fp32_precision = value
+        return
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:

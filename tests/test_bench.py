@@ -187,3 +187,23 @@ def test_gpu_numerics_tool_runs_on_cpu_replicas_and_finds_dpfast_equal_to_the_sa
     lines = [line for line in result.stdout.splitlines() if "step 1" in line]
     assert len(lines) == 3  # mlp, cnn, transformer
     assert all("grads dpfast/chunked 0.00e+00" in line for line in lines)  # CPU: the same arithmetic
+
+
+@pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
+def test_exact_float32_turns_tf32_off_and_restores_it_whichever_api_the_process_used(api):
+    code = f"""
+import torch
+from bench import common
+if "{api}" == "legacy":
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+else:
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "tf32"
+with common.exact_float32():
+    assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cuda.matmul.fp32_precision == "ieee"
+assert torch.backends.cudnn.conv.fp32_precision == torch.backends.cuda.matmul.fp32_precision == "tf32"
+if "{api}" == "legacy":
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+"""
+    # A fresh process: these settings are process-wide, and torch remembers which API was used.
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
