@@ -89,22 +89,18 @@ def exact_float32():
     # torch's fp32_precision settings where they exist: once a process has used them, the older
     # allow_tf32 flags raise ("mix of the legacy and new APIs"); the reverse is allowed.
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        flags = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
-        saved = [f.fp32_precision for f in flags]
-        for f in flags:
-            f.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            for f, value in zip(flags, saved):
-                f.fp32_precision = value
-        return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        flags = [(torch.backends.cudnn.conv, "fp32_precision", "ieee"),
+                 (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
+    else:
+        flags = [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
+    saved = [getattr(owner, name) for owner, name, _ in flags]
+    for owner, name, exact in flags:
+        setattr(owner, name, exact)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        for (owner, name, _), value in zip(flags, saved):
+            setattr(owner, name, value)
 
 
 def synchronize(devices: Iterable[torch.device]) -> None:

@@ -6,8 +6,9 @@ Method
   same random batch with SGD. Before anything is timed, its first
   CHECK_STEPS steps are compared with the bare module's on the same batches
   (loss and every root gradient, relative to the largest reference value),
-  with TF32 off (common.exact_float32); a difference above --tolerance raises WrongResult and the run exits with
-  status 2 without reporting any time.
+  with TF32 off (common.exact_float32); a difference above --tolerance
+  raises WrongResult and the run exits with status 2 without reporting any
+  time.
 - Step times are medians over --steps steps after --warmup steps. On the CPU
   they are time.perf_counter; on CUDA, CUDA events on the output device's
   current stream (dpfast and nn.DataParallel join their streams back into it
@@ -37,8 +38,9 @@ Method
   lane's gradients of it are in to the root's last add. Another event marks
   when the replicas' backward work is all enqueued. overlap is the share of
   the spans' time that lies before that work ends (a span cut by it counts
-  in part), as the median of up to 5 extra steps. Beside it, exposed_after_backward_us_traced is
-  what the caller waits for once that work is done. On the CPU overlap is 0
+  in part), as the median of up to 5 extra steps. Beside it,
+  exposed_after_backward_us_traced is what the caller waits for once that
+  work is done. On the CPU overlap is 0
   by construction: the engine runs in program order on the thread that runs
   backward.
 - Speed-up is the bare module's median step time over the system's, in the

@@ -3,7 +3,7 @@
 For each workload, three copies of the model train side by side on the same batches:
   bare     the module on the full batch;
   chunked  the module on the same chunks as dpfast's replicas, one after the other on one
-           stream, the chunk losses combined into the full-batch mean: dpfast's arithmetic
+           stream, the outputs joined (the benchmark's bench.run.Chunked): dpfast's arithmetic
            without its streams, so chunked vs bare is the error that splitting the batch
            alone makes (TF32 algorithms chosen per batch size, summation order);
   dpfast   dpfast.DataParallel with N replicas on cuda:0.
@@ -27,20 +27,16 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dpfast  # noqa: E402
+from bench.run import Chunked, relative_error  # noqa: E402
 from bench.workloads import make_workload  # noqa: E402
-from dpfast import splits  # noqa: E402
 
 
 def relative_errors(module_a, module_b):
-    """(largest error, parameter name) of module_a's grads against module_b's."""
+    """(largest error, parameter name) of module_a's grads against module_b's, as the benchmark
+    checks them (bench.run.relative_error)."""
     worst, where = 0.0, "-"
     for (name, p), q in zip(module_a.named_parameters(), module_b.parameters()):
-        if p.grad is None or q.grad is None:
-            if (p.grad is None) != (q.grad is None):
-                return float("inf"), f"{name} (grad missing on one side)"
-            continue
-        scale = max(q.grad.abs().max().item(), 1e-12)
-        error = (p.grad - q.grad).abs().max().item() / scale
+        error = relative_error(p.grad, q.grad)
         if error > worst:
             worst, where = error, name
     return worst, where
@@ -56,17 +52,16 @@ def run(workload_name: str, size: str, replicas: int, steps: int, sync: bool, de
     workload = make_workload(workload_name, size)
     batch = workload.default_batch_size
     bare, chunked, root = (workload.build(0).to(device) for _ in range(3))
+    in_turn = Chunked(chunked, replicas)  # the benchmark's "bare on N chunks in turn"
     wrapped = dpfast.DataParallel(root, device_ids=[device] * replicas)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (bare, chunked, root)]
-    sizes = splits.chunk_sizes_for(batch, replicas, None, None)
     worst = 0.0
     for step in range(1, steps + 1):
         x, y = workload.make_batch(batch, 1000 + step)
         x, y = x.to(device), y.to(device)
         loss_bare = F.cross_entropy(bare(x), y)
         loss_bare.backward()
-        loss_chunked = sum(F.cross_entropy(chunked(xc), yc, reduction="sum")
-                           for xc, yc in zip(x.split(sizes), y.split(sizes))) / batch
+        loss_chunked = F.cross_entropy(in_turn(x), y)
         loss_chunked.backward()
         outputs = wrapped(x)
         if sync and device.type == "cuda":
