@@ -130,6 +130,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "first_cap_bytes"_a, "Indices of the tensors in each bucket (csrc/plan.h)");
 
   // The callbacks are Python functions: pybind11 takes the GIL to call them and to drop them.
+  m.def("graph_reaches_only", &dpfast::graph_reaches_only, "roots"_a, "allowed"_a,
+        "Whether autograd's walk back from roots meets no leaf but those in allowed",
+        py::call_guard<py::gil_scoped_release>());
   using dpfast::GradReadiness;
   py::class_<GradReadiness, std::shared_ptr<GradReadiness>>(m, "GradReadiness",
                                                             "Counts completed gradient buckets (csrc/grad_ready.h)")

@@ -4,9 +4,11 @@
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/functions/accumulate_grad.h>
 #include <torch/csrc/autograd/variable.h>
 
 #include <algorithm>
+#include <unordered_set>
 
 namespace dpfast {
 
@@ -153,6 +155,40 @@ int64_t GradReadiness::replicas_used() const {
 bool GradReadiness::first_mark_seen() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return first_mark_seen_;
+}
+
+bool graph_reaches_only(const std::vector<at::Tensor>& roots, const std::vector<at::Tensor>& allowed) {
+  using torch::autograd::Node;
+  std::unordered_set<const c10::TensorImpl*> allowed_leaves;
+  for (const auto& t : allowed) {
+    allowed_leaves.insert(t.unsafeGetTensorImpl());
+  }
+  std::unordered_set<Node*> seen;
+  std::vector<Node*> to_visit;
+  auto visit = [&](const torch::autograd::Edge& edge) {
+    if (edge.function && seen.insert(edge.function.get()).second) {
+      to_visit.push_back(edge.function.get());
+    }
+  };
+  for (const auto& root : roots) {
+    if (root.requires_grad()) {
+      visit(torch::autograd::impl::gradient_edge(root));  // a leaf's own accumulator
+    }
+  }
+  while (!to_visit.empty()) {
+    Node* node = to_visit.back();
+    to_visit.pop_back();
+    if (auto* accumulate = dynamic_cast<torch::autograd::AccumulateGrad*>(node)) {
+      if (allowed_leaves.count(accumulate->variable.unsafeGetTensorImpl()) == 0) {
+        return false;
+      }
+      continue;
+    }
+    for (const auto& next : node->next_edges()) {
+      visit(next);
+    }
+  }
+  return true;
 }
 
 }  // namespace dpfast

@@ -71,4 +71,9 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   bool first_mark_seen_ = false;
 };
 
+// Whether autograd's walk back from `roots` meets no leaf but those in `allowed`: a replica's
+// graph that stands alone, whose backward can run on another thread than the caller's graph
+// (NOTE [Parallel backward] in dpfast/backward.py). Costs a visit per node, without Python.
+bool graph_reaches_only(const std::vector<at::Tensor>& roots, const std::vector<at::Tensor>& allowed);
+
 }  // namespace dpfast

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import weakref
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from . import backward as parallel_backward
 from . import checkpoint, distributed, splits
 from . import devices as _devices
 from . import scatter_gather, streams as lane_streams
@@ -306,7 +308,20 @@ class DataParallel(nn.DataParallel):
             return ReplicaOutputs(outputs, chunk_sizes, devices, self.output_device_obj, self.dim)
         with self._phase("gather"):
             weights = chunk_sizes if self.scalar_outputs == "mean" and batch else None  # not for an empty batch
-            return self.gather(outputs, self.output_device_obj, devices, streams, scalar_weights=weights)
+            stand_ins = self._route_backward(runtime, outputs, active, devices)
+            return self.gather(outputs, self.output_device_obj, devices, streams, scalar_weights=weights,
+                               stand_ins=stand_ins)
+
+    def _route_backward(self, runtime, outputs, active, devices):
+        """NOTE [Parallel backward]: on CPU lanes, the replicas' parts of the backward run on their
+        workers. DPFAST_SEQUENTIAL_BACKWARD=1 leaves them to autograd (one after the other)."""
+        if (len(active) < 2 or runtime.cross is not None or not torch.is_grad_enabled()
+                or any(d.type != "cpu" for d in devices) or runtime.reducer is None
+                or os.environ.get("DPFAST_SEQUENTIAL_BACKWARD", "0") not in ("", "0")):
+            return None
+        replica_tensors = [runtime.replicas.replica_tensors[k] for k in active]
+        wheres = [f"in replica {k} on device {self.devices[k]} (backward)" for k in active]
+        return parallel_backward.route(outputs, replica_tensors, wheres, active[-1] + 1, runtime.pool, runtime.reducer)
 
     # The four steps take nn.DataParallel's arguments (a subclass may override any of them, or call
     # them from its own forward); dpfast's forward also passes what it already knows.
@@ -339,6 +354,7 @@ class DataParallel(nn.DataParallel):
                              f"but got another {type(module).__name__}")
         num_replicas = device_ids if isinstance(device_ids, int) else len(device_ids)
         runtime = self._ensure_runtime()
+        runtime.pool.drain()  # a backward that raised may have left replicas' parts running
         replicas = runtime.replicas.sync(num_replicas)
         self._ensure_reducer(runtime).note_forward(num_replicas)
         return replicas
@@ -374,7 +390,8 @@ class DataParallel(nn.DataParallel):
         lane_streams.callers_wait_for(streams, outputs)
         return outputs
 
-    def gather(self, outputs: List[Any], output_device, devices=None, streams=None, scalar_weights=None) -> Any:
+    def gather(self, outputs: List[Any], output_device, devices=None, streams=None, scalar_weights=None,
+               stand_ins=None) -> Any:
         if devices is None:  # called as nn.DataParallel's step (an override's super() call, say)
             devices = [next((t.device for _, t in scatter_gather.iter_tensors(out, "")), self.devices[k])
                        for k, out in enumerate(outputs)]
@@ -382,7 +399,8 @@ class DataParallel(nn.DataParallel):
                 scatter_gather.gather(outputs, _devices.to_device(output_device, "output_device"), self.dim, devices),
                 self._ensure_runtime())
         return scatter_gather.gather(outputs, _devices.to_device(output_device, "output_device"), self.dim,
-                                     devices, lane_streams.ids(streams), scalar_weights=scalar_weights)
+                                     devices, lane_streams.ids(streams), scalar_weights=scalar_weights,
+                                     stand_ins=stand_ins)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Also takes a plain module's state_dict (keys without ``module.``)."""

@@ -69,6 +69,7 @@ class GradReducer:
         self.early_reduction_count = 0  # of which launched during backward
         self._lock = threading.Lock()
         self._callback_queued = False
+        self._replica_jobs: list = []  # NOTE [Parallel backward]: replicas' backward on the workers
         self._root_hooks = {}  # parameter index -> Python hook on the root's parameter (across processes)
         # parameter index -> sparse_dim of its sparse gradient, declared by the module or seen on the
         # root: the sum is handed back sparse even when the root got none (replica buckets are dense)
@@ -171,6 +172,37 @@ class GradReducer:
                 self._callback_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
 
+    def run_replica_backward(self, pool, fns: list, wheres: List[str], replicas: int) -> None:
+        """NOTE [Parallel backward]: runs the replicas' parts of this backward on the workers. Its
+        end (queued here, on the caller's graph task: the workers' hooks run in graph tasks of their
+        own) waits for them. ``replicas`` (1 + the highest replica index of the forward) is told
+        to the counter first: a backward of a retained graph has no forward before it, and a bucket
+        must not count as complete when the first of the parallel replicas is in."""
+        self._ready.note_replicas(replicas)
+        with self._lock:
+            if self._forwards_in_window > 1:
+                # Each forward's graph is a backward of its own on a replica, so a parameter used by
+                # two forwards is marked twice (autograd's own walk sums them first): a bucket could
+                # count complete before the second. Reduce every bucket at the end instead.
+                self._early_launch = False
+        self._on_first_mark()
+        jobs = pool.submit(fns, wheres)
+        with self._lock:
+            self._replica_jobs.extend(jobs)
+
+    def _wait_for_replica_backward(self) -> None:
+        """Waits for the workers' parts of this backward; raises the first error among them. Not
+        under the lock: the workers' hooks take it."""
+        with self._lock:
+            jobs, self._replica_jobs = self._replica_jobs, []
+        for job in jobs:
+            job.done.wait()
+        for job in jobs:
+            if job.error is not None:
+                with self._lock:
+                    self._discard()  # as if this backward had not run on the replicas
+                job.reraise()
+
     def _on_bucket_complete(self, b: int) -> None:
         """Every replica's gradient of every parameter of bucket b is in (replica 0's too across
         processes): reduce it now, while backward goes on with the earlier layers."""
@@ -184,7 +216,8 @@ class GradReducer:
             if self._callback_queued:
                 # A backward marked gradients but its end never came: it raised (autograd does not
                 # run final callbacks then). Drop what it left, as if it had not run, so the next
-                # backward reduces only its own gradients.
+                # backward reduces only its own gradients. (The caller drained the workers first.)
+                self._replica_jobs = []
                 self._discard()
             self._ready.note_replicas(num_replicas)
             self._forwards_in_window += 1
@@ -253,6 +286,7 @@ class GradReducer:
             self._next_cross += 1
 
     def _end_of_backward(self) -> None:
+        self._wait_for_replica_backward()
         with self._lock:
             self._callback_queued = False
             if not self.sync_enabled:

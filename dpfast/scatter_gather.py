@@ -238,7 +238,8 @@ def _items_of_iterables(values: List[Any]) -> Optional[List[list]]:
 
 
 def gather(outputs: List[Any], destination: torch.device, dim: int, devices: List[torch.device],
-           lane_stream_ids: List[int] = (), scalar_weights: Optional[List[int]] = None) -> Any:
+           lane_stream_ids: List[int] = (), scalar_weights: Optional[List[int]] = None,
+           stand_ins: Optional[Dict[int, torch.Tensor]] = None) -> Any:
     """The replicas' outputs concatenated along dim on ``destination`` (ready
     on its current stream), nested
     structures rebuilt with their own types. 0-dim tensors become a vector of
@@ -247,7 +248,8 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
     chunk sizes), 0-dim outputs become their weighted mean instead: the
     full-batch value of a mean computed per replica. Other iterable objects
     (a cache of per-layer tensors) are gathered item by item and rebuilt with
-    their type's constructor, as nn.DataParallel does, where it takes them."""
+    their type's constructor, as nn.DataParallel does, where it takes them. ``stand_ins`` maps
+    id(tensor) to the tensor gathered in its place (NOTE [Parallel backward])."""
     lane_stream_ids = list(lane_stream_ids)
 
     def mismatch(path: str, expected: str, k: int, got: str):
@@ -268,6 +270,8 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
                                  f"with the keys {list(first.keys())} (as replica 0 did), but replica {k} "
                                  f"returned the keys {list(v.keys())}")
         if isinstance(first, torch.Tensor):
+            if stand_ins:
+                values = [stand_ins.get(id(v), v) for v in values]
             scalars = first.dim() == 0
             tensors = [v.unsqueeze(0) if v.dim() == 0 else v for v in values]
             gather_dim = 0 if scalars else dim

@@ -123,6 +123,7 @@ class WorkerPool:
         self._pid = os.getpid()
         self._queues: List["queue.SimpleQueue[Optional[_Job]]"] = []
         self._threads: List[threading.Thread] = []
+        self._submitted: List[_Job] = []
         name = self._name
         for k in range(self._num_workers):
             q: "queue.SimpleQueue[Optional[_Job]]" = queue.SimpleQueue()
@@ -151,6 +152,27 @@ class WorkerPool:
             if job.error is not None:
                 job.reraise()
         return [job.result for job in jobs]
+
+    def submit(self, fns: List[Callable[[], Any]], wheres: List[str]) -> List[_Job]:
+        """fns[k] on worker k, without waiting: the jobs, to wait for with ``job.done``. On a closed
+        pool (the wrapper is gone, its graph is not), each runs at once on the calling thread."""
+        if self._pid != os.getpid():
+            self._start()
+        jobs = [_Job(fn, where) for fn, where in zip(fns, wheres)]
+        if len(jobs) > len(self._queues):
+            for job in jobs:
+                job.run()
+            return jobs
+        for q, job in zip(self._queues, jobs):
+            q.put(job)
+        self._submitted.extend(jobs)
+        return jobs
+
+    def drain(self) -> None:
+        """Waits for every job submitted so far (their errors are their submitter's to report)."""
+        jobs, self._submitted = self._submitted, []
+        for job in jobs:
+            job.done.wait()
 
     def close(self) -> None:
         if self._pid != os.getpid():

@@ -1,0 +1,132 @@
+"""The replicas' backward passes in parallel, on CPU replicas.
+
+NOTE [Parallel backward]
+PyTorch's autograd engine runs every CPU node of a backward on the thread that
+called ``backward()`` (a GPU's nodes go to that GPU's own thread). Left alone,
+CPU replicas' backward passes run one after the other, while their forwards
+ran side by side on the workers.
+
+So, on CPU lanes, the outputs of replicas 1..n-1 reach the gather through one
+autograd node, ``ReplicaBackward``, that owns their graphs: its backward hands
+each replica's part (``torch.autograd.backward`` on that replica's outputs) to
+the replica's worker thread and returns at once, and the caller's thread goes
+on with replica 0's graph (the root module's own, left connected). It also
+queues the reducer's end-of-backward callback on the caller's graph task; that
+callback first waits for the workers' parts (and raises the first error, naming
+the replica), then reduces as usual. The workers' gradients arrive through the
+same C++ hooks, which launch each complete bucket's reduction from whichever
+thread completes it.
+
+The node is used only where the result is the same as autograd's own walk:
+- replica k's graph reaches no leaf but replica k's own parameters
+  (``_C.graph_reaches_only``): no input that requires grad, no tensor of the
+  caller's graph captured by the module. Otherwise two graph tasks would run
+  the caller's nodes;
+- every tensor of the outputs is where the gather finds it by structure
+  (tensors, None, plain values, lists, tuples, dicts, dataclasses);
+- not across processes (the root's hooks order the all-reduce there).
+Its backward runs only for a backward of everything: ``torch.autograd.grad``
+and ``backward(inputs=...)`` never reach it (its only input is a private leaf),
+and see replica 0's share, as the README says of them. The replicas' graphs are
+kept (retain_graph) as long as this node keeps them: the caller's
+``retain_graph`` decides, through the node's saved tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import _C
+from .scatter_gather import iter_tensors
+
+_PLAIN = (str, bytes, int, float, bool, complex, type(None))
+
+
+def _plain_structure(obj: Any) -> bool:
+    """True when iter_tensors finds every tensor of obj, as the gather walks it."""
+    if isinstance(obj, (torch.Tensor,) + _PLAIN):
+        return True
+    if isinstance(obj, dict):
+        return all(_plain_structure(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_plain_structure(v) for v in obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return all(_plain_structure(getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    return False
+
+
+class _Plan:
+    """Replicas 1..n-1's outputs that require grad, flattened, and where each replica's start."""
+
+    def __init__(self, per_replica: List[List[torch.Tensor]], where: List[str], replicas: int, pool, reducer):
+        self.replicas = replicas  # 1 + the highest replica index that ran
+        self.tensors = [t for ts in per_replica for t in ts]
+        self.bounds = []
+        start = 0
+        for ts in per_replica:
+            self.bounds.append((start, start + len(ts)))
+            start += len(ts)
+        self.where = where
+        self.pool = pool
+        self.reducer = reducer
+
+
+class ReplicaBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan: _Plan, anchor: torch.Tensor):
+        ctx.set_materialize_grads(False)
+        ctx.plan = plan
+        # Saved, not kept: the caller's backward frees them unless it retains its graph.
+        ctx.save_for_backward(*plan.tensors)
+        return tuple(t.detach() for t in plan.tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        plan: _Plan = ctx.plan
+        tensors = ctx.saved_tensors
+        create_graph = torch.is_grad_enabled()
+        fns, wheres = [], []
+        for (start, end), where in zip(plan.bounds, plan.where):
+            pairs = [(t, g) for t, g in zip(tensors[start:end], grads[start:end]) if g is not None]
+            if pairs:
+                fns.append(_sub_backward([t for t, _ in pairs], [g for _, g in pairs], create_graph))
+                wheres.append(where)
+        if fns:
+            plan.reducer.run_replica_backward(plan.pool, fns, wheres, plan.replicas)
+        return None, None
+
+
+def _sub_backward(tensors, grads, create_graph: bool):
+    def run():
+        torch.autograd.backward(tensors, grads, retain_graph=True, create_graph=create_graph)
+    return run
+
+
+def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: List[str], replicas: int,
+          pool, reducer) -> Optional[Dict[int, torch.Tensor]]:
+    """outputs[k], replica_tensors[k] (parameters and buffers) and where[k] of the replicas that ran,
+    replica 0 first; ``replicas``: 1 + the highest index among them. Returns {id(output tensor): its stand-in} for the gather, or None where the
+    outputs go to autograd as they are."""
+    if len(outputs) < 2 or not _plain_structure(outputs[0]):
+        return None
+    per_replica = []
+    for k in range(1, len(outputs)):
+        if not _plain_structure(outputs[k]):
+            return None
+        seen = {}
+        for _, t in iter_tensors(outputs[k], ""):
+            if t.requires_grad:
+                seen.setdefault(id(t), t)
+        tensors = list(seen.values())
+        if tensors and not _C.graph_reaches_only(tensors, replica_tensors[k]):
+            return None
+        per_replica.append(tensors)
+    if not any(per_replica):
+        return None
+    plan = _Plan(per_replica, where[1:], replicas, pool, reducer)
+    anchor = torch.empty(0, requires_grad=True)  # a private leaf: the node's only input
+    stand_ins = ReplicaBackward.apply(plan, anchor)
+    return {id(t): s for t, s in zip(plan.tensors, stand_ins)}
