@@ -70,8 +70,10 @@ class _Plan:
             self.bounds.append((start, start + len(ts)))
             start += len(ts)
         self.where = where
+        self.threads = max(1, torch.get_num_threads() // (len(per_replica) + 1))  # NOTE [CPU threads]
         self.pool = pool
         self.reducer = reducer
+        self.window = reducer.window  # the forwards of this graph's window, this one included
 
 
 class ReplicaBackward(torch.autograd.Function):
@@ -95,7 +97,7 @@ class ReplicaBackward(torch.autograd.Function):
                 fns.append(_sub_backward([t for t, _ in pairs], [g for _, g in pairs], create_graph))
                 wheres.append(where)
         if fns:
-            plan.reducer.run_replica_backward(plan.pool, fns, wheres, plan.replicas)
+            plan.reducer.run_replica_backward(plan.pool, fns, wheres, plan.replicas, plan.threads, plan.window)
         return None, None
 
 

@@ -21,7 +21,7 @@ from .buffers import BatchNormAverager
 from .criterion import ReplicaOutputs
 from .reducer import GradReducer
 from .replicas import ReplicaSet, check_on_device
-from .workers import WorkerPool, capture_thread_state, thread_state
+from .workers import WorkerPool, capture_thread_state, cpu_lane_threads, thread_state
 
 
 def _make_reducer(*args, **kwargs) -> GradReducer:
@@ -383,10 +383,11 @@ class DataParallel(nn.DataParallel):
         wheres = [f"in replica {k} on device {self.devices[k]}" +
                   (f" (a batch chunk of {size} rows)" if size is not None else "")
                   for k, size in zip(replica_indices, sizes)]
+        threads = cpu_lane_threads([self.devices[k] for k in replica_indices])  # NOTE [CPU threads]
         if own_call or not runtime.streams:
-            return runtime.pool.run(fns, wheres)
+            return runtime.pool.run(fns, wheres, threads)
         lane_streams.wait_for_callers(streams)  # NOTE [Stream ordering]
-        outputs = runtime.pool.run(fns, wheres)
+        outputs = runtime.pool.run(fns, wheres, threads)
         lane_streams.callers_wait_for(streams, outputs)
         return outputs
 

@@ -139,7 +139,9 @@ class GradReducer:
         """Per-backward state: marks per bucket, which buckets were launched (locally, and
         across processes in bucket order), and the cross-process work in flight."""
         self._ready.reset_window()
-        self._forwards_in_window = 0
+        # One entry per forward since the last backward's end; a forward's graph keeps the list it
+        # was made in (NOTE [Parallel backward]: a retained graph's backward has no forward).
+        self.window: list = []
         self._early_launch = True
         self._launched = [False] * len(self.buckets)
         self._next_cross = 0
@@ -172,21 +174,23 @@ class GradReducer:
                 self._callback_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
 
-    def run_replica_backward(self, pool, fns: list, wheres: List[str], replicas: int) -> None:
+    def run_replica_backward(self, pool, fns: list, wheres: List[str], replicas: int, threads: int,
+                             window: list) -> None:
         """NOTE [Parallel backward]: runs the replicas' parts of this backward on the workers. Its
         end (queued here, on the caller's graph task: the workers' hooks run in graph tasks of their
         own) waits for them. ``replicas`` (1 + the highest replica index of the forward) is told
         to the counter first: a backward of a retained graph has no forward before it, and a bucket
-        must not count as complete when the first of the parallel replicas is in."""
+        must not count as complete when the first of the parallel replicas is in. ``window``: the
+        forwards of the window the graph was made in."""
         self._ready.note_replicas(replicas)
         with self._lock:
-            if self._forwards_in_window > 1:
+            if len(window) > 1:
                 # Each forward's graph is a backward of its own on a replica, so a parameter used by
                 # two forwards is marked twice (autograd's own walk sums them first): a bucket could
                 # count complete before the second. Reduce every bucket at the end instead.
                 self._early_launch = False
         self._on_first_mark()
-        jobs = pool.submit(fns, wheres)
+        jobs = pool.submit(fns, wheres, threads)
         with self._lock:
             self._replica_jobs.extend(jobs)
 
@@ -220,7 +224,7 @@ class GradReducer:
                 self._replica_jobs = []
                 self._discard()
             self._ready.note_replicas(num_replicas)
-            self._forwards_in_window += 1
+            self.window.append(num_replicas)
 
     def note_weights_moved(self) -> None:
         """A forward moved replica weights (Tensor.set_: a new gradient accumulator). After an
@@ -228,7 +232,7 @@ class GradReducer:
         accumulators, one after the other: a bucket counted complete at the first could miss the
         second. This backward reduces every bucket at its end."""
         with self._lock:
-            if self._forwards_in_window > 1:
+            if len(self.window) > 1:
                 self._early_launch = False
 
     def _discard(self) -> None:

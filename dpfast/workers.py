@@ -52,11 +52,21 @@ def thread_state(state: dict, stream=None):
         yield
 
 
-class _Job:
-    __slots__ = ("fn", "where", "done", "result", "error")
+def cpu_lane_threads(devices: List[torch.device]) -> Optional[int]:
+    """NOTE [CPU threads]: CPU replicas run side by side, forward and backward, each on a thread of
+    its own, and every one of those threads has an intra-op pool as large as the caller's: N of
+    them oversubscribe the cores N times. The workers get an equal share of the caller's threads
+    (the caller's own pool is the user's setting, and stays as it is). None: not all CPU lanes."""
+    if any(d.type != "cpu" for d in devices):
+        return None
+    return max(1, torch.get_num_threads() // max(1, len(devices)))
 
-    def __init__(self, fn: Callable[[], Any], where: str):
-        self.fn, self.where = fn, where
+
+class _Job:
+    __slots__ = ("fn", "where", "threads", "done", "result", "error")
+
+    def __init__(self, fn: Callable[[], Any], where: str, threads: Optional[int] = None):
+        self.fn, self.where, self.threads = fn, where, threads
         self.done = threading.Event()
         self.result: Any = None
         self.error: Optional[BaseException] = None
@@ -106,6 +116,8 @@ def _worker_loop(jobs: "queue.SimpleQueue[Optional[_Job]]") -> None:
         job = jobs.get()
         if job is None:
             return
+        if job.threads is not None and torch.get_num_threads() != job.threads:
+            torch.set_num_threads(job.threads)  # this thread's own intra-op pool (OpenMP, MKL)
         job.run()
         job = None  # the caller owns the result; keep nothing alive until the next call
 
@@ -136,13 +148,15 @@ class WorkerPool:
     def threads(self) -> List[threading.Thread]:
         return list(self._threads)
 
-    def run(self, fns: List[Callable[[], Any]], wheres: List[str]) -> List[Any]:
-        """fns[0] on the calling thread, fns[k] on worker k; results in order."""
+    def run(self, fns: List[Callable[[], Any]], wheres: List[str], worker_threads: Optional[int] = None
+            ) -> List[Any]:
+        """fns[0] on the calling thread, fns[k] on worker k; results in order. ``worker_threads``:
+        the workers' intra-op threads (NOTE [CPU threads]); the caller's are left alone."""
         if self._pid != os.getpid():
             self._start()
         if len(fns) - 1 > len(self._queues):
             raise RuntimeError(f"dpfast: expected at most {len(self._queues) + 1} replicas, but got {len(fns)}")
-        jobs = [_Job(fn, where) for fn, where in zip(fns, wheres)]
+        jobs = [_Job(fn, where, worker_threads if k else None) for k, (fn, where) in enumerate(zip(fns, wheres))]
         for k, job in enumerate(jobs[1:]):
             self._queues[k].put(job)
         jobs[0].run()
@@ -153,12 +167,13 @@ class WorkerPool:
                 job.reraise()
         return [job.result for job in jobs]
 
-    def submit(self, fns: List[Callable[[], Any]], wheres: List[str]) -> List[_Job]:
+    def submit(self, fns: List[Callable[[], Any]], wheres: List[str], worker_threads: Optional[int] = None
+               ) -> List[_Job]:
         """fns[k] on worker k, without waiting: the jobs, to wait for with ``job.done``. On a closed
         pool (the wrapper is gone, its graph is not), each runs at once on the calling thread."""
         if self._pid != os.getpid():
             self._start()
-        jobs = [_Job(fn, where) for fn, where in zip(fns, wheres)]
+        jobs = [_Job(fn, where, worker_threads) for fn, where in zip(fns, wheres)]
         if len(jobs) > len(self._queues):
             for job in jobs:
                 job.run()

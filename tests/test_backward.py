@@ -1,0 +1,287 @@
+"""NOTE [Parallel backward] (dpfast/backward.py): CPU replicas' backward passes run side by side on
+their workers, give the same gradients as autograd's own walk, and are left to that walk wherever
+a replica's graph does not stand alone."""
+
+import dataclasses
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import dpfast
+from dpfast import _C
+
+CPU3 = ["cpu"] * 3
+
+
+def make():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+
+
+def reference_and_wrapped(device_ids=CPU3):
+    reference = make()
+    wrapped = dpfast.DataParallel(make(), device_ids=device_ids)
+    return reference, wrapped
+
+
+def assert_same_grads(reference, wrapped):
+    for (name, p), q in zip(reference.named_parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def graph_nodes(tensor):
+    """Names of every autograd node reachable from tensor."""
+    seen, stack, names = set(), [tensor.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def routed(output) -> bool:
+    return "ReplicaBackwardBackward" in graph_nodes(output)
+
+
+class Rendezvous(torch.autograd.Function):
+    """Identity whose backward waits at a barrier: it completes only when every replica's backward
+    reaches it at the same time."""
+
+    @staticmethod
+    def forward(ctx, x, barrier):
+        ctx.barrier = barrier
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.barrier.wait()
+        return grad, None
+
+
+class MeetsInBackward(nn.Module):
+    def __init__(self, barrier):
+        super().__init__()
+        self.linear = nn.Linear(4, 2).double()
+        self.barrier = barrier
+
+    def forward(self, x):
+        return Rendezvous.apply(self.linear(x), self.barrier)
+
+
+def test_replicas_backward_passes_run_at_the_same_time():
+    barrier = threading.Barrier(3, timeout=20)  # one party per replica: replica 0 on the caller's thread
+    model = MeetsInBackward(barrier)
+    reference = MeetsInBackward(threading.Barrier(1))
+    reference.load_state_dict(model.state_dict())
+    wrapped = dpfast.DataParallel(model, device_ids=CPU3)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    out = wrapped(x)
+    assert routed(out)
+    out.pow(2).sum().backward()  # in turn, the first replica would wait at the barrier alone
+    reference(x).pow(2).sum().backward()
+    for p, q in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+class RecordsThreads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 2).double()
+        self.threads = []
+
+    def forward(self, x):
+        out = self.linear(x)
+        threads = self.threads  # a list shared by every replica (a plain attribute)
+        out.register_hook(lambda grad: threads.append(threading.current_thread().name))
+        return out
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_each_replica_runs_backward_on_its_worker_and_the_switch_turns_it_off(sequential, monkeypatch):
+    if sequential:
+        monkeypatch.setenv("DPFAST_SEQUENTIAL_BACKWARD", "1")
+    model = RecordsThreads()
+    wrapped = dpfast.DataParallel(model, device_ids=CPU3)
+    wrapped(torch.randn(9, 4, dtype=torch.float64)).sum().backward()
+    caller = threading.current_thread().name
+    on_workers = [name for name in model.threads if name != caller]
+    assert len(model.threads) == 3
+    assert len(on_workers) == (0 if sequential else 2)
+    assert all(name.startswith("dpfast-replica-") for name in on_workers)
+
+
+def test_gradients_match_autograd_over_steps_with_retain_graph_and_two_forwards():
+    reference, wrapped = reference_and_wrapped()
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    for step in range(4):
+        a, b = torch.randn(9, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+        for model, optimizer in ((reference, opt_ref), (wrapped, opt)):
+            optimizer.zero_grad()
+            loss = model(a).pow(2).sum() + model(b).sum()  # two forwards, one backward
+            loss.backward(retain_graph=True)
+            loss.backward()  # the same graph again: every replica's part runs again
+        assert_same_grads(reference, wrapped)
+        opt_ref.step()
+        opt.step()
+
+
+@dataclasses.dataclass
+class Pair:
+    main: torch.Tensor
+    extra: dict
+
+
+class StructuredOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        h = self.linear(x)
+        return Pair(h, {"squared": h.pow(2), "count": x.shape[0], "argmax": h.argmax(1), "same": h})
+
+
+def test_structured_outputs_are_routed_and_match():
+    torch.manual_seed(0)
+    reference = StructuredOutputs()
+    wrapped = dpfast.DataParallel(StructuredOutputs(), device_ids=CPU3)
+    wrapped.module.load_state_dict(reference.state_dict())
+    x = torch.randn(10, 4, dtype=torch.float64)
+    out, ref = wrapped(x), reference(x)
+    assert routed(out.main)
+    (out.main.sum() + out.extra["squared"].sum() + 2 * out.extra["same"].sum()).backward()
+    (ref.main.sum() + ref.extra["squared"].sum() + 2 * ref.extra["same"].sum()).backward()
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+class Scaled(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.linear = nn.Linear(4, 2).double()
+        self.scale = scale  # a tensor of the caller's graph, captured as a plain attribute
+
+    def forward(self, x):
+        return self.linear(x) * self.scale
+
+
+class Box:
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __eq__(self, other):
+        return False
+
+
+class Boxed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 2).double()
+
+    def forward(self, x):
+        return self.linear(x), Box(self.linear(x))
+
+
+def test_graphs_that_do_not_stand_alone_are_left_to_autograd():
+    x = torch.randn(9, 4, dtype=torch.float64)
+    # An input that requires grad: the replicas' graphs run into the caller's.
+    _, wrapped = reference_and_wrapped()
+    xg = x.clone().requires_grad_()
+    out = wrapped(xg)
+    assert not routed(out)
+    out.sum().backward()
+    reference = make()
+    xr = x.clone().requires_grad_()
+    reference(xr).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-10, atol=1e-12)
+    assert_same_grads(reference, wrapped)
+    # A module holding a tensor of the caller's graph.
+    leaf = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    ref_leaf = leaf.detach().clone().requires_grad_()
+    torch.manual_seed(0)
+    module = Scaled(leaf * 1.5)
+    torch.manual_seed(0)
+    ref_module = Scaled(ref_leaf * 1.5)
+    out = dpfast.DataParallel(module, device_ids=CPU3)(x)
+    assert not routed(out)
+    out.sum().backward()
+    ref_module(x).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-10, atol=1e-12)
+    # An output the gather does not walk by structure.
+    out = dpfast.DataParallel(Boxed(), device_ids=CPU3)(x)
+    assert not routed(out[0])
+
+
+class FailsInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, x):
+        ctx.fail = bool((x[:, 0] == 99).any())  # a marked row in this replica's chunk
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.fail:
+            raise ValueError("bad gradient")
+        return grad, None
+
+
+class MayFail(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 2).double()
+
+    def forward(self, x):
+        return FailsInBackward.apply(self.linear(x), x)
+
+
+def test_an_error_in_a_replicas_backward_names_it_and_the_next_step_is_exact():
+    torch.manual_seed(0)
+    reference, model = MayFail(), MayFail()
+    model.load_state_dict(reference.state_dict())
+    wrapped = dpfast.DataParallel(model, device_ids=CPU3)
+    bad = torch.randn(9, 4, dtype=torch.float64)
+    bad[4, 0] = 99  # rows 3..5: replica 1
+    with pytest.raises(ValueError, match=r"Caught ValueError in replica 1 on device cpu \(backward\)[\s\S]*bad gradient"):
+        wrapped(bad).sum().backward()
+    for p in model.parameters():
+        p.grad = None
+    x = torch.randn(9, 4, dtype=torch.float64)
+    wrapped(x).sum().backward()
+    reference(x).sum().backward()
+    for p, q in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_a_wrapper_dropped_before_backward_still_reduces_every_replica():
+    reference, wrapped = reference_and_wrapped()
+    module = wrapped.module
+    x = torch.randn(9, 4, dtype=torch.float64)
+    loss = wrapped(x).sum()
+    ref = weakref.ref(wrapped)
+    del wrapped
+    gc.collect()
+    assert ref() is None  # its workers are closed: the replicas' parts run on the caller's thread
+    loss.backward()
+    reference(x).sum().backward()
+    for p, q in zip(reference.parameters(), module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_graph_reaches_only():
+    a = torch.randn(3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    out = (a * 2).sin() + b.detach()
+    assert _C.graph_reaches_only([out], [a])
+    assert not _C.graph_reaches_only([out + b], [a])  # b's accumulator is met
+    assert _C.graph_reaches_only([out + b], [a, b])
+    assert _C.graph_reaches_only([a], [a])  # a leaf: its own accumulator
+    assert not _C.graph_reaches_only([a], [b])
+    assert _C.graph_reaches_only([torch.randn(3)], [])  # no graph at all
