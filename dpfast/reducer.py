@@ -33,6 +33,7 @@ import torch
 
 from . import _C, streams as lane_streams
 from .devices import link_model
+from .workers import restore_default_threads
 
 _MB = 1024 * 1024
 
@@ -201,6 +202,7 @@ class GradReducer:
             jobs, self._replica_jobs = self._replica_jobs, []
         for job in jobs:
             job.done.wait()
+        restore_default_threads(jobs)
         for job in jobs:
             if job.error is not None:
                 with self._lock:

@@ -62,11 +62,20 @@ def cpu_lane_threads(devices: List[torch.device]) -> Optional[int]:
     return max(1, torch.get_num_threads() // max(1, len(devices)))
 
 
+def restore_default_threads(jobs: List["_Job"]) -> None:
+    """torch.set_num_threads also sets the process-wide default that threads started later begin
+    with: after a worker took its share, the caller sets it back to its own count (its own pool
+    stays as it is)."""
+    if any(job.set_threads for job in jobs):
+        torch.set_num_threads(torch.get_num_threads())
+
+
 class _Job:
-    __slots__ = ("fn", "where", "threads", "done", "result", "error")
+    __slots__ = ("fn", "where", "threads", "set_threads", "done", "result", "error")
 
     def __init__(self, fn: Callable[[], Any], where: str, threads: Optional[int] = None):
         self.fn, self.where, self.threads = fn, where, threads
+        self.set_threads = False
         self.done = threading.Event()
         self.result: Any = None
         self.error: Optional[BaseException] = None
@@ -118,6 +127,7 @@ def _worker_loop(jobs: "queue.SimpleQueue[Optional[_Job]]") -> None:
             return
         if job.threads is not None and torch.get_num_threads() != job.threads:
             torch.set_num_threads(job.threads)  # this thread's own intra-op pool (OpenMP, MKL)
+            job.set_threads = True
         job.run()
         job = None  # the caller owns the result; keep nothing alive until the next call
 
@@ -162,6 +172,7 @@ class WorkerPool:
         jobs[0].run()
         for job in jobs[1:]:
             job.done.wait()
+        restore_default_threads(jobs)
         for job in jobs:
             if job.error is not None:
                 job.reraise()

@@ -895,3 +895,36 @@ def test_replicas_rebuilt_between_forward_and_backward_still_reduce_the_first_fo
     wrapped(x1).sum().backward()  # and the next step reduces on the new replicas alone
     reference(x1).sum().backward()
     torch.testing.assert_close(wrapped.module.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
+
+
+class RecordsIntraOpThreads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.seen = {}  # {thread name: torch.get_num_threads() there}, shared by the replicas
+
+    def forward(self, x):
+        self.seen[threading.current_thread().name] = torch.get_num_threads()
+        return self.linear(x)
+
+
+def test_cpu_workers_take_a_share_of_the_callers_threads_and_leave_the_rest_alone():
+    """NOTE [CPU threads]: 4 CPU replicas under 8 intra-op threads: each worker gets 2. The
+    caller's count, and the default of a thread started later, stay 8."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        model = RecordsIntraOpThreads()
+        wrapper = dpfast.DataParallel(model, device_ids=["cpu"] * 4)
+        wrapper(torch.randn(8, 4)).sum().backward()
+        caller = threading.current_thread().name
+        assert model.seen.pop(caller) == 8
+        assert sorted(model.seen.values()) == [2, 2, 2]
+        assert torch.get_num_threads() == 8
+        later = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [8]
+    finally:
+        torch.set_num_threads(before)
