@@ -147,6 +147,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("note_replicas", &GradReadiness::note_replicas, "used"_a)
       .def("reset_window", &GradReadiness::reset_window)
       .def("start_over", &GradReadiness::start_over)
+      .def("marked_after_complete", &GradReadiness::marked_after_complete)
       .def("got_grad", &GradReadiness::got_grad)
       .def("any_grad", &GradReadiness::any_grad)
       .def("replicas_used", &GradReadiness::replicas_used)

@@ -105,7 +105,9 @@ void GradReadiness::mark(int64_t i, int64_t k) {
     const int64_t b = bucket_of_[i];
     marks_[b] += 1;
     const int64_t replicas_marking = count_root_ ? replicas_used_ : replicas_used_ - 1;
-    if (!reported_[b] && bucket_len_[b] > 0 && marks_[b] == bucket_len_[b] * replicas_marking) {
+    if (reported_[b]) {
+      marked_after_complete_ = true;
+    } else if (bucket_len_[b] > 0 && marks_[b] == bucket_len_[b] * replicas_marking) {
       reported_[b] = true;
       complete = b;
     }
@@ -126,6 +128,7 @@ void GradReadiness::reset_window() {
   std::fill(marks_.begin(), marks_.end(), 0);
   std::fill(reported_.begin(), reported_.end(), false);
   first_mark_seen_ = false;
+  marked_after_complete_ = false;
 }
 
 void GradReadiness::start_over() {
@@ -134,7 +137,13 @@ void GradReadiness::start_over() {
   std::fill(marks_.begin(), marks_.end(), 0);
   std::fill(reported_.begin(), reported_.end(), false);
   first_mark_seen_ = false;
+  marked_after_complete_ = false;
   replicas_used_ = 1;
+}
+
+bool GradReadiness::marked_after_complete() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return marked_after_complete_;
 }
 
 std::vector<bool> GradReadiness::got_grad() const {

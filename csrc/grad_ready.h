@@ -46,6 +46,11 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   void reset_window();
   void start_over();
 
+  // Whether a bucket already counted complete in this window was marked again: a parameter got
+  // gradients from two backward passes of one backward (a reentrant checkpoint around a tied
+  // weight, say), and the second came after the bucket's reduction started.
+  bool marked_after_complete() const;
+
   std::vector<bool> got_grad() const;
   bool any_grad() const;
   int64_t replicas_used() const;
@@ -69,6 +74,7 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   std::vector<bool> reported_;
   int64_t replicas_used_ = 1;
   bool first_mark_seen_ = false;
+  bool marked_after_complete_ = false;
 };
 
 // Whether autograd's walk back from `roots` meets no leaf but those in `allowed`: a replica's

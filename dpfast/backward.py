@@ -35,6 +35,7 @@ kept (retain_graph) as long as this node keeps them: the caller's
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -81,9 +82,12 @@ class ReplicaBackward(torch.autograd.Function):
     def forward(ctx, plan: _Plan, anchor: torch.Tensor):
         ctx.set_materialize_grads(False)
         ctx.plan = plan
-        # Saved, not kept: the caller's backward frees them unless it retains its graph.
+        # Saved, not kept: the caller's backward frees them (and the replicas' graphs with them)
+        # unless it retains its graph.
         ctx.save_for_backward(*plan.tensors)
-        return tuple(t.detach() for t in plan.tensors)
+        stand_ins = tuple(t.detach() for t in plan.tensors)
+        plan.tensors = None
+        return stand_ins
 
     @staticmethod
     def backward(ctx, *grads):
@@ -129,6 +133,8 @@ def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: 
     if not any(per_replica):
         return None
     plan = _Plan(per_replica, where[1:], replicas, pool, reducer)
+    tensors = plan.tensors
+    reducer.note_routed(weakref.ref(tensors[0]))  # alive while a graph holds replica 1's outputs
     anchor = torch.empty(0, requires_grad=True)  # a private leaf: the node's only input
     stand_ins = ReplicaBackward.apply(plan, anchor)
-    return {id(t): s for t, s in zip(plan.tensors, stand_ins)}
+    return {id(t): s for t, s in zip(tensors, stand_ins)}

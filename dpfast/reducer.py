@@ -70,7 +70,10 @@ class GradReducer:
         self.early_reduction_count = 0  # of which launched during backward
         self._lock = threading.Lock()
         self._callback_queued = False
+        self._callback_task = -1  # the graph task whose end runs _end_of_backward
         self._replica_jobs: list = []  # NOTE [Parallel backward]: replicas' backward on the workers
+        self._routed: list = []  # plan_alive() of routed forwards whose graphs may still run
+        self._allow_early_launch = True  # False after a gradient came after its bucket's reduction
         self._root_hooks = {}  # parameter index -> Python hook on the root's parameter (across processes)
         # parameter index -> sparse_dim of its sparse gradient, declared by the module or seen on the
         # root: the sum is handed back sparse even when the root got none (replica buckets are dense)
@@ -143,7 +146,8 @@ class GradReducer:
         # One entry per forward since the last backward's end; a forward's graph keeps the list it
         # was made in (NOTE [Parallel backward]: a retained graph's backward has no forward).
         self.window: list = []
-        self._early_launch = True
+        self._window_routed = False  # a forward of this window runs its replicas' backward passes
+        self._early_launch = self._allow_early_launch
         self._launched = [False] * len(self.buckets)
         self._next_cross = 0
         self._cross_work = [None] * len(self.buckets)
@@ -172,8 +176,25 @@ class GradReducer:
         """The first gradient of a backward: its end will finish the reduction."""
         with self._lock:
             if not self._callback_queued:
-                self._callback_queued = True
-                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+                self._queue_end_of_backward()
+
+    def _queue_end_of_backward(self) -> None:
+        self._callback_queued = True
+        self._callback_task = torch._C._current_graph_task_id()
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def note_routed(self, plan_alive) -> None:
+        """NOTE [Parallel backward]: a forward's replicas' graphs will run as backward passes of
+        their own (``plan_alive()``: not None while its graph is still there). A replica's parameter must
+        then get its gradient from one pass per backward, or a bucket counted complete after the
+        first could miss the next: with another forward in this window, or a graph of an earlier
+        window still kept (retain_graph), this window's buckets are reduced at the end."""
+        with self._lock:
+            self._routed = [alive for alive in self._routed if alive() is not None]
+            if len(self.window) > 1 or self._routed:
+                self._early_launch = False
+            self._routed.append(plan_alive)
+            self._window_routed = True
 
     def run_replica_backward(self, pool, fns: list, wheres: List[str], replicas: int, threads: int,
                              window: list) -> None:
@@ -183,14 +204,23 @@ class GradReducer:
         to the counter first: a backward of a retained graph has no forward before it, and a bucket
         must not count as complete when the first of the parallel replicas is in. ``window``: the
         forwards of the window the graph was made in."""
+        task = torch._C._current_graph_task_id()
+        with self._lock:
+            stale = self._callback_queued and self._callback_task != task
+            stale_jobs, self._replica_jobs = (self._replica_jobs, []) if stale else ([], self._replica_jobs)
+        if stale:
+            # An earlier backward raised (its end never came) and no forward came since to drop
+            # what it left: its replicas' parts may still be running. Wait for them, then drop it.
+            for job in stale_jobs:
+                job.done.wait()
+            with self._lock:
+                self._discard()
         self._ready.note_replicas(replicas)
         with self._lock:
-            if len(window) > 1:
-                # Each forward's graph is a backward of its own on a replica, so a parameter used by
-                # two forwards is marked twice (autograd's own walk sums them first): a bucket could
-                # count complete before the second. Reduce every bucket at the end instead.
-                self._early_launch = False
-        self._on_first_mark()
+            if len(window) > 1 or window is not self.window:
+                self._early_launch = False  # see note_routed
+            if not self._callback_queued:
+                self._queue_end_of_backward()
         jobs = pool.submit(fns, wheres, threads)
         with self._lock:
             self._replica_jobs.extend(jobs)
@@ -219,12 +249,16 @@ class GradReducer:
 
     def note_forward(self, num_replicas: int) -> None:
         with self._lock:
-            if self._callback_queued:
+            if self._callback_queued and torch._C._current_graph_task_id() == -1:
                 # A backward marked gradients but its end never came: it raised (autograd does not
                 # run final callbacks then). Drop what it left, as if it had not run, so the next
                 # backward reduces only its own gradients. (The caller drained the workers first.)
+                # Not for a forward inside a backward (a checkpoint's recomputation): that
+                # backward's end is still to come.
                 self._replica_jobs = []
                 self._discard()
+            if self._window_routed:
+                self._early_launch = False  # see note_routed
             self._ready.note_replicas(num_replicas)
             self.window.append(num_replicas)
 
@@ -295,6 +329,19 @@ class GradReducer:
         self._wait_for_replica_backward()
         with self._lock:
             self._callback_queued = False
+            if self._ready.marked_after_complete() and any(self._launched):
+                # A replica's parameter got gradients from two backward passes of this backward
+                # (a tied weight inside and outside a reentrant checkpoint, say), and the second
+                # came after its bucket's reduction had started: the reduced sum misses it. Say
+                # so, rather than train on it, and reduce at the end of backward from now on.
+                self._allow_early_launch = False
+                self._discard()
+                raise RuntimeError(
+                    "dpfast.DataParallel: a replica's parameter received gradients from two backward "
+                    "passes in one backward (a weight used inside and outside a reentrant checkpoint, "
+                    "for example), the second after its gradient bucket had been reduced, so this "
+                    "backward's gradients are incomplete: only replica 0's share reached .grad. This "
+                    "wrapper now reduces at the end of backward; run the step again.")
             if not self.sync_enabled:
                 self._reset_window()  # no_sync(): gradients keep accumulating in the replicas' buckets
                 return

@@ -146,6 +146,7 @@ class WorkerPool:
         self._queues: List["queue.SimpleQueue[Optional[_Job]]"] = []
         self._threads: List[threading.Thread] = []
         self._submitted: List[_Job] = []
+        self._closing = threading.Lock()
         name = self._name
         for k in range(self._num_workers):
             q: "queue.SimpleQueue[Optional[_Job]]" = queue.SimpleQueue()
@@ -185,13 +186,15 @@ class WorkerPool:
         if self._pid != os.getpid():
             self._start()
         jobs = [_Job(fn, where, worker_threads) for fn, where in zip(fns, wheres)]
-        if len(jobs) > len(self._queues):
+        with self._closing:  # not behind close()'s stop marks, whatever thread runs close()
+            queued = len(jobs) <= len(self._queues)
+            if queued:
+                for q, job in zip(self._queues, jobs):
+                    q.put(job)
+                self._submitted.extend(jobs)
+        if not queued:
             for job in jobs:
                 job.run()
-            return jobs
-        for q, job in zip(self._queues, jobs):
-            q.put(job)
-        self._submitted.extend(jobs)
         return jobs
 
     def drain(self) -> None:
@@ -203,9 +206,11 @@ class WorkerPool:
     def close(self) -> None:
         if self._pid != os.getpid():
             return  # another process's threads
-        for q in self._queues:
+        with self._closing:
+            queues, threads = self._queues, self._threads
+            self._queues, self._threads = [], []
+        for q in queues:
             q.put(None)
-        for t in self._threads:
+        for t in threads:
             if t is not threading.current_thread():
                 t.join(timeout=5)
-        self._queues, self._threads = [], []

@@ -285,3 +285,108 @@ def test_graph_reaches_only():
     assert _C.graph_reaches_only([a], [a])  # a leaf: its own accumulator
     assert not _C.graph_reaches_only([a], [b])
     assert _C.graph_reaches_only([torch.randn(3)], [])  # no graph at all
+
+
+def test_a_wrapper_inside_a_checkpoint_and_outside_it_in_one_backward():
+    """The checkpoint's recomputation is a forward inside the backward: it must not drop what the
+    backward has reduced so far (as a forward after a backward that raised does)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for use_reentrant in (True, False):
+        reference, wrapped = reference_and_wrapped()
+        x = torch.randn(9, 4, dtype=torch.float64)
+        for model in (reference, wrapped):
+            first = model(x)  # a plain forward first
+            second = checkpoint(model, x.clone().requires_grad_(), use_reentrant=use_reentrant)
+            (first.pow(2).sum() + second.sum()).backward()
+        assert_same_grads(reference, wrapped)
+
+
+def test_a_retained_graph_and_a_new_forward_in_one_backward():
+    reference, wrapped = reference_and_wrapped()
+    x, x2 = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+    for model in (reference, wrapped):
+        out = model(x)
+        out.sum().backward(retain_graph=True)
+        (out.pow(2).sum() + model(x2).sum()).backward()  # the old graph's replicas' passes and the new
+    assert_same_grads(reference, wrapped)
+
+
+def test_a_backward_of_an_earlier_graph_after_one_that_raised():
+    torch.manual_seed(0)
+    reference, model = MayFail(), MayFail()
+    model.load_state_dict(reference.state_dict())
+    wrapped = dpfast.DataParallel(model, device_ids=CPU3)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    bad = x.clone()
+    bad[4, 0] = 99
+    good_out = wrapped(x)
+    with pytest.raises(ValueError, match="bad gradient"):
+        wrapped(bad).sum().backward()  # its replica 1 raises; the others' gradients are in
+    for p in model.parameters():
+        p.grad = None
+    good_out.sum().backward()  # no forward in between: what the failed backward left is dropped
+    reference(x).sum().backward()
+    for p, q in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+class KeepsActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 8).double()
+        self.activations = []  # weak references to each replica's saved activation
+
+    def forward(self, x):
+        h = self.linear(x)
+        self.activations.append(weakref.ref(h))
+        return h * h  # saves h for backward
+
+
+def test_replicas_graphs_are_freed_by_backward_unless_retained():
+    model = KeepsActivation()
+    wrapped = dpfast.DataParallel(model, device_ids=CPU3)
+    out = wrapped(torch.randn(9, 4, dtype=torch.float64))
+    assert routed(out)
+    out.sum().backward(retain_graph=True)
+    assert sum(ref() is not None for ref in model.activations) == 3
+    out.sum().backward()
+    gc.collect()
+    # The output is still held here; the replicas' graphs are not.
+    assert sum(ref() is not None for ref in model.activations) == 0
+
+
+class TiedAcrossCheckpoint(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(4, 4).double()
+        self.head = nn.Linear(4, 2).double()
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.layer(x).tanh()
+        h = checkpoint(lambda h: self.layer(h).tanh(), h, use_reentrant=True)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_gradient_after_its_buckets_reduction_is_an_error_then_the_step_is_exact(sequential, monkeypatch):
+    """A weight used inside and outside a reentrant checkpoint gets gradients from two backward
+    passes; the second came after the early reduction of its bucket. dpfast says so, and reduces at
+    the end of backward from then on."""
+    if sequential:
+        monkeypatch.setenv("DPFAST_SEQUENTIAL_BACKWARD", "1")
+    reference, model = TiedAcrossCheckpoint(), TiedAcrossCheckpoint()
+    wrapped = dpfast.DataParallel(model, device_ids=CPU3)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"received gradients from two backward passes.*run the step again"):
+        wrapped(x).pow(2).sum().backward()
+    for p in model.parameters():
+        p.grad = None
+    for _ in range(2):
+        wrapped(x).pow(2).sum().backward()
+        reference(x).pow(2).sum().backward()
+    for p, q in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)

@@ -182,7 +182,10 @@ def test_hidden_fraction_counts_overlapping_spans_once_and_cuts_at_the_end_of_ba
 def test_gpu_numerics_tool_runs_on_cpu_replicas_and_finds_dpfast_equal_to_the_same_chunks():
     result = subprocess.run([sys.executable, "tools/gpu_numerics.py", "--device", "cpu", "--size", "tiny",
                              "--steps", "1", "--tf32", "off", "--sync", "no"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=120,
+                            # One intra-op thread everywhere: CPU workers take a share of the caller's
+                            # threads (NOTE [CPU threads]), and a GEMM split another way rounds otherwise.
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if "step 1" in line]
     assert len(lines) == 3  # mlp, cnn, transformer
