@@ -17,6 +17,10 @@ the replica), then reduces as usual. The workers' gradients arrive through the
 same C++ hooks, which launch each complete bucket's reduction from whichever
 thread completes it.
 
+Whether to use it (``wanted``): DPFAST_PARALLEL_BACKWARD=1 always, 0 never, auto
+(the default) when the caller has fewer intra-op threads than there are CPU
+lanes: there the workers bring cores that autograd's walk leaves idle.
+
 The node is used only where the result is the same as autograd's own walk:
 - replica k's graph reaches no leaf but replica k's own parameters
   (``_C.graph_reaches_only``): no input that requires grad, no tensor of the
@@ -35,6 +39,7 @@ kept (retain_graph) as long as this node keeps them: the caller's
 from __future__ import annotations
 
 import dataclasses
+import os
 import weakref
 from typing import Any, Dict, List, Optional
 
@@ -109,6 +114,22 @@ def _sub_backward(tensors, grads, create_graph: bool):
     def run():
         torch.autograd.backward(tensors, grads, retain_graph=True, create_graph=create_graph)
     return run
+
+
+def wanted(num_lanes: int) -> bool:
+    """DPFAST_PARALLEL_BACKWARD: "1" always, "0" never, "auto" (the default) when the caller's
+    intra-op threads are fewer than the CPU lanes. Measured on 2 cores (bench/results/
+    20261127-cpu-parallel-backward.txt): with one intra-op thread the replicas' backward passes side
+    by side take 0.64-0.80x the time of the same passes in turn; with as many intra-op threads as
+    lanes they are no faster (each pass in turn already spans the cores, and N passes side by side
+    contend for them)."""
+    setting = os.environ.get("DPFAST_PARALLEL_BACKWARD", "auto").strip().lower()
+    if setting in ("1", "0"):
+        return setting == "1"
+    if setting not in ("auto", ""):
+        raise ValueError(f"dpfast.DataParallel: DPFAST_PARALLEL_BACKWARD: expected '1', '0' or 'auto', but got "
+                         f"{setting!r}")
+    return torch.get_num_threads() < num_lanes
 
 
 def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: List[str], replicas: int,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import weakref
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -314,10 +313,10 @@ class DataParallel(nn.DataParallel):
 
     def _route_backward(self, runtime, outputs, active, devices):
         """NOTE [Parallel backward]: on CPU lanes, the replicas' parts of the backward run on their
-        workers. DPFAST_SEQUENTIAL_BACKWARD=1 leaves them to autograd (one after the other)."""
+        workers (DPFAST_PARALLEL_BACKWARD); otherwise autograd walks them one after the other."""
         if (len(active) < 2 or runtime.cross is not None or not torch.is_grad_enabled()
                 or any(d.type != "cpu" for d in devices) or runtime.reducer is None
-                or os.environ.get("DPFAST_SEQUENTIAL_BACKWARD", "0") not in ("", "0")):
+                or not parallel_backward.wanted(len(active))):
             return None
         replica_tensors = [runtime.replicas.replica_tensors[k] for k in active]
         wheres = [f"in replica {k} on device {self.devices[k]} (backward)" for k in active]

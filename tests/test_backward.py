@@ -17,6 +17,12 @@ from dpfast import _C
 CPU3 = ["cpu"] * 3
 
 
+@pytest.fixture(autouse=True)
+def parallel_backward(monkeypatch):
+    """Side by side whatever this machine's thread count (a test may turn it off)."""
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "1")
+
+
 def make():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
@@ -106,7 +112,7 @@ class RecordsThreads(nn.Module):
 @pytest.mark.parametrize("sequential", [False, True])
 def test_each_replica_runs_backward_on_its_worker_and_the_switch_turns_it_off(sequential, monkeypatch):
     if sequential:
-        monkeypatch.setenv("DPFAST_SEQUENTIAL_BACKWARD", "1")
+        monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "0")
     model = RecordsThreads()
     wrapped = dpfast.DataParallel(model, device_ids=CPU3)
     wrapped(torch.randn(9, 4, dtype=torch.float64)).sum().backward()
@@ -377,7 +383,7 @@ def test_a_gradient_after_its_buckets_reduction_is_an_error_then_the_step_is_exa
     passes; the second came after the early reduction of its bucket. dpfast says so, and reduces at
     the end of backward from then on."""
     if sequential:
-        monkeypatch.setenv("DPFAST_SEQUENTIAL_BACKWARD", "1")
+        monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "0")
     reference, model = TiedAcrossCheckpoint(), TiedAcrossCheckpoint()
     wrapped = dpfast.DataParallel(model, device_ids=CPU3)
     x = torch.randn(9, 4, dtype=torch.float64)
@@ -390,3 +396,24 @@ def test_a_gradient_after_its_buckets_reduction_is_an_error_then_the_step_is_exa
         reference(x).pow(2).sum().backward()
     for p, q in zip(reference.parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("setting,threads,lanes,expected", [
+    ("auto", 1, 2, True), ("auto", 2, 2, False), ("auto", 2, 3, True), ("auto", 8, 4, False),
+    ("1", 8, 2, True), ("0", 1, 4, False), (" AUTO ", 1, 3, True),
+])
+def test_when_the_backward_passes_run_side_by_side(setting, threads, lanes, expected, monkeypatch):
+    from dpfast import backward
+
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", setting)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    assert backward.wanted(lanes) is expected
+
+
+def test_a_bad_parallel_backward_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "yes")
+    wrapped = dpfast.DataParallel(make(), device_ids=CPU3)
+    with pytest.raises(ValueError, match=r"DPFAST_PARALLEL_BACKWARD: expected '1', '0' or 'auto', but got 'yes'"):
+        wrapped(torch.randn(6, 4, dtype=torch.float64))
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "1")
+    assert wrapped(torch.randn(6, 4, dtype=torch.float64)).shape == (6, 2)  # and the wrapper still works

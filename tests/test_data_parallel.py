@@ -20,18 +20,17 @@ BUCKET_CAP_MB = {"value": 25.0}
 
 
 @pytest.fixture(autouse=True, params=[
-    (25.0, False, False),    # one bucket per dtype
-    (0.0005, False, False),  # ~500-byte buckets: many tiny ones, and parameters larger than a bucket alone in theirs
-    (25.0, True, False),     # DPFAST_DISABLE_P2P=1: the staged path (on GPUs; the CPU has no peer reads)
-    (25.0, False, True),     # DPFAST_SEQUENTIAL_BACKWARD=1: autograd walks the CPU replicas' graphs in turn
+    (25.0, False, "1"),      # one bucket per dtype; CPU replicas' backward passes side by side
+    (0.0005, False, "1"),    # ~500-byte buckets: many tiny ones, and parameters larger than a bucket alone in theirs
+    (25.0, True, "auto"),    # DPFAST_DISABLE_P2P=1: the staged path (on GPUs; the CPU has no peer reads)
+    (25.0, False, "0"),      # autograd walks the CPU replicas' graphs in turn
 ], ids=["one_bucket", "tiny_buckets", "no_p2p", "sequential_backward"])
 def bucket_setting(request, monkeypatch):
-    cap, disable_p2p, sequential_backward = request.param
+    cap, disable_p2p, parallel_backward = request.param
     BUCKET_CAP_MB["value"] = cap
     if disable_p2p:
         monkeypatch.setenv("DPFAST_DISABLE_P2P", "1")
-    if sequential_backward:
-        monkeypatch.setenv("DPFAST_SEQUENTIAL_BACKWARD", "1")
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", parallel_backward)
     yield cap
 
 

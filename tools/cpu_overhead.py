@@ -7,14 +7,19 @@ round so that a noisy machine affects them alike:
 - chunks in sequence: the bare module called on each replica's chunk one
   after the other, in one step (the same arithmetic as N replicas, with no
   threads, copies or reductions: what splitting the batch costs by itself);
-- dpfast: DataParallel(device_ids=["cpu"] * N).
+- dpfast: DataParallel(device_ids=["cpu"] * N), with the replicas' backward
+  passes in turn (DPFAST_PARALLEL_BACKWARD=0: autograd walks their graphs one
+  after the other) and side by side (=1, NOTE [Parallel backward]); the
+  default, auto, picks by the thread count.
 
-    PYTHONPATH=. python tools/cpu_overhead.py [--replicas 2 4] [--rounds 4] [--steps 20]
+    PYTHONPATH=. python tools/cpu_overhead.py [--replicas 2 4] [--rounds 4] [--steps 20] [--threads T]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import time
 
@@ -42,15 +47,32 @@ def step_ms(model, chunks, steps: int, warmup: int = 3) -> float:
     return statistics.median(times) * 1e3
 
 
+@contextlib.contextmanager
+def parallel_backward(on: bool):
+    previous = os.environ.get("DPFAST_PARALLEL_BACKWARD")
+    os.environ["DPFAST_PARALLEL_BACKWARD"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["DPFAST_PARALLEL_BACKWARD"]
+        else:
+            os.environ["DPFAST_PARALLEL_BACKWARD"] = previous
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; medians of "
           f"{args.rounds} interleaved rounds of {args.steps} steps, ms per training step")
-    print(f"{'workload':<22}{'N':>3}{'bare':>9}{'chunks':>9}{'dpfast':>9}{'dpfast/bare':>13}{'dpfast/chunks':>15}")
+    print(f"{'workload':<22}{'N':>3}{'bare':>9}{'chunks':>9}{'in turn':>9}{'side by side':>14}"
+          f"{'in turn/bare':>14}{'side/bare':>11}{'side/in turn':>14}")
     for name, size, batch in CONFIGS:
         workload = getattr(workloads, name)(size)
         x, y = workload.make_batch(batch, 0)
@@ -58,15 +80,18 @@ def main() -> None:
             bare = workload.build(0)
             wrapped = dpfast.DataParallel(workload.build(0), device_ids=["cpu"] * n)
             chunked = list(zip(x.chunk(n), y.chunk(n)))
-            results = {"bare": [], "chunks": [], "dpfast": []}
+            results = {"bare": [], "chunks": [], "in_turn": [], "side_by_side": []}
             for _ in range(args.rounds):
                 results["bare"].append(step_ms(bare, [(x, y)], args.steps))
                 results["chunks"].append(step_ms(bare, chunked, args.steps))
-                results["dpfast"].append(step_ms(wrapped, [(x, y)], args.steps))
+                with parallel_backward(False):
+                    results["in_turn"].append(step_ms(wrapped, [(x, y)], args.steps))
+                with parallel_backward(True):
+                    results["side_by_side"].append(step_ms(wrapped, [(x, y)], args.steps))
             ms = {k: statistics.median(v) for k, v in results.items()}
             print(f"{name + ':' + size + ' b' + str(batch):<22}{n:>3}{ms['bare']:>9.2f}{ms['chunks']:>9.2f}"
-                  f"{ms['dpfast']:>9.2f}{ms['dpfast'] / ms['bare']:>13.2f}{ms['dpfast'] / ms['chunks']:>15.2f}",
-                  flush=True)
+                  f"{ms['in_turn']:>9.2f}{ms['side_by_side']:>14.2f}{ms['in_turn'] / ms['bare']:>14.2f}"
+                  f"{ms['side_by_side'] / ms['bare']:>11.2f}{ms['side_by_side'] / ms['in_turn']:>14.2f}", flush=True)
 
 
 if __name__ == "__main__":
