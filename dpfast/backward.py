@@ -18,8 +18,9 @@ same C++ hooks, which launch each complete bucket's reduction from whichever
 thread completes it.
 
 Whether to use it (``wanted``): DPFAST_PARALLEL_BACKWARD=1 always, 0 never, auto
-(the default) when the caller has fewer intra-op threads than there are CPU
-lanes: there the workers bring cores that autograd's walk leaves idle.
+(the default) when the caller runs one intra-op thread (torch.set_num_threads(1)
+or OMP_NUM_THREADS=1): there the workers bring cores that autograd's walk
+leaves idle; with more, the passes in turn already span the cores.
 
 The node is used only where the result is the same as autograd's own walk:
 - replica k's graph reaches no leaf but replica k's own parameters
@@ -117,19 +118,19 @@ def _sub_backward(tensors, grads, create_graph: bool):
 
 
 def wanted(num_lanes: int) -> bool:
-    """DPFAST_PARALLEL_BACKWARD: "1" always, "0" never, "auto" (the default) when the caller's
-    intra-op threads are fewer than the CPU lanes. Measured on 2 cores (bench/results/
-    20261127-cpu-parallel-backward.txt): with one intra-op thread the replicas' backward passes side
-    by side take 0.64-0.80x the time of the same passes in turn; with as many intra-op threads as
-    lanes they are no faster (each pass in turn already spans the cores, and N passes side by side
-    contend for them)."""
+    """DPFAST_PARALLEL_BACKWARD: "1" always, "0" never, "auto" (the default) when the caller runs
+    one intra-op thread. Measured on 2 cores (bench/results/20261127-cpu-parallel-backward.txt):
+    with one intra-op thread, steps with the replicas' backward passes side by side take 0.64-0.84x
+    the time of the same steps with the passes in turn; with two threads they take 1.16-1.32x
+    (each pass in turn already spans the cores, and the caller's intra-op team contends with the
+    workers), but for a small-op model with 4 replicas (0.85x)."""
     setting = os.environ.get("DPFAST_PARALLEL_BACKWARD", "auto").strip().lower()
     if setting in ("1", "0"):
         return setting == "1"
     if setting not in ("auto", ""):
         raise ValueError(f"dpfast.DataParallel: DPFAST_PARALLEL_BACKWARD: expected '1', '0' or 'auto', but got "
                          f"{setting!r}")
-    return torch.get_num_threads() < num_lanes
+    return num_lanes > 1 and torch.get_num_threads() == 1
 
 
 def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: List[str], replicas: int,

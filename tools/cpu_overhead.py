@@ -10,7 +10,10 @@ round so that a noisy machine affects them alike:
 - dpfast: DataParallel(device_ids=["cpu"] * N), with the replicas' backward
   passes in turn (DPFAST_PARALLEL_BACKWARD=0: autograd walks their graphs one
   after the other) and side by side (=1, NOTE [Parallel backward]); the
-  default, auto, picks by the thread count.
+  default, auto, picks by the thread count;
+- dpfast with one intra-op thread (torch.set_num_threads(1) around its steps,
+  so auto runs the passes side by side): the replicas are the parallelism,
+  against the bare module with all the threads.
 
     PYTHONPATH=. python tools/cpu_overhead.py [--replicas 2 4] [--rounds 4] [--steps 20] [--threads T]
 """
@@ -71,8 +74,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; medians of "
           f"{args.rounds} interleaved rounds of {args.steps} steps, ms per training step")
-    print(f"{'workload':<22}{'N':>3}{'bare':>9}{'chunks':>9}{'in turn':>9}{'side by side':>14}"
-          f"{'in turn/bare':>14}{'side/bare':>11}{'side/in turn':>14}")
+    print(f"{'workload':<22}{'N':>3}{'bare':>9}{'chunks':>9}{'in turn':>9}{'side by side':>14}{'1 thread':>10}"
+          f"{'in turn/bare':>14}{'side/bare':>11}{'side/in turn':>14}{'1 thread/bare':>15}")
     for name, size, batch in CONFIGS:
         workload = getattr(workloads, name)(size)
         x, y = workload.make_batch(batch, 0)
@@ -80,7 +83,7 @@ def main() -> None:
             bare = workload.build(0)
             wrapped = dpfast.DataParallel(workload.build(0), device_ids=["cpu"] * n)
             chunked = list(zip(x.chunk(n), y.chunk(n)))
-            results = {"bare": [], "chunks": [], "in_turn": [], "side_by_side": []}
+            results = {"bare": [], "chunks": [], "in_turn": [], "side_by_side": [], "one_thread": []}
             for _ in range(args.rounds):
                 results["bare"].append(step_ms(bare, [(x, y)], args.steps))
                 results["chunks"].append(step_ms(bare, chunked, args.steps))
@@ -88,10 +91,17 @@ def main() -> None:
                     results["in_turn"].append(step_ms(wrapped, [(x, y)], args.steps))
                 with parallel_backward(True):
                     results["side_by_side"].append(step_ms(wrapped, [(x, y)], args.steps))
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    results["one_thread"].append(step_ms(wrapped, [(x, y)], args.steps))
+                finally:
+                    torch.set_num_threads(threads)
             ms = {k: statistics.median(v) for k, v in results.items()}
             print(f"{name + ':' + size + ' b' + str(batch):<22}{n:>3}{ms['bare']:>9.2f}{ms['chunks']:>9.2f}"
-                  f"{ms['in_turn']:>9.2f}{ms['side_by_side']:>14.2f}{ms['in_turn'] / ms['bare']:>14.2f}"
-                  f"{ms['side_by_side'] / ms['bare']:>11.2f}{ms['side_by_side'] / ms['in_turn']:>14.2f}", flush=True)
+                  f"{ms['in_turn']:>9.2f}{ms['side_by_side']:>14.2f}{ms['one_thread']:>10.2f}"
+                  f"{ms['in_turn'] / ms['bare']:>14.2f}{ms['side_by_side'] / ms['bare']:>11.2f}"
+                  f"{ms['side_by_side'] / ms['in_turn']:>14.2f}{ms['one_thread'] / ms['bare']:>15.2f}", flush=True)
 
 
 if __name__ == "__main__":
