@@ -35,6 +35,12 @@ and ``backward(inputs=...)`` never reach it (its only input is a private leaf),
 and see replica 0's share, as the README says of them. The replicas' graphs are
 kept (retain_graph) as long as this node keeps them: the caller's
 ``retain_graph`` decides, through the node's saved tensors.
+
+Each replica's part is a graph task of its own, so a parameter used by two
+forwards of one backward is marked once per part (autograd's walk sums first
+and marks once): the reducer then reduces every bucket at the end of backward
+instead of early (GradReducer.note_routed). A mark that still comes after its
+bucket's reduction started is an error (GradReadiness.marked_after_complete).
 """
 
 from __future__ import annotations
@@ -100,14 +106,16 @@ class ReplicaBackward(torch.autograd.Function):
         plan: _Plan = ctx.plan
         tensors = ctx.saved_tensors
         create_graph = torch.is_grad_enabled()
-        fns, wheres = [], []
-        for (start, end), where in zip(plan.bounds, plan.where):
+        fns, wheres, workers = [], [], []
+        for lane, ((start, end), where) in enumerate(zip(plan.bounds, plan.where), start=1):
             pairs = [(t, g) for t, g in zip(tensors[start:end], grads[start:end]) if g is not None]
             if pairs:
                 fns.append(_sub_backward([t for t, _ in pairs], [g for _, g in pairs], create_graph))
                 wheres.append(where)
+                workers.append(lane)  # the worker that ran this replica's forward
         if fns:
-            plan.reducer.run_replica_backward(plan.pool, fns, wheres, plan.replicas, plan.threads, plan.window)
+            plan.reducer.run_replica_backward(plan.pool, fns, wheres, workers, plan.replicas, plan.threads,
+                                              plan.window)
         return None, None
 
 

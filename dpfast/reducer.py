@@ -196,8 +196,8 @@ class GradReducer:
             self._routed.append(plan_alive)
             self._window_routed = True
 
-    def run_replica_backward(self, pool, fns: list, wheres: List[str], replicas: int, threads: int,
-                             window: list) -> None:
+    def run_replica_backward(self, pool, fns: list, wheres: List[str], workers: List[int], replicas: int,
+                             threads: int, window: list) -> None:
         """NOTE [Parallel backward]: runs the replicas' parts of this backward on the workers. Its
         end (queued here, on the caller's graph task: the workers' hooks run in graph tasks of their
         own) waits for them. ``replicas`` (1 + the highest replica index of the forward) is told
@@ -221,7 +221,7 @@ class GradReducer:
                 self._early_launch = False  # see note_routed
             if not self._callback_queued:
                 self._queue_end_of_backward()
-        jobs = pool.submit(fns, wheres, threads)
+        jobs = pool.submit(fns, wheres, workers, threads)
         with self._lock:
             self._replica_jobs.extend(jobs)
 

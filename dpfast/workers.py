@@ -179,18 +179,19 @@ class WorkerPool:
                 job.reraise()
         return [job.result for job in jobs]
 
-    def submit(self, fns: List[Callable[[], Any]], wheres: List[str], worker_threads: Optional[int] = None
-               ) -> List[_Job]:
-        """fns[k] on worker k, without waiting: the jobs, to wait for with ``job.done``. On a closed
-        pool (the wrapper is gone, its graph is not), each runs at once on the calling thread."""
+    def submit(self, fns: List[Callable[[], Any]], wheres: List[str], workers: List[int],
+               worker_threads: Optional[int] = None) -> List[_Job]:
+        """fns[j] on worker workers[j] (1-based, as run() numbers them), without waiting: the jobs,
+        to wait for with ``job.done``. On a closed pool (the wrapper is gone, its graph is not),
+        each runs at once on the calling thread."""
         if self._pid != os.getpid():
             self._start()
         jobs = [_Job(fn, where, worker_threads) for fn, where in zip(fns, wheres)]
         with self._closing:  # not behind close()'s stop marks, whatever thread runs close()
-            queued = len(jobs) <= len(self._queues)
+            queued = max(workers, default=0) <= len(self._queues)
             if queued:
-                for q, job in zip(self._queues, jobs):
-                    q.put(job)
+                for worker, job in zip(workers, jobs):
+                    self._queues[worker - 1].put(job)
                 self._submitted.extend(jobs)
         if not queued:
             for job in jobs:
