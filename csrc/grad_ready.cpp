@@ -179,9 +179,13 @@ bool graph_reaches_only(const std::vector<at::Tensor>& roots, const std::vector<
       to_visit.push_back(edge.function.get());
     }
   };
+  // Held for the walk: a leaf whose accumulator did not exist yet gets one made here, owned by
+  // nothing else (the leaf keeps only a weak reference to it).
+  std::vector<torch::autograd::Edge> root_edges;
   for (const auto& root : roots) {
     if (root.requires_grad()) {
-      visit(torch::autograd::impl::gradient_edge(root));  // a leaf's own accumulator
+      root_edges.push_back(torch::autograd::impl::gradient_edge(root));  // a leaf's own accumulator
+      visit(root_edges.back());
     }
   }
   while (!to_visit.empty()) {

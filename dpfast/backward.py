@@ -96,15 +96,15 @@ class ReplicaBackward(torch.autograd.Function):
         ctx.plan = plan
         # Saved, not kept: the caller's backward frees them (and the replicas' graphs with them)
         # unless it retains its graph.
-        ctx.save_for_backward(*plan.tensors)
+        ctx.save_for_backward(*plan.tensors, plan.sentinel)
         stand_ins = tuple(t.detach() for t in plan.tensors)
-        plan.tensors = None
+        plan.tensors = plan.sentinel = None
         return stand_ins
 
     @staticmethod
     def backward(ctx, *grads):
         plan: _Plan = ctx.plan
-        tensors = ctx.saved_tensors
+        tensors = ctx.saved_tensors[:-1]  # the last: the sentinel
         create_graph = torch.is_grad_enabled()
         fns, wheres, workers = [], [], []
         for lane, ((start, end), where) in enumerate(zip(plan.bounds, plan.where), start=1):
@@ -164,7 +164,10 @@ def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: 
         return None
     plan = _Plan(per_replica, where[1:], replicas, pool, reducer)
     tensors = plan.tensors
-    reducer.note_routed(weakref.ref(tensors[0]))  # alive while a graph holds replica 1's outputs
+    # A tensor of its own, saved with the outputs: alive exactly as long as the graph may still run
+    # (an output may be a parameter, which outlives every graph).
+    plan.sentinel = torch.empty(0)
+    reducer.note_routed(weakref.ref(plan.sentinel))
     anchor = torch.empty(0, requires_grad=True)  # a private leaf: the node's only input
     stand_ins = ReplicaBackward.apply(plan, anchor)
     return {id(t): s for t, s in zip(tensors, stand_ins)}

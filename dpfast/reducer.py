@@ -175,6 +175,11 @@ class GradReducer:
     def _on_first_mark(self) -> None:
         """The first gradient of a backward: its end will finish the reduction."""
         with self._lock:
+            if not self.window:
+                # No forward since the last backward ended (a second loss of one forward, a retained
+                # graph): the counter learns how many replicas took part only from their marks as
+                # they come, so a bucket could count complete before the last replica's share.
+                self._early_launch = False
             if not self._callback_queued:
                 self._queue_end_of_backward()
 
@@ -190,11 +195,14 @@ class GradReducer:
         first could miss the next: with another forward in this window, or a graph of an earlier
         window still kept (retain_graph), this window's buckets are reduced at the end."""
         with self._lock:
-            self._routed = [alive for alive in self._routed if alive() is not None]
-            if len(self.window) > 1 or self._routed:
+            if len(self.window) > 1 or self._older_routed_graph_alive():
                 self._early_launch = False
             self._routed.append(plan_alive)
             self._window_routed = True
+
+    def _older_routed_graph_alive(self) -> bool:
+        self._routed = [alive for alive in self._routed if alive() is not None]
+        return bool(self._routed)
 
     def run_replica_backward(self, pool, fns: list, wheres: List[str], workers: List[int], replicas: int,
                              threads: int, window: list) -> None:
@@ -257,7 +265,7 @@ class GradReducer:
                 # backward's end is still to come.
                 self._replica_jobs = []
                 self._discard()
-            if self._window_routed:
+            if self._window_routed or self._older_routed_graph_alive():
                 self._early_launch = False  # see note_routed
             self._ready.note_replicas(num_replicas)
             self.window.append(num_replicas)
@@ -339,9 +347,10 @@ class GradReducer:
                 raise RuntimeError(
                     "dpfast.DataParallel: a replica's parameter received gradients from two backward "
                     "passes in one backward (a weight used inside and outside a reentrant checkpoint, "
-                    "for example), the second after its gradient bucket had been reduced, so this "
-                    "backward's gradients are incomplete: only replica 0's share reached .grad. This "
-                    "wrapper now reduces at the end of backward; run the step again.")
+                    "for example), the second after its gradient bucket had been reduced, so the "
+                    "gradients accumulated since the last reduction (this backward's, and any under "
+                    "no_sync()) are incomplete: only replica 0's share reached .grad. This wrapper now "
+                    "reduces at the end of backward; run the step again.")
             if not self.sync_enabled:
                 self._reset_window()  # no_sync(): gradients keep accumulating in the replicas' buckets
                 return

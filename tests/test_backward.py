@@ -291,6 +291,8 @@ def test_graph_reaches_only():
     assert _C.graph_reaches_only([a], [a])  # a leaf: its own accumulator
     assert not _C.graph_reaches_only([a], [b])
     assert _C.graph_reaches_only([torch.randn(3)], [])  # no graph at all
+    fresh = torch.randn(3, requires_grad=True)  # no accumulator yet: the walk makes one, and keeps it
+    assert _C.graph_reaches_only([fresh], [fresh])
 
 
 def test_a_wrapper_inside_a_checkpoint_and_outside_it_in_one_backward():
@@ -417,3 +419,70 @@ def test_a_bad_parallel_backward_setting_names_the_variable(monkeypatch):
         wrapped(torch.randn(6, 4, dtype=torch.float64))
     monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "1")
     assert wrapped(torch.randn(6, 4, dtype=torch.float64)).shape == (6, 2)  # and the wrapper still works
+
+
+def deeper():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+
+
+@pytest.mark.parametrize("parallel", ["0", "1"])
+def test_backwards_without_a_forward_between_them_reduce_every_replica(parallel, monkeypatch):
+    """Two losses of one forward, and two forwards then two backwards: the second backward has no
+    forward before it, so the counter learns the replicas only from their marks. With replica 1's
+    autograd sequence numbers pushed ahead (a few steps on 2 rows: only replicas 0 and 1 run), its
+    nodes run first; a bucket must not count as complete when replica 1 alone is in."""
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", parallel)
+    reference = deeper()
+    module = deeper()
+    wrapped = dpfast.DataParallel(module, device_ids=CPU3, bucket_cap_mb=0.0005)  # several buckets
+    for _ in range(3):
+        wrapped(torch.randn(2, 4, dtype=torch.float64)).sum().backward()
+    for step in range(2):
+        for m in (reference, module):
+            for p in m.parameters():
+                p.grad = None
+        x1, x2 = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+        for model in (reference, wrapped):
+            out = model(x1)
+            out[:, 0].pow(2).sum().backward(retain_graph=True)
+            out[:, 1].sin().sum().backward()
+            a, b = model(x1), model(x2)
+            a.pow(2).sum().backward()
+            b.sin().sum().backward()
+        for p, q in zip(reference.parameters(), module.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+    before = wrapped.stats()["early_reductions"]
+    wrapped(torch.randn(9, 4, dtype=torch.float64)).sum().backward()  # an ordinary step reduces early again
+    assert wrapped.stats()["early_reductions"] > before
+
+
+class ReturnsItsParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 2).double()
+        self.log_scale = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        return {"log_scale": self.log_scale, "out": self.linear(x) * self.log_scale.exp()}  # the parameter first
+
+
+def test_an_output_that_is_a_parameter_is_routed_and_leaves_early_reduction_on():
+    wrapped = dpfast.DataParallel(ReturnsItsParameter(), device_ids=CPU3, bucket_cap_mb=0.0005)
+    for step in range(4):
+        out = wrapped(torch.randn(9, 4, dtype=torch.float64))
+        assert routed(out["out"])  # replica k's parameter as a root: its accumulator made by the walk
+        before = wrapped.stats()["early_reductions"]
+        (out["out"].sum() + out["log_scale"].sum()).backward()
+        assert wrapped.stats()["early_reductions"] > before, step
+
+
+def test_a_retained_routed_graph_then_an_unrouted_forward_in_one_backward():
+    reference, wrapped = reference_and_wrapped()
+    x, x2 = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, 4, dtype=torch.float64)
+    for model in (reference, wrapped):
+        out = model(x)
+        out.sum().backward(retain_graph=True)
+        xg = x2.clone().requires_grad_()  # not routed: its input's gradient is wanted
+        (out.pow(2).sum() + model(xg).sum()).backward()
+    assert_same_grads(reference, wrapped)
