@@ -193,7 +193,9 @@ class GradReducer:
         their own (``plan_alive()``: not None while its graph is still there). A replica's parameter must
         then get its gradient from one pass per backward, or a bucket counted complete after the
         first could miss the next: with another forward in this window, or a graph of an earlier
-        window still kept (retain_graph), this window's buckets are reduced at the end."""
+        window still kept (retain_graph), this window's buckets are reduced at the end. Forwards
+        under no_grad count too: a reentrant checkpoint's first forward runs so, and its graph is
+        made again inside the backward."""
         with self._lock:
             if len(self.window) > 1 or self._older_routed_graph_alive():
                 self._early_launch = False
