@@ -144,8 +144,8 @@ def wanted(num_lanes: int) -> bool:
 def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: List[str], replicas: int,
           pool, reducer) -> Optional[Dict[int, torch.Tensor]]:
     """outputs[k], replica_tensors[k] (parameters and buffers) and where[k] of the replicas that ran,
-    replica 0 first; ``replicas``: 1 + the highest index among them. Returns {id(output tensor): its stand-in} for the gather, or None where the
-    outputs go to autograd as they are."""
+    replica 0 first; ``replicas``: 1 + the highest index among them. Returns {id(output tensor):
+    its stand-in} for the gather, or None where the outputs go to autograd as they are."""
     if len(outputs) < 2 or not _plain_structure(outputs[0]):
         return None
     per_replica = []

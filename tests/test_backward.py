@@ -255,7 +255,8 @@ def test_an_error_in_a_replicas_backward_names_it_and_the_next_step_is_exact():
     wrapped = dpfast.DataParallel(model, device_ids=CPU3)
     bad = torch.randn(9, 4, dtype=torch.float64)
     bad[4, 0] = 99  # rows 3..5: replica 1
-    with pytest.raises(ValueError, match=r"Caught ValueError in replica 1 on device cpu \(backward\)[\s\S]*bad gradient"):
+    expected = r"Caught ValueError in replica 1 on device cpu \(backward\)[\s\S]*bad gradient"
+    with pytest.raises(ValueError, match=expected):
         wrapped(bad).sum().backward()
     for p in model.parameters():
         p.grad = None
