@@ -74,8 +74,10 @@ def _plain_structure(obj: Any) -> bool:
 class _Plan:
     """Replicas 1..n-1's outputs that require grad, flattened, and where each replica's start."""
 
-    def __init__(self, per_replica: List[List[torch.Tensor]], where: List[str], replicas: int, pool, reducer):
+    def __init__(self, per_replica: List[List[torch.Tensor]], where: List[str], replicas: int, threads: int,
+                 pool, reducer):
         self.replicas = replicas  # 1 + the highest replica index that ran
+        self.threads = threads  # each worker's intra-op threads (NOTE [CPU threads])
         self.tensors = [t for ts in per_replica for t in ts]
         self.bounds = []
         start = 0
@@ -83,7 +85,6 @@ class _Plan:
             self.bounds.append((start, start + len(ts)))
             start += len(ts)
         self.where = where
-        self.threads = max(1, torch.get_num_threads() // (len(per_replica) + 1))  # NOTE [CPU threads]
         self.pool = pool
         self.reducer = reducer
         self.window = reducer.window  # the forwards of this graph's window, this one included
@@ -142,10 +143,11 @@ def wanted(num_lanes: int) -> bool:
 
 
 def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: List[str], replicas: int,
-          pool, reducer) -> Optional[Dict[int, torch.Tensor]]:
+          threads: int, pool, reducer) -> Optional[Dict[int, torch.Tensor]]:
     """outputs[k], replica_tensors[k] (parameters and buffers) and where[k] of the replicas that ran,
-    replica 0 first; ``replicas``: 1 + the highest index among them. Returns {id(output tensor):
-    its stand-in} for the gather, or None where the outputs go to autograd as they are."""
+    replica 0 first; ``replicas``: 1 + the highest index among them; ``threads``: each worker's
+    intra-op threads. Returns {id(output tensor): its stand-in} for the gather, or None where the
+    outputs go to autograd as they are."""
     if len(outputs) < 2 or not _plain_structure(outputs[0]):
         return None
     per_replica = []
@@ -162,7 +164,7 @@ def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: 
         per_replica.append(tensors)
     if not any(per_replica):
         return None
-    plan = _Plan(per_replica, where[1:], replicas, pool, reducer)
+    plan = _Plan(per_replica, where[1:], replicas, threads, pool, reducer)
     tensors = plan.tensors
     # A tensor of its own, saved with the outputs: alive exactly as long as the graph may still run
     # (an output may be a parameter, which outlives every graph).

@@ -320,7 +320,8 @@ class DataParallel(nn.DataParallel):
             return None
         replica_tensors = [runtime.replicas.replica_tensors[k] for k in active]
         wheres = [f"in replica {k} on device {self.devices[k]} (backward)" for k in active]
-        return parallel_backward.route(outputs, replica_tensors, wheres, active[-1] + 1, runtime.pool, runtime.reducer)
+        return parallel_backward.route(outputs, replica_tensors, wheres, active[-1] + 1, cpu_lane_threads(devices),
+                                       runtime.pool, runtime.reducer)
 
     # The four steps take nn.DataParallel's arguments (a subclass may override any of them, or call
     # them from its own forward); dpfast's forward also passes what it already knows.

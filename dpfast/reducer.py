@@ -195,9 +195,9 @@ class GradReducer:
         first could miss the next: with another forward in this window, or a graph of an earlier
         window still kept (retain_graph), this window's buckets are reduced at the end. Forwards
         under no_grad count too: a reentrant checkpoint's first forward runs so, and its graph is
-        made again inside the backward."""
+        made again inside the backward. (This forward's note_forward looked for older graphs.)"""
         with self._lock:
-            if len(self.window) > 1 or self._older_routed_graph_alive():
+            if len(self.window) > 1:
                 self._early_launch = False
             self._routed.append(plan_alive)
             self._window_routed = True

@@ -34,8 +34,9 @@ def reference_and_wrapped(device_ids=CPU3):
     return reference, wrapped
 
 
-def assert_same_grads(reference, wrapped):
-    for (name, p), q in zip(reference.named_parameters(), wrapped.module.parameters()):
+def assert_same_grads(reference, module):
+    """module: the wrapped module (the wrapper's .module), against the unwrapped reference."""
+    for (name, p), q in zip(reference.named_parameters(), module.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
@@ -92,8 +93,7 @@ def test_replicas_backward_passes_run_at_the_same_time():
     assert routed(out)
     out.pow(2).sum().backward()  # in turn, the first replica would wait at the barrier alone
     reference(x).pow(2).sum().backward()
-    for p, q in zip(reference.parameters(), model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+    assert_same_grads(reference, model)
 
 
 class RecordsThreads(nn.Module):
@@ -134,7 +134,7 @@ def test_gradients_match_autograd_over_steps_with_retain_graph_and_two_forwards(
             loss = model(a).pow(2).sum() + model(b).sum()  # two forwards, one backward
             loss.backward(retain_graph=True)
             loss.backward()  # the same graph again: every replica's part runs again
-        assert_same_grads(reference, wrapped)
+        assert_same_grads(reference, wrapped.module)
         opt_ref.step()
         opt.step()
 
@@ -165,8 +165,7 @@ def test_structured_outputs_are_routed_and_match():
     assert routed(out.main)
     (out.main.sum() + out.extra["squared"].sum() + 2 * out.extra["same"].sum()).backward()
     (ref.main.sum() + ref.extra["squared"].sum() + 2 * ref.extra["same"].sum()).backward()
-    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+    assert_same_grads(reference, wrapped.module)
 
 
 class Scaled(nn.Module):
@@ -208,7 +207,7 @@ def test_graphs_that_do_not_stand_alone_are_left_to_autograd():
     xr = x.clone().requires_grad_()
     reference(xr).sum().backward()
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-10, atol=1e-12)
-    assert_same_grads(reference, wrapped)
+    assert_same_grads(reference, wrapped.module)
     # A module holding a tensor of the caller's graph.
     leaf = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
     ref_leaf = leaf.detach().clone().requires_grad_()
@@ -263,8 +262,7 @@ def test_an_error_in_a_replicas_backward_names_it_and_the_next_step_is_exact():
     x = torch.randn(9, 4, dtype=torch.float64)
     wrapped(x).sum().backward()
     reference(x).sum().backward()
-    for p, q in zip(reference.parameters(), model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+    assert_same_grads(reference, model)
 
 
 def test_a_wrapper_dropped_before_backward_still_reduces_every_replica():
@@ -278,8 +276,7 @@ def test_a_wrapper_dropped_before_backward_still_reduces_every_replica():
     assert ref() is None  # its workers are closed: the replicas' parts run on the caller's thread
     loss.backward()
     reference(x).sum().backward()
-    for p, q in zip(reference.parameters(), module.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+    assert_same_grads(reference, module)
 
 
 def test_graph_reaches_only():
@@ -308,7 +305,7 @@ def test_a_wrapper_inside_a_checkpoint_and_outside_it_in_one_backward():
             first = model(x)  # a plain forward first
             second = checkpoint(model, x.clone().requires_grad_(), use_reentrant=use_reentrant)
             (first.pow(2).sum() + second.sum()).backward()
-        assert_same_grads(reference, wrapped)
+        assert_same_grads(reference, wrapped.module)
 
 
 def test_a_retained_graph_and_a_new_forward_in_one_backward():
@@ -318,7 +315,7 @@ def test_a_retained_graph_and_a_new_forward_in_one_backward():
         out = model(x)
         out.sum().backward(retain_graph=True)
         (out.pow(2).sum() + model(x2).sum()).backward()  # the old graph's replicas' passes and the new
-    assert_same_grads(reference, wrapped)
+    assert_same_grads(reference, wrapped.module)
 
 
 def test_a_backward_of_an_earlier_graph_after_one_that_raised():
@@ -336,8 +333,7 @@ def test_a_backward_of_an_earlier_graph_after_one_that_raised():
         p.grad = None
     good_out.sum().backward()  # no forward in between: what the failed backward left is dropped
     reference(x).sum().backward()
-    for p, q in zip(reference.parameters(), model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+    assert_same_grads(reference, model)
 
 
 class KeepsActivation(nn.Module):
@@ -397,8 +393,7 @@ def test_a_gradient_after_its_buckets_reduction_is_an_error_then_the_step_is_exa
     for _ in range(2):
         wrapped(x).pow(2).sum().backward()
         reference(x).pow(2).sum().backward()
-    for p, q in zip(reference.parameters(), model.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+    assert_same_grads(reference, model)
 
 
 @pytest.mark.parametrize("setting,threads,lanes,expected", [
@@ -451,8 +446,7 @@ def test_backwards_without_a_forward_between_them_reduce_every_replica(parallel,
             a, b = model(x1), model(x2)
             a.pow(2).sum().backward()
             b.sin().sum().backward()
-        for p, q in zip(reference.parameters(), module.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+        assert_same_grads(reference, module)
     before = wrapped.stats()["early_reductions"]
     wrapped(torch.randn(9, 4, dtype=torch.float64)).sum().backward()  # an ordinary step reduces early again
     assert wrapped.stats()["early_reductions"] > before
@@ -486,4 +480,4 @@ def test_a_retained_routed_graph_then_an_unrouted_forward_in_one_backward():
         out.sum().backward(retain_graph=True)
         xg = x2.clone().requires_grad_()  # not routed: its input's gradient is wanted
         (out.pow(2).sum() + model(xg).sum()).backward()
-    assert_same_grads(reference, wrapped)
+    assert_same_grads(reference, wrapped.module)
