@@ -18,7 +18,8 @@ Rows: op, impl, bytes, ndev, time_us, algbw_GBps, busbw_GBps, wrong.
 - The same ops through torch.cuda.comm where they can run (CUDA, each GPU
   listed once), and a large copy on devices[0] as the ceiling: the card's
   memory bandwidth (busbw counts bytes read plus written), or the host's
-  memcpy on the CPU.
+  memcpy on the CPU. Beside it, torch's in-place add of the same size
+  (busbw: two buffers read, one written): the ceiling of one reduction step.
 Several lanes on one device (CPU replicas, or one GPU listed N times) measure
 the engine's overhead and the device's memory bandwidth, not a link; scatter
 to lanes on the source's own device returns views and moves nothing.
@@ -172,6 +173,21 @@ def copy_ceiling(device: torch.device, nbytes: int, iters: int, warmup: int, fau
     return make_row("copy", "torch", nbytes, 1, time_us, 2.0, count_wrong(destination, source), what)
 
 
+def add_ceiling(device: torch.device, nbytes: int, iters: int, warmup: int, fault: bool) -> dict:
+    """torch's own in-place add on one device: the fastest one step of a reduction (3 bytes of
+    memory traffic per byte added) can go; busbw counts the bytes read plus written."""
+    numel = nbytes // 4
+    source = pattern(numel, device)
+    destination = torch.zeros_like(source)
+    time_us = common.timed_loop_us(lambda: destination.add_(source), [device], iters, warmup)
+    destination.copy_(source)
+    destination.add_(source)
+    if fault:
+        destination[0] += 1
+    return make_row("add", "torch", nbytes, 1, time_us, 3.0, count_wrong(destination, 2 * source),
+                    "one in-place add of torch: a reduction step's ceiling")
+
+
 def torch_comm_reason(devices: Sequence[torch.device]) -> Optional[str]:
     """Why torch.cuda.comm cannot run here, or None."""
     if devices[0].type != "cuda":
@@ -248,6 +264,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 rows.append(OpBench(op, impl, devices, nbytes // 4, args.inject_fault).run(iters, warmup))
                 bar.update()
     rows.append(copy_ceiling(devices[0], copy_bytes, iters, warmup, args.inject_fault))
+    rows.append(add_ceiling(devices[0], copy_bytes, iters, warmup, args.inject_fault))
     bar.update()
     bar.close()
 

@@ -19,7 +19,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # relative to the caller's folder, b
 cd "$REPO" || exit 1
 # python, else python3 (a GPU image may have only python3)
 PYTHON=${PYTHON:-$(command -v python >/dev/null && echo python || echo python3)}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-480}  # leaves room for start-up under the 9 minutes
+BUDGET_S=${GPU_CHECK_BUDGET_S:-500}  # leaves room for start-up under the 10 minutes of one call
 STAMP=$(date +%Y%m%d-%H%M%S)
 LOG="$OUT/$STAMP-gpucheck"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -116,7 +116,7 @@ if "$PYTHON" -c "import pytest" 2>/dev/null; then
   "$PYTHON" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARGS=(--timeout 60)
   # One process per file: a crash in one leaves the others' results.
   for file in cuda engine grad_ready reducer; do
-    step "t-$file" $([[ $file == cuda ]] && echo 100 || echo 60) "$PYTHON" -X faulthandler -m pytest "tests/test_$file.py" -q -rfE --tb=short -p no:cacheprovider \
+    step "t-$file" $([[ $file == cuda || $file == engine ]] && echo 100 || echo 60) "$PYTHON" -X faulthandler -m pytest "tests/test_$file.py" -q -rfE --tb=short -p no:cacheprovider \
       ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"}
   done
   # dpfast against the module on the same chunks one after the other (its arithmetic without its
@@ -129,9 +129,19 @@ fi
 # the reduction hidden under backward; the collectives against a large copy; the cost model on both.
 step bench-base 80 "$PYTHON" -m bench --devices 0,0,0,0 --workloads transformer,cnn --size base --steps 10 \
   --warmup 3 --no-progress --out "$OUT" --label gpucheck-base
-# Sizes up to 256 MiB in steps of 16: enough to reach the card's bandwidth, in seconds.
-step comm 40 "$PYTHON" -m bench.comm --quick --no-progress --max-bytes $((256 * 1024 * 1024)) --factor 16 \
-  --out "$OUT" --label gpucheck-comm
+# 1 MiB to 1 GiB in steps of 4: the tree against a copy and torch's own add of the same size, on 4
+# lanes and on 2 (one add step alone).
+step comm 60 "$PYTHON" -m bench.comm --quick --no-progress --min-bytes $((1024 * 1024)) \
+  --max-bytes $((1024 * 1024 * 1024)) --factor 4 --copy-bytes $((1024 * 1024 * 1024)) --out "$OUT" --label gpucheck-comm
+step comm2 40 "$PYTHON" -m bench.comm --devices 0,0 --ops reduce_add,broadcast --quick --no-progress \
+  --min-bytes $((1024 * 1024)) --max-bytes $((1024 * 1024 * 1024)) --factor 4 --copy-bytes $((1024 * 1024 * 1024)) \
+  --out "$OUT" --label gpucheck-comm2
+# bench-base again at about the sizes issue #4 names: a 12-layer transformer (BERT-base's encoder) and a
+# CNN of ResNet-50's 100 MB; one process each, so that a failed check of one keeps the other's record.
+for workload in transformer cnn; do
+  step "large-$workload" 70 "$PYTHON" -m bench --devices 0,0,0,0 --workloads "$workload" --size large --steps 10 \
+    --warmup 3 --no-progress --out "$OUT" --label "gpucheck-large-$workload"
+done
 BENCH_JSON=$(newest gpucheck-base); COMM_JSON=$(newest gpucheck-comm)
 if [[ -n $BENCH_JSON && -n $COMM_JSON ]]; then
   step model 30 "$PYTHON" -m bench.model --bench-json "$BENCH_JSON" --comm-json "$COMM_JSON" --out "$OUT" \
@@ -139,4 +149,12 @@ if [[ -n $BENCH_JSON && -n $COMM_JSON ]]; then
 fi
 # Every workload at the small size: correctness against the bare module, and the phases.
 step bench 60 "$PYTHON" -m bench --quick --no-progress --out "$OUT" --label gpucheck
+# Last, with what is left: the CPU suite against this machine's torch (CI runs it against the
+# newest), on all cores where pytest-xdist is there.
+if "$PYTHON" -c "import pytest" 2>/dev/null; then
+  XDIST_ARGS=()
+  "$PYTHON" -c "import xdist" 2>/dev/null && XDIST_ARGS=(-n "$(( $(nproc) / 2 ))")
+  step t-cpu 240 env OMP_NUM_THREADS=1 "$PYTHON" -m pytest tests -q -rfE --tb=short -p no:cacheprovider \
+    --ignore=tests/test_cuda.py ${XDIST_ARGS[@]+"${XDIST_ARGS[@]}"} ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"}
+fi
 finish

@@ -75,7 +75,7 @@ from dpfast import splits  # noqa: E402
 
 from . import common  # noqa: E402
 from .common import Clock, PhaseTimer, WrongResult, fmt  # noqa: E402
-from .workloads import WORKLOADS, Workload, make_workload  # noqa: E402
+from .workloads import SIZES, WORKLOADS, Workload, make_workload  # noqa: E402
 
 PHASES = ("scatter", "param_sync", "forward", "gather", "loss", "backward", "reduce", "optimizer", "other")
 WRAPPER_FORWARD_PHASES = ("scatter", "param_sync", "forward", "gather")
@@ -709,7 +709,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a short configuration (under a minute on 2 CPU cores)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, from: "
                         + ", ".join(WORKLOADS))
-    parser.add_argument("--size", choices=("tiny", "small", "base"),
+    parser.add_argument("--size", choices=SIZES,
                         help="model size (default: base on GPU, small on CPU; --quick: small on GPU, tiny on CPU)")
     parser.add_argument("--batch-size", type=int, help="global batch size (default: per workload and size)")
     parser.add_argument("--steps", type=int, help="timed steps per system (default 30; --quick 5)")

@@ -18,7 +18,7 @@ import dpfast
 from torch import nn
 from torch.nn import functional as F
 
-SIZES = ("tiny", "small", "base")
+SIZES = ("tiny", "small", "base", "large")
 NUM_CLASSES = 10
 
 
@@ -56,7 +56,8 @@ class Workload:
 
 # -- MLP: many small matmuls, so per-step overheads dominate ----------------------------------------
 
-MLP_SIZES = {"tiny": dict(width=64, depth=2), "small": dict(width=512, depth=4), "base": dict(width=2048, depth=8)}
+MLP_SIZES = {"tiny": dict(width=64, depth=2), "small": dict(width=512, depth=4), "base": dict(width=2048, depth=8),
+             "large": dict(width=4096, depth=8)}
 
 
 def mlp(size: str) -> Workload:
@@ -69,7 +70,7 @@ def mlp(size: str) -> Workload:
         return nn.Sequential(*layers, nn.Linear(cfg["width"], NUM_CLASSES))
 
     return Workload("mlp", size, f"MLP, {cfg['depth']} hidden layers of {cfg['width']}", cfg,
-                    {"tiny": 32, "small": 256, "base": 1024}[size], build,
+                    {"tiny": 32, "small": 256, "base": 1024, "large": 1024}[size], build,
                     lambda batch, g: torch.randn(batch, cfg["width"], generator=g))
 
 
@@ -79,6 +80,7 @@ CNN_SIZES = {
     "tiny": dict(image=16, channels=8, stages=2, blocks_per_stage=1),
     "small": dict(image=32, channels=32, stages=3, blocks_per_stage=1),
     "base": dict(image=64, channels=64, stages=4, blocks_per_stage=2),
+    "large": dict(image=64, channels=80, stages=4, blocks_per_stage=3),  # about ResNet-50's 100 MB
 }
 
 
@@ -123,7 +125,7 @@ def cnn(size: str) -> Workload:
     return Workload("cnn", size,
                     f"ResNet-style CNN, {cfg['stages']}x{cfg['blocks_per_stage']} blocks from {cfg['channels']} "
                     f"channels, {cfg['image']}x{cfg['image']} images", cfg,
-                    {"tiny": 16, "small": 64, "base": 128}[size],
+                    {"tiny": 16, "small": 64, "base": 128, "large": 128}[size],
                     lambda: ResNetStyle(cfg["channels"], cfg["stages"], cfg["blocks_per_stage"]),
                     lambda batch, g: torch.randn(batch, 3, cfg["image"], cfg["image"], generator=g))
 
@@ -134,6 +136,7 @@ TRANSFORMER_SIZES = {
     "tiny": dict(vocab=128, seq=16, d_model=32, heads=2, layers=1),
     "small": dict(vocab=1024, seq=64, d_model=128, heads=4, layers=2),
     "base": dict(vocab=8192, seq=128, d_model=512, heads=8, layers=6),
+    "large": dict(vocab=8192, seq=128, d_model=768, heads=12, layers=12),  # BERT-base's encoder
 }
 
 
@@ -158,7 +161,7 @@ def transformer(size: str) -> Workload:
     return Workload("transformer", size,
                     f"transformer encoder, {cfg['layers']} layers, d_model {cfg['d_model']}, {cfg['heads']} heads, "
                     f"sequence {cfg['seq']}", cfg,
-                    {"tiny": 16, "small": 64, "base": 64}[size],
+                    {"tiny": 16, "small": 64, "base": 64, "large": 64}[size],
                     lambda: TransformerClassifier(**cfg),
                     lambda batch, g: torch.randint(0, cfg["vocab"], (batch, cfg["seq"]), generator=g))
 

@@ -76,8 +76,12 @@ int64_t best_num_chunks(TreeShape shape, int64_t bytes, int num_devices, const L
 
 TreeShape choose_tree(int64_t bytes, int num_devices, const LinkModel& link);
 
-// Chunk size in bytes for `bytes` over `num_devices` with `shape`, never
-// below min_chunk_bytes (tiny chunks cost more in launches than they save).
+// Chunk sizes are multiples of this, so chunk views keep their buffer's alignment.
+constexpr int64_t kChunkAlignBytes = 256;
+
+// Chunk size in bytes for `bytes` over `num_devices` with `shape`, a multiple
+// of kChunkAlignBytes, never below min_chunk_bytes (tiny chunks cost more in
+// launches than they save).
 int64_t choose_chunk_bytes(TreeShape shape, int64_t bytes, int num_devices, const LinkModel& link,
                            int64_t min_chunk_bytes = 256 * 1024);
 

@@ -124,7 +124,7 @@ def test_comm_rows_are_correct(tmp_path):
     with open(json_path) as f:
         record = json.load(f)
     rows = record["rows"]
-    assert {r["op"] for r in rows} == {"reduce_add", "broadcast", "scatter", "copy"}
+    assert {r["op"] for r in rows} == {"reduce_add", "broadcast", "scatter", "copy", "add"}
     assert [r["bytes"] for r in rows if r["op"] == "reduce_add"] == [4096, 65536]
     for row in rows:
         assert {"bytes", "ndev", "time_us", "algbw_GBps", "busbw_GBps", "wrong"} <= set(row)

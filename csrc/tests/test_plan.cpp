@@ -122,7 +122,9 @@ static void test_cost_model() {
   CHECK(choose_tree(2 * 1000 * 1000, 8, pcie) == TreeShape::Chain);
   CHECK(predict_time_us(TreeShape::Chain, bytes, 1, 1, pcie) == 0.0);
   CHECK(choose_chunk_bytes(TreeShape::Chain, 1024, 8, pcie) == 256 * 1024);
-  CHECK(choose_chunk_bytes(TreeShape::Chain, bytes, 8, pcie) == (bytes + k - 1) / k);
+  const long long chunk = choose_chunk_bytes(TreeShape::Chain, bytes, 8, pcie);
+  CHECK(chunk % kChunkAlignBytes == 0);
+  CHECK(chunk >= (bytes + k - 1) / k && chunk < (bytes + k - 1) / k + kChunkAlignBytes);
 }
 
 static void test_buckets() {
