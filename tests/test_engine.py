@@ -33,6 +33,27 @@ def test_reduce_add_matches_sum_exactly(device, n, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_reduce_add_exact_on_views_at_every_alignment(device, dtype):
+    """The CUDA add kernel loads 16-byte packets where dst and src allow it and one element at a
+    time elsewhere: views that start mid-packet, chunk sizes that are not a multiple of 16 bytes
+    (a user's chunk_bytes cuts the buffer there), and tails shorter than a packet must all add."""
+    per_packet = 16 // torch.empty((), dtype=dtype).element_size()
+    for offsets in [(0, 0), (1, 1), (0, 3), (per_packet - 1, 0)]:
+        for numel, chunk_bytes in [(per_packet - 1, 4096), (1000, 4096), (1003, 1000), (5000, 0)]:
+            storages = [integer_valued(numel + 16, dtype, device, seed=k) for k in range(3)]
+            views = [storages[k][offsets[k % 2]:offsets[k % 2] + numel] for k in range(3)]
+            expected = torch.stack([v.double().cpu() for v in views]).sum(0)
+            def around_root():
+                return torch.cat([storages[0][:offsets[0]], storages[0][offsets[0] + numel:]])
+            untouched = around_root().clone()
+            _C.reduce_add_(views, 0, [], "chain", chunk_bytes)
+            assert torch.equal(views[0].double().cpu(), expected), (offsets, numel, chunk_bytes)
+            # Nothing outside the root's view moves (a packet that ran past its end would).
+            assert torch.equal(around_root(), untouched), (offsets, numel, chunk_bytes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_reduce_add_float_close_to_reference(device):
     buffers = [torch.randn(100_003, dtype=torch.float32, device=device) for _ in range(5)]
     expected = torch.stack([b.double() for b in buffers]).sum(0)
