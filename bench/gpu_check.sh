@@ -10,6 +10,9 @@
 # that), runs the CPU benchmarks and exits 0.
 #
 # Exit status: 0 when every step that ran passed, 1 otherwise.
+#
+# GPU_CHECK_ONLY (step names, space-separated) runs only those steps;
+# GPU_CHECK_CPU_TESTS (pytest paths or node ids) narrows the last step's CPU suite.
 set -uo pipefail
 
 OUT_ARG=${1:-}
@@ -30,9 +33,13 @@ say() { echo "gpu_check: $*" | tee -a "$LOG.log"; }
 
 # step NAME CAP_S COMMAND...: runs COMMAND under a timeout of CAP_S or what is
 # left of the budget, whichever is less, output to the terminal and $LOG-NAME.log.
+# GPU_CHECK_ONLY="build t-cuda ..." runs only the steps named (a rerun of what failed).
 step() {
   local name=$1 cap=$2
   shift 2
+  if [[ -n ${GPU_CHECK_ONLY:-} && " $GPU_CHECK_ONLY " != *" $name "* ]]; then
+    return 0
+  fi
   local left=$((BUDGET_S - (SECONDS - STARTED)))
   local limit=$((cap < left ? cap : left))
   if ((limit < 15)); then
@@ -154,7 +161,7 @@ step bench 60 "$PYTHON" -m bench --quick --no-progress --out "$OUT" --label gpuc
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
   XDIST_ARGS=()
   "$PYTHON" -c "import xdist" 2>/dev/null && XDIST_ARGS=(-n "$(( $(nproc) / 2 ))")
-  step t-cpu 240 env OMP_NUM_THREADS=1 "$PYTHON" -m pytest tests -q -rfE --tb=short -p no:cacheprovider \
+  step t-cpu 240 env OMP_NUM_THREADS=1 "$PYTHON" -m pytest ${GPU_CHECK_CPU_TESTS:-tests} -q -rfE --tb=short -p no:cacheprovider \
     --ignore=tests/test_cuda.py ${XDIST_ARGS[@]+"${XDIST_ARGS[@]}"} ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"}
 fi
 finish

@@ -203,7 +203,7 @@ def relative_error(value: Optional[torch.Tensor], reference: Optional[torch.Tens
     if value is None or reference is None:
         return 0.0 if value is None and reference is None else math.inf
     value = value.detach().float().cpu()
-    reference = reference.float()
+    reference = reference.detach().float().cpu()
     if value.shape != reference.shape or not torch.isfinite(value).all():
         return math.inf
     scale = max(reference.abs().max().item(), 1e-12)

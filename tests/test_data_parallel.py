@@ -382,9 +382,10 @@ def test_checkpoints_move_both_ways_with_nn_dataparallel():
     other = nn.DataParallel(mlp())
     ours.load_state_dict(other.state_dict())
     x = torch.randn(4, 6)
-    torch.testing.assert_close(ours(x), other(x))
+    # Their modules, not nn.DataParallel's forward: with a GPU present that wants the module on cuda:0.
+    torch.testing.assert_close(ours(x), other.module(x))
     theirs.load_state_dict(ours.state_dict())
-    torch.testing.assert_close(theirs(x), ours(x))
+    torch.testing.assert_close(theirs.module(x), ours(x))
 
 
 def test_workers_persist_and_state_is_carried():

@@ -201,11 +201,12 @@ def test_hugging_face_cache_is_gathered_into_one_cache():
     with torch.no_grad():
         expected = reference(input_ids=ids, use_cache=True)
         outputs = wrapped(input_ids=ids, use_cache=True)
-        cache = outputs["cache"]  # transformers 5's name for past_key_values
-        assert type(cache) is type(expected["cache"])
+        key = "cache" if "cache" in expected else "past_key_values"  # renamed "cache" in transformers 5.2x
+        cache = outputs[key]
+        assert type(cache) is type(expected[key])
         step = torch.randint(0, 100, (7, 1))
-        logits = reference(input_ids=step, cache=cache).logits
-        torch.testing.assert_close(logits, reference(input_ids=step, cache=expected["cache"]).logits)
+        logits = reference(input_ids=step, **{key: cache}).logits
+        torch.testing.assert_close(logits, reference(input_ids=step, **{key: expected[key]}).logits)
 
 
 def test_hugging_face_hidden_states_and_attentions_match_the_model():
