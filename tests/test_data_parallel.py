@@ -382,10 +382,11 @@ def test_checkpoints_move_both_ways_with_nn_dataparallel():
     other = nn.DataParallel(mlp())
     ours.load_state_dict(other.state_dict())
     x = torch.randn(4, 6)
-    # Their modules, not nn.DataParallel's forward: with a GPU present that wants the module on cuda:0.
-    torch.testing.assert_close(ours(x), other.module(x))
+    # Their modules on the CPU, not nn.DataParallel's forward: with one GPU present, nn.DataParallel
+    # moves its module to cuda:0 when it is made.
+    torch.testing.assert_close(ours(x), other.module.cpu()(x))
     theirs.load_state_dict(ours.state_dict())
-    torch.testing.assert_close(theirs.module(x), ours(x))
+    torch.testing.assert_close(theirs.module.cpu()(x), ours(x))
 
 
 def test_workers_persist_and_state_is_carried():

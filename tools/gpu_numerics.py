@@ -10,7 +10,8 @@ For each workload, three copies of the model train side by side on the same batc
 Per step it prints the largest relative gradient error (max |a - b| / max |b| per tensor, as
 bench/run.py checks) of dpfast vs chunked and chunked vs bare, and the tensor where it is.
 dpfast vs chunked far above chunked vs bare is a dpfast bug; --sync (a device-wide synchronize
-after forward and after backward) making it vanish points at stream ordering.
+after forward and after backward) making it vanish points at stream ordering. With TF32 off,
+cuDNN runs deterministic algorithms, so dpfast vs chunked measures dpfast alone.
 
     python tools/gpu_numerics.py --workloads mlp,cnn,transformer --size small [--tf32 on|off] [--sync]
 """
@@ -42,8 +43,10 @@ def relative_errors(module_a, module_b):
     return worst, where
 
 
-# dpfast against the same chunks with TF32 off: above this, the run fails (seen on an H100: 0 for the
-# MLP and the transformer, at most 9e-6 for the CNN, whose cuDNN algorithms are not deterministic).
+# dpfast against the same chunks with TF32 off: above this, the run fails. With TF32 off the check
+# also asks cuDNN for deterministic algorithms: without, the CNN's weight gradients differed by
+# 4e-6 at step 1 on an H100 and an H200 (atomics in the convolution's backward), and on the H200
+# (2026-11-27) one SGD step grew that to 1.05e-3 at step 2, for the same chunks run twice apart.
 EXACT_TOLERANCE = 1e-4
 
 
@@ -102,6 +105,8 @@ def main() -> int:
     for tf32 in ((True, False) if args.tf32 == "both" else (args.tf32 == "on",)):
         torch.backends.cudnn.allow_tf32 = tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.deterministic = not tf32
+        torch.backends.cudnn.benchmark = False
         for sync in ((False, True) if args.sync == "both" else (args.sync == "yes",)):
             for name in args.workloads.split(","):
                 worst = run(name, args.size, args.replicas, args.steps, sync, device)
