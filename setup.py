@@ -73,9 +73,30 @@ def extra_cuda_includes():
 # wrapper that links it statically (seen on a GPU image whose CXX adds -static-libstdc++) gives the
 # extension a second copy whose locale facets do not match the stream objects made by the first:
 # the first TORCH_CHECK message that prints a number crashed (H100 machine, 2026-11-27) or came
-# out cut short. Naming the shared library before the driver's own libraries keeps the static copy
-# out, and the build is refused if a copy got in anyway (setup.py's carries_own_libstdcxx).
-LINK_SHARED_LIBSTDCXX = ["-lstdc++"] if sys.platform.startswith("linux") else []
+# out cut short. The GPU image's g++ is a wrapper whose -B folder holds only libstdc++.a, so a
+# "-lstdc++" finds the archive there (H200 machine, 2026-11-27). So the link names, by its path, the
+# shared libstdc++ that this process (torch imported) has loaded, before the driver's own
+# libraries: every symbol is then found in it and nothing is taken from an archive. The build is
+# refused if a copy got in anyway (carries_own_libstdcxx).
+
+
+def loaded_libstdcxx():
+    """The path of the shared libstdc++ this process has loaded (torch loads it), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and os.path.basename(fields[-1]).startswith("libstdc++.so"):
+                    return fields[-1]
+    except OSError:
+        pass
+    return None
+
+
+if sys.platform.startswith("linux"):
+    LINK_SHARED_LIBSTDCXX = [loaded_libstdcxx() or "-lstdc++"]
+else:
+    LINK_SHARED_LIBSTDCXX = []
 
 
 def carries_own_libstdcxx(library):
