@@ -3,16 +3,19 @@
 NOTE [Stream ordering] in csrc/comm.h states the engine's rules: an engine op
 starts after the work already on its lanes' streams and leaves its results on
 them. The front end adds the edges between a lane and the caller's current
-stream with these helpers, always by events (wait_stream), never by a
-device-wide synchronize.
+stream with these helpers, always by events, never by a device-wide
+synchronize.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import List, Optional
 
 import torch
+
+_wait_events = threading.local()
 
 
 def make_lane_streams(devices: List[torch.device]) -> Optional[List["torch.cuda.Stream"]]:
@@ -26,10 +29,28 @@ def current_stream(device: torch.device):
     return torch.cuda.current_stream(device) if device.type == "cuda" else None
 
 
+def _wait_event(device: torch.device) -> "torch.cuda.Event":
+    """This thread's event for waits on streams of `device`, recorded again by every wait.
+
+    A wait holds the record the event had when it was enqueued; a later record does not change
+    it (cudaEventRecord), so one event serves every wait. Stream.wait_stream makes a new event
+    each time, and creating and destroying events was half of the engine's fixed cost per call
+    on an H200 (csrc/cuda/comm_cuda.cpp, wait_event)."""
+    events = getattr(_wait_events, "by_device", None)
+    if events is None:
+        events = _wait_events.by_device = {}
+    event = events.get(device.index)
+    if event is None:
+        event = events[device.index] = torch.cuda.Event()
+    return event
+
+
 def wait(consumer, producer) -> None:
     """Work enqueued on `consumer` from now on runs after the work already on `producer`."""
     if consumer is not None and producer is not None and consumer != producer:
-        consumer.wait_stream(producer)
+        event = _wait_event(producer.device)
+        event.record(producer)
+        consumer.wait_event(event)
 
 
 def on(stream):
