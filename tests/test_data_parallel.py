@@ -71,6 +71,18 @@ def test_mlp_forward_and_grads_match_full_batch(batch):
     assert_same_grads(reference, wrapped)
 
 
+def test_a_channels_last_parameter_keeps_its_layout_in_grad():
+    reference, wrapped = pair(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)))
+    for model in (reference, wrapped):
+        model.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    for model in (reference, wrapped):
+        model(x).sum().backward()
+    assert_same_grads(reference, wrapped)
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        assert q.grad.stride() == p.grad.stride() == p.stride()
+
+
 def test_integer_valued_gradients_reduce_exactly():
     reference, wrapped = pair(lambda: nn.Linear(5, 3, bias=True))
     x = torch.randint(-3, 4, (16, 5)).double()
