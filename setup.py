@@ -85,9 +85,13 @@ def loaded_libstdcxx():
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
-                fields = line.split()
-                if len(fields) >= 6 and os.path.basename(fields[-1]).startswith("libstdc++.so"):
-                    return fields[-1]
+                fields = line.rstrip("\n").split(maxsplit=5)  # the path, last, may hold spaces
+                if len(fields) < 6:
+                    continue
+                path = fields[5].removesuffix(" (deleted)")
+                if (os.path.basename(path).startswith("libstdc++.so") and os.path.isabs(path)
+                        and os.path.isfile(path)):
+                    return path
     except OSError:
         pass
     return None

@@ -3,6 +3,7 @@
 // ops live beside this file in cuda/comm_cuda.cpp.
 #include "comm.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
@@ -75,8 +76,9 @@ void check_tree_buffers(const char* op, const std::vector<at::Tensor>& buffers, 
                 "'s device ", lanes[i].device, ", but it is on ", b.device());
     TORCH_CHECK(!b.is_sparse(), "dpfast.", op, ": expected dense buffers, but buffers[", i, "] is sparse");
     for (size_t j = 0; j < i; ++j) {
-      TORCH_CHECK(!(b.numel() > 0 && b.data_ptr() == buffers[j].data_ptr()), "dpfast.", op, ": expected distinct buffers, but buffers[",
-                  j, "] and buffers[", i, "] share memory");
+      // Partial overlap too: the CUDA add kernel reads and writes through __restrict__ pointers.
+      TORCH_CHECK(at::get_overlap_status(b, buffers[j]) == at::MemOverlapStatus::No, "dpfast.", op,
+                  ": expected distinct buffers, but buffers[", j, "] and buffers[", i, "] share memory");
     }
   }
 }

@@ -114,11 +114,10 @@ TreeShape choose_tree(int64_t bytes, int num_devices, const LinkModel& link) {
 int64_t choose_chunk_bytes(TreeShape shape, int64_t bytes, int num_devices, const LinkModel& link,
                            int64_t min_chunk_bytes) {
   const int64_t chunks = best_num_chunks(shape, bytes, num_devices, link);
-  const int64_t chunk_bytes = (std::max<int64_t>(bytes, 1) + chunks - 1) / chunks;
+  const int64_t chunk_bytes = std::max((std::max<int64_t>(bytes, 1) + chunks - 1) / chunks, min_chunk_bytes);
   // Every chunk then starts where its buffer's alignment allows 16-byte loads (the CUDA add
   // kernel's fast path) and a whole cache line.
-  const int64_t aligned = (chunk_bytes + kChunkAlignBytes - 1) / kChunkAlignBytes * kChunkAlignBytes;
-  return std::max(aligned, std::max<int64_t>(min_chunk_bytes, 1));
+  return (std::max<int64_t>(chunk_bytes, 1) + kChunkAlignBytes - 1) / kChunkAlignBytes * kChunkAlignBytes;
 }
 
 std::vector<std::vector<int64_t>> assign_buckets(const std::vector<int64_t>& tensor_bytes,

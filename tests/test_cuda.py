@@ -61,6 +61,25 @@ def test_training_matches_reference_on_one_gpu(replicas, disable_p2p, monkeypatc
     assert stats["reductions"] == 4 * stats["buckets"]
 
 
+def test_aligned_chunks_take_the_packet_kernel_and_offset_views_the_element_kernel():
+    """The add kernel loads 16-byte packets where both pointers allow it (every chunk the planner
+    cuts of an allocation does), else one element at a time."""
+    def kernel_names(buffers, chunk_bytes):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            _C.reduce_add_(buffers, 0, [], "chain", chunk_bytes)
+            torch.cuda.synchronize()
+        return {e.name for e in prof.events() if "add_inplace" in e.name}
+
+    aligned = [torch.ones(1 << 16, device="cuda") for _ in range(2)]
+    names = kernel_names(aligned, 0)
+    assert names and all("packets" in name for name in names), names
+    storage = torch.ones(2, (1 << 16) + 1, device="cuda")
+    offset = [storage[0, 1:], storage[1, 1:]]  # 4 bytes past a 16-byte boundary
+    names = kernel_names(offset, 0)
+    assert names and not any("packets" in name for name in names), names
+    assert torch.equal(offset[0], torch.full_like(offset[0], 2.0))
+
+
 def test_early_buckets_reduce_before_backward_ends():
     model = deep(1024, 12).cuda()
     wrapped = dpfast.DataParallel(model, device_ids=[0] * 4, bucket_cap_mb=4)

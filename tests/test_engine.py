@@ -15,7 +15,8 @@ SIZES = [0, 1, 7, 1000, 3 * 2**20 + 5]  # several MB, odd
 
 def integer_valued(numel, dtype, device, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(-8, 9, (numel,), generator=g).to(dtype=dtype, device=device)
+    low = 0 if dtype == torch.uint8 else -8  # negatives would wrap round in an unsigned type
+    return torch.randint(low, 9, (numel,), generator=g).to(dtype=dtype, device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -33,7 +34,8 @@ def test_reduce_add_matches_sum_exactly(device, n, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.int8, torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.float16, torch.bfloat16, torch.float32,
+                                   torch.float64])
 def test_reduce_add_exact_on_views_at_every_alignment(device, dtype):
     """The CUDA add kernel loads 16-byte packets where dst and src allow it and one element at a
     time elsewhere: views that start mid-packet, chunk sizes that are not a multiple of 16 bytes
@@ -51,6 +53,17 @@ def test_reduce_add_exact_on_views_at_every_alignment(device, dtype):
             assert torch.equal(views[0].double().cpu(), expected), (offsets, numel, chunk_bytes)
             # Nothing outside the root's view moves (a packet that ran past its end would).
             assert torch.equal(around_root(), untouched), (offsets, numel, chunk_bytes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reduce_add_exact_beyond_one_grid_of_the_add_kernel(device):
+    """One chunk larger than the CUDA add kernel's largest grid (4096 blocks of 512 threads, each
+    a 16-byte packet): its grid-stride loop must cover the rest."""
+    numel = 4096 * 512 * 4 * 2 + 5  # two grids of float32 packets, and a tail
+    buffers = [integer_valued(numel, torch.float32, device, seed=k) for k in range(2)]
+    expected = buffers[0].double().cpu() + buffers[1].double().cpu()
+    _C.reduce_add_(buffers, 0, [], "chain", numel * 4)  # one chunk: one launch
+    assert torch.equal(buffers[0].double().cpu(), expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -127,6 +140,10 @@ def test_engine_errors_name_op_argument_expected_and_actual():
         _C.broadcast_([torch.zeros(2, 3), torch.zeros(3, 2).t()], 0)
     with pytest.raises(RuntimeError, match=r"expected distinct buffers, but buffers\[0\] and buffers\[1\] share memory"):
         _C.reduce_add_([a, a], 0)
+    storage = torch.zeros(9)
+    with pytest.raises(RuntimeError, match=r"expected distinct buffers, but buffers\[0\] and buffers\[1\] share memory"):
+        _C.reduce_add_([storage[0:5], storage[1:6]], 0)  # partly overlapping views
+    _C.reduce_add_([storage[0:4], storage[4:8]], 0)  # adjacent views of one storage are fine
     with pytest.raises(RuntimeError, match=r"dpfast.scatter: expected chunk sizes that sum to the size of dim 0 \(4\), but they sum to 5"):
         _C.scatter(a, [CPU, CPU], [2, 3], 0)
     with pytest.raises(RuntimeError, match=r"dpfast.scatter: expected dim in \[-1, 1\) .* but got 1"):

@@ -2,11 +2,12 @@
 // CUDA variant (DPFAST_WITH_CUDA). NOTE [Stream ordering] in comm.h states
 // the rules these follow.
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/PeerToPeerAccess.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <unistd.h>
 
 #include <functional>
 #include <memory>
@@ -59,12 +60,29 @@ void copy_peer_async(void* dst, int dst_device, const void* src, int src_device,
 // every wait. cudaStreamWaitEvent waits for the record the event holds when it is called, and a
 // later cudaEventRecord does not change that (CUDA runtime API, cudaEventRecord), so reuse is
 // safe. An event made and destroyed per wait cost more host time than a small chunk's add: on an
-// H200 (2026-11-27) reduce_add_ of 1 MiB over 2 lanes of one GPU took 111 us, over 4 lanes 186 us.
-at::cuda::CUDAEvent& wait_event(c10::DeviceIndex device) {
-  thread_local std::vector<std::unique_ptr<at::cuda::CUDAEvent>> events;
+// H200 (2026-11-27) reduce_add_ of 1 MiB over 2 lanes of one GPU took 111 us, over 4 lanes 186 us;
+// with reuse, 72 and 101 us.
+struct WaitEvent {
+  cudaEvent_t event = nullptr;
+  pid_t owner = 0;
+  // At thread exit, perhaps after CUDA shut down or in a forked child: never throw, and leave a
+  // parent's event alone (at::cuda::CUDAEvent's destructor sets the device first, which can throw).
+  ~WaitEvent() {
+    if (event != nullptr && owner == getpid()) (void)cudaEventDestroy(event);
+  }
+};
+
+cudaEvent_t wait_event(c10::DeviceIndex device) {
+  thread_local std::vector<std::unique_ptr<WaitEvent>> events;
   if (events.size() <= static_cast<size_t>(device)) events.resize(device + 1);
-  if (!events[device]) events[device] = std::make_unique<at::cuda::CUDAEvent>();  // no timing
-  return *events[device];
+  auto& slot = events[device];
+  if (!slot || slot->owner != getpid()) {
+    slot = std::make_unique<WaitEvent>();
+    c10::cuda::CUDAGuard guard(device);
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&slot->event, cudaEventDisableTiming));
+    slot->owner = getpid();
+  }
+  return slot->event;
 }
 
 class CudaLaneOps final : public LaneOps {
@@ -75,9 +93,13 @@ class CudaLaneOps final : public LaneOps {
     auto consumer_stream = stream_of(consumer);
     auto producer_stream = stream_of(producer);
     if (consumer_stream == producer_stream) return;  // one stream is already in order
-    at::cuda::CUDAEvent& event = wait_event(producer_stream.device_index());
-    event.record(producer_stream);
-    event.block(consumer_stream);
+    const cudaEvent_t event = wait_event(producer_stream.device_index());
+    {
+      c10::cuda::CUDAGuard guard(producer_stream.device_index());
+      C10_CUDA_CHECK(cudaEventRecord(event, producer_stream.stream()));
+    }
+    c10::cuda::CUDAGuard guard(consumer_stream.device_index());
+    C10_CUDA_CHECK(cudaStreamWaitEvent(consumer_stream.stream(), event, 0));
   }
 
   void add_(const at::Tensor& dst, const Lane& dst_lane, const at::Tensor& src, const Lane& src_lane) override {
