@@ -15,7 +15,13 @@ from typing import List, Optional
 
 import torch
 
-_wait_events = threading.local()
+
+class _WaitEvents(threading.local):
+    def __init__(self):
+        self.by_device: dict = {}  # this thread's event per device index
+
+
+_wait_events = _WaitEvents()
 
 
 def make_lane_streams(devices: List[torch.device]) -> Optional[List["torch.cuda.Stream"]]:
@@ -36,9 +42,7 @@ def _wait_event(device: torch.device) -> "torch.cuda.Event":
     it (cudaEventRecord), so one event serves every wait. Stream.wait_stream makes a new event
     each time, and creating and destroying events was half of the engine's fixed cost per call
     on an H200 (csrc/cuda/comm_cuda.cpp, wait_event)."""
-    events = getattr(_wait_events, "by_device", None)
-    if events is None:
-        events = _wait_events.by_device = {}
+    events = _wait_events.by_device
     event = events.get(device.index)
     if event is None:
         event = events[device.index] = torch.cuda.Event()

@@ -25,12 +25,19 @@ struct Adder<__nv_bfloat16> {
   }
 };
 
+// The grid-stride loop over elements [begin, numel), one element per load: all of a view that
+// starts mid-packet, and the tail of one that does not.
 template <typename T>
-__global__ void add_inplace_kernel(T* __restrict__ dst, const T* __restrict__ src, int64_t numel) {
+__device__ void add_elements(T* __restrict__ dst, const T* __restrict__ src, int64_t begin, int64_t numel) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
+  for (int64_t i = begin + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel; i += stride) {
     dst[i] = Adder<T>::add(dst[i], src[i]);
   }
+}
+
+template <typename T>
+__global__ void add_inplace_kernel(T* __restrict__ dst, const T* __restrict__ src, int64_t numel) {
+  add_elements(dst, src, 0, numel);
 }
 
 // 16 bytes of T, moved by one 128-bit load or store. An add streams three
@@ -38,54 +45,55 @@ __global__ void add_inplace_kernel(T* __restrict__ dst, const T* __restrict__ sr
 // well short of the card's bandwidth, with 16-byte loads it reaches a copy's.
 constexpr int kPacketBytes = 16;
 template <typename T>
+constexpr int kPerPacket = kPacketBytes / sizeof(T);
+template <typename T>
 struct alignas(kPacketBytes) Packet {
-  T values[kPacketBytes / sizeof(T)];
+  T values[kPerPacket<T>];
 };
 
-// dst and src both 16-byte aligned: whole packets, then the last numel % per_packet elements.
+// dst and src both 16-byte aligned: whole packets, then the last numel % kPerPacket elements.
 template <typename T>
 __global__ void add_inplace_packets_kernel(T* __restrict__ dst, const T* __restrict__ src, int64_t numel) {
-  constexpr int per_packet = kPacketBytes / sizeof(T);
-  const int64_t packets = numel / per_packet;
+  const int64_t packets = numel / kPerPacket<T>;
   auto* dst_packets = reinterpret_cast<Packet<T>*>(dst);
   const auto* src_packets = reinterpret_cast<const Packet<T>*>(src);
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  for (int64_t i = first; i < packets; i += stride) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < packets; i += stride) {
     Packet<T> sum = dst_packets[i];
     const Packet<T> addend = src_packets[i];
 #pragma unroll
-    for (int j = 0; j < per_packet; ++j) sum.values[j] = Adder<T>::add(sum.values[j], addend.values[j]);
+    for (int j = 0; j < kPerPacket<T>; ++j) sum.values[j] = Adder<T>::add(sum.values[j], addend.values[j]);
     dst_packets[i] = sum;
   }
-  for (int64_t i = packets * per_packet + first; i < numel; i += stride) {
-    dst[i] = Adder<T>::add(dst[i], src[i]);
-  }
+  add_elements(dst, src, packets * kPerPacket<T>, numel);
 }
 
 bool packet_aligned(const void* pointer) {
   return reinterpret_cast<uintptr_t>(pointer) % kPacketBytes == 0;
 }
 
+constexpr int kThreads = 512;
+
+// Enough blocks of kThreads for `units` (elements or packets), at most 4096: enough to fill the
+// card, and the grid-stride loop does the rest. Peer reads over NVLink want many loads in flight,
+// so be generous.
+int blocks_for(int64_t units) {
+  constexpr int64_t max_blocks = 4096;
+  const int64_t wanted = (units + kThreads - 1) / kThreads;
+  return static_cast<int>(wanted < max_blocks ? wanted : max_blocks);
+}
+
 template <typename T>
 void launch(void* dst, const void* src, int64_t numel, cudaStream_t stream) {
-  constexpr int threads = 512;
-  // Enough blocks to fill the card; the grid-stride loop does the rest. Peer
-  // reads over NVLink want many loads in flight, so be generous.
-  constexpr int max_blocks = 4096;
+  auto* typed_dst = static_cast<T*>(dst);
+  const auto* typed_src = static_cast<const T*>(src);
   if (packet_aligned(dst) && packet_aligned(src)) {
-    const int64_t packets = (numel + kPacketBytes / sizeof(T) - 1) / (kPacketBytes / sizeof(T));
-    const int64_t wanted = (packets + threads - 1) / threads;
-    const int blocks = static_cast<int>(wanted < max_blocks ? wanted : max_blocks);
-    add_inplace_packets_kernel<T>
-        <<<blocks, threads, 0, stream>>>(static_cast<T*>(dst), static_cast<const T*>(src), numel);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+    const int64_t packets = (numel + kPerPacket<T> - 1) / kPerPacket<T>;
+    add_inplace_packets_kernel<T><<<blocks_for(packets), kThreads, 0, stream>>>(typed_dst, typed_src, numel);
+  } else {
+    // A view that starts mid-packet (a user's chunk_bytes, an odd offset): one element per load.
+    add_inplace_kernel<T><<<blocks_for(numel), kThreads, 0, stream>>>(typed_dst, typed_src, numel);
   }
-  // A view that starts mid-packet (a user's chunk_bytes, an odd offset): one element per load.
-  const int64_t wanted = (numel + threads - 1) / threads;
-  const int blocks = static_cast<int>(wanted < max_blocks ? wanted : max_blocks);
-  add_inplace_kernel<T><<<blocks, threads, 0, stream>>>(static_cast<T*>(dst), static_cast<const T*>(src), numel);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
