@@ -28,10 +28,12 @@ def make():
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
 
 
-def reference_and_wrapped(device_ids=CPU3):
-    reference = make()
-    wrapped = dpfast.DataParallel(make(), device_ids=device_ids)
-    return reference, wrapped
+def reference_and_wrapped(device_ids=CPU3, factory=make):
+    """Two equal modules from factory: one to run unwrapped, one wrapped."""
+    torch.manual_seed(0)
+    reference, module = factory(), factory()
+    module.load_state_dict(reference.state_dict())
+    return reference, dpfast.DataParallel(module, device_ids=device_ids)
 
 
 def assert_same_grads(reference, module):
@@ -248,10 +250,8 @@ class MayFail(nn.Module):
 
 
 def test_an_error_in_a_replicas_backward_names_it_and_the_next_step_is_exact():
-    torch.manual_seed(0)
-    reference, model = MayFail(), MayFail()
-    model.load_state_dict(reference.state_dict())
-    wrapped = dpfast.DataParallel(model, device_ids=CPU3)
+    reference, wrapped = reference_and_wrapped(factory=MayFail)
+    model = wrapped.module
     bad = torch.randn(9, 4, dtype=torch.float64)
     bad[4, 0] = 99  # rows 3..5: replica 1
     expected = r"Caught ValueError in replica 1 on device cpu \(backward\)[\s\S]*bad gradient"
@@ -319,10 +319,8 @@ def test_a_retained_graph_and_a_new_forward_in_one_backward():
 
 
 def test_a_backward_of_an_earlier_graph_after_one_that_raised():
-    torch.manual_seed(0)
-    reference, model = MayFail(), MayFail()
-    model.load_state_dict(reference.state_dict())
-    wrapped = dpfast.DataParallel(model, device_ids=CPU3)
+    reference, wrapped = reference_and_wrapped(factory=MayFail)
+    model = wrapped.module
     x = torch.randn(9, 4, dtype=torch.float64)
     bad = x.clone()
     bad[4, 0] = 99
