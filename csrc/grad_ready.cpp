@@ -1,6 +1,8 @@
 #include "grad_ready.h"
 
 #include <ATen/core/grad_mode.h>
+#include <c10/core/Event.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
@@ -44,6 +46,35 @@ struct ReadyHook : torch::autograd::PostAccumulateGradHook {
   at::Tensor view;
 };
 
+// NOTE [Root gradients in the bucket]: one per hooked root parameter. Its owner's work first, so
+// that the hooks that were there (a user's Python post-accumulate-grad hooks) see .grad where it
+// stays; then theirs.
+struct RootHook : torch::autograd::PostAccumulateGradHook {
+  explicit RootHook(std::unique_ptr<torch::autograd::PostAccumulateGradHook> previous)
+      : previous(std::move(previous)) {}
+
+  void operator()(const torch::autograd::Variable& param) override {
+    if (auto state = owner.lock()) {
+      state->root_accumulated(param, index, view, held);
+    }
+    if (previous) {
+      (*previous)(param);
+    }
+  }
+
+  std::weak_ptr<GradReadiness> owner;  // the root outlives reducers: never keeps one alive
+  int64_t index = 0;
+  at::Tensor view;
+  bool held = false;
+  std::unique_ptr<torch::autograd::PostAccumulateGradHook> previous;
+};
+
+// The RootHook on `param`, if its slot holds one.
+RootHook* root_hook_of(const at::Tensor& param) {
+  torch::autograd::impl::materialize_autograd_meta(param);  // a frozen leaf may have none yet
+  return dynamic_cast<RootHook*>(torch::autograd::impl::post_acc_grad_hooks(param).get());
+}
+
 }  // namespace
 
 GradReadiness::GradReadiness(std::vector<int64_t> bucket_of, std::vector<int64_t> bucket_len, bool count_root)
@@ -54,6 +85,7 @@ GradReadiness::GradReadiness(std::vector<int64_t> bucket_of, std::vector<int64_t
                 "), but got ", bucket_of_[i]);
   }
   got_grad_.assign(bucket_of_.size(), false);
+  root_state_.assign(bucket_of_.size(), kRootNone);
   marks_.assign(bucket_len_.size(), 0);
   reported_.assign(bucket_len_.size(), false);
 }
@@ -80,6 +112,130 @@ void GradReadiness::attach(const at::Tensor& param, int64_t i, int64_t k, const 
 
 void GradReadiness::detach(const at::Tensor& param) {
   torch::autograd::impl::set_post_acc_grad_hooks(param, nullptr);
+}
+
+void GradReadiness::attach_root(const at::Tensor& param, int64_t i, const at::Tensor& view, bool held) {
+  TORCH_CHECK(i >= 0 && i < static_cast<int64_t>(bucket_of_.size()), "dpfast.GradReadiness.attach_root: index: "
+              "expected a parameter index in [0, ", bucket_of_.size(), "), but got ", i);
+  TORCH_CHECK(param.is_leaf(), "dpfast.GradReadiness.attach_root: param: expected a leaf tensor, but got one made by ",
+              param.grad_fn() ? param.grad_fn()->name() : std::string("an operation"));
+  TORCH_CHECK(view.defined() && view.sizes() == param.sizes() && view.scalar_type() == param.scalar_type() &&
+                  view.device() == param.device() && view.is_contiguous(),
+              "dpfast.GradReadiness.attach_root: view: expected a contiguous tensor of the parameter's shape ",
+              param.sizes(), ", dtype ", param.scalar_type(), " and device ", param.device(), ", but got ",
+              view.defined() ? view.toString() + " of shape " + c10::str(view.sizes()) + " on " + view.device().str()
+                             : std::string("an undefined tensor"));
+  roots_.push_back(RootParam{c10::weak_intrusive_ptr<at::TensorImpl, c10::UndefinedTensorImpl>(param.getIntrusivePtr()),
+                             i, view, held});
+  ensure_root_hooks();
+}
+
+int64_t GradReadiness::ensure_root_hooks() {
+  int64_t hooked = 0;
+  for (const auto& root : roots_) {
+    auto impl = root.param.lock();
+    if (!impl) {
+      continue;  // the root's parameter is gone (the module was replaced)
+    }
+    const at::Tensor param(std::move(impl));
+    RootHook* hook = root_hook_of(param);
+    if (hook != nullptr && hook->owner.lock().get() == this && hook->index == root.index) {
+      continue;  // the hot path: still ours
+    }
+    if (hook == nullptr) {
+      auto fresh = std::make_unique<RootHook>(std::move(torch::autograd::impl::post_acc_grad_hooks(param)));
+      hook = fresh.get();
+      torch::autograd::impl::set_post_acc_grad_hooks(param, std::move(fresh));
+    }
+    hook->owner = weak_from_this();
+    hook->index = root.index;
+    hook->view = root.view;
+    hook->held = root.held;
+    ++hooked;
+  }
+  return hooked;
+}
+
+void GradReadiness::detach_roots() {
+  for (const auto& root : roots_) {
+    auto impl = root.param.lock();
+    if (!impl) {
+      continue;
+    }
+    const at::Tensor param(std::move(impl));
+    RootHook* hook = root_hook_of(param);
+    if (hook == nullptr || hook->owner.lock().get() != this) {
+      continue;  // another reducer's now, or a hook registered after ours replaced it
+    }
+    // The hooks that were there before ours go back in its place.
+    torch::autograd::impl::set_post_acc_grad_hooks(param, std::move(hook->previous));
+  }
+  roots_.clear();
+}
+
+void GradReadiness::root_accumulated(const at::Tensor& param, int64_t i, const at::Tensor& view, bool held) {
+  at::Tensor& grad = param.mutable_grad();
+  // The gradient stays in .grad (the view then adds nothing) where moving it would change what
+  // the user gets: a graph (create_graph=True), a sparse or non-contiguous layout, another dtype.
+  // A parameter held always (`held`) has a view that stays zero.
+  const bool keep = held || !grad.defined() || at::GradMode::is_enabled() || grad.layout() != c10::kStrided ||
+                    grad.scalar_type() != view.scalar_type() || !grad.is_contiguous();
+  if (!held) {
+    at::NoGradGuard no_grad;
+    std::optional<c10::Stream> elsewhere;  // NOTE [Stream ordering]: the stream this runs on, if not the lane's
+    if (root_stream_ && view.device() == root_stream_->device()) {
+      const c10::impl::VirtualGuardImpl guard(root_stream_->device_type());
+      const c10::Stream current = guard.getStream(view.device());
+      if (current != *root_stream_) {
+        elsewhere = current;
+      }
+    }
+    if (elsewhere && grad.defined() && grad.data_ptr() != view.data_ptr() && !keep) {
+      grad.record_stream(*elsewhere);  // read here, after the allocator may see it freed
+    }
+    if (keep) {
+      view.zero_();  // it may hold an earlier step's sum
+    } else if (grad.data_ptr() != view.data_ptr()) {
+      // autograd made a new .grad (it was None, or replaced): its sum since the last reduction
+      view.copy_(grad);
+      grad = view;
+    }
+    if (elsewhere) {  // the lane's stream, and so the reduction, waits for this
+      c10::Event event(elsewhere->device_type());
+      event.record(*elsewhere);
+      event.block(*root_stream_);
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    root_state_[i] = keep ? kRootHeld : kRootInView;
+  }
+  mark(i, 0);
+}
+
+std::vector<int64_t> GradReadiness::root_states() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return root_state_;
+}
+
+void GradReadiness::set_root_stream(int64_t stream_id, int64_t device_index) {
+  root_stream_ = c10::Stream::unpack3(stream_id, static_cast<c10::DeviceIndex>(device_index), c10::DeviceType::CUDA);
+}
+
+bool GradReadiness::is_root_hooked(const at::Tensor& param) {
+  RootHook* hook = root_hook_of(param);
+  return hook != nullptr && !hook->owner.expired();
+}
+
+std::vector<int64_t> GradReadiness::held_roots() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<int64_t> held;
+  for (size_t i = 0; i < root_state_.size(); ++i) {
+    if (root_state_[i] == kRootHeld) {
+      held.push_back(static_cast<int64_t>(i));
+    }
+  }
+  return held;
 }
 
 void GradReadiness::set_bucket_len(std::vector<int64_t> bucket_len) {
@@ -134,6 +290,7 @@ void GradReadiness::reset_window() {
 void GradReadiness::start_over() {
   std::lock_guard<std::mutex> lock(mutex_);
   std::fill(got_grad_.begin(), got_grad_.end(), false);
+  std::fill(root_state_.begin(), root_state_.end(), kRootNone);
   std::fill(marks_.begin(), marks_.end(), 0);
   std::fill(reported_.begin(), reported_.end(), false);
   first_mark_seen_ = false;

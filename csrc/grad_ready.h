@@ -10,8 +10,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <c10/core/Stream.h>
 
 #include <functional>
+#include <optional>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -34,6 +38,30 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   // place), the hook copies the gradient into the view and points .grad back at it.
   void attach(const at::Tensor& param, int64_t i, int64_t k, const at::Tensor& view);
   static void detach(const at::Tensor& param);
+
+  // NOTE [Root gradients in the bucket]: the root's parameter i keeps its gradient in `view`, its
+  // slice of the bucket on the root's lane, which the tree reduction then completes in place: no
+  // receive buffer, no add into .grad. A hook on the root's parameter (chained before the hooks
+  // that were there: a Python post-accumulate-grad hook keeps running) copies autograd's gradient
+  // into the view and points .grad at it, unless the gradient must stay where it is (`held`: a
+  // sparse gradient, a parameter that is not contiguous, a backward with create_graph=True): the
+  // view is then zero, and the reducer adds the reduced bucket into .grad as before. One reducer
+  // hooks a parameter at a time: the one attached last.
+  void attach_root(const at::Tensor& param, int64_t i, const at::Tensor& view, bool held);
+  // Hooks again the root parameters whose hook is gone (a Python post-accumulate-grad hook
+  // registered after ours replaces it) or now another reducer's; returns how many.
+  int64_t ensure_root_hooks();
+  void detach_roots();
+  // Called by the root's hook after autograd accumulated into the parameter's .grad.
+  void root_accumulated(const at::Tensor& param, int64_t i, const at::Tensor& view, bool held);
+  // Per parameter, since start_over(): kRootNone, kRootInView (.grad is the view) or kRootHeld.
+  std::vector<int64_t> root_states() const;
+  // The root lane's compute stream (CUDA): the reduction waits for it, so a root gradient moved on
+  // another stream (an accumulator made outside the wrapper's forward) is ordered before it.
+  void set_root_stream(int64_t stream_id, int64_t device_index);
+  static bool is_root_hooked(const at::Tensor& param);  // for tests: does a reducer hook it
+  std::vector<int64_t> held_roots() const;  // the parameters whose state is kRootHeld
+  static constexpr int64_t kRootNone = 0, kRootInView = 1, kRootHeld = 2;
 
   // How many parameters of each bucket take part now (those that require grad: a frozen one never
   // marks, and must not hold its bucket back until the end of backward).
@@ -60,6 +88,14 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   std::vector<int64_t> bucket_of_;
   std::vector<int64_t> bucket_len_;
   bool count_root_;
+  struct RootParam {
+    c10::weak_intrusive_ptr<at::TensorImpl, c10::UndefinedTensorImpl> param;  // the user's: not kept alive
+    int64_t index;
+    at::Tensor view;
+    bool held;
+  };
+  std::vector<RootParam> roots_;
+  std::optional<c10::Stream> root_stream_;  // touched only with Python's GIL held (attach, ensure, detach)
   struct Callbacks {
     std::function<void()> on_first_mark;
     std::function<void(int64_t)> on_bucket_complete;
@@ -70,6 +106,7 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
 
   mutable std::mutex mutex_;
   std::vector<bool> got_grad_;
+  std::vector<int64_t> root_state_;
   std::vector<int64_t> marks_;
   std::vector<bool> reported_;
   int64_t replicas_used_ = 1;

@@ -6,20 +6,30 @@ order so that the first buckets fill first in backward). Autograd
 accumulates into those views in place. A post-accumulate-grad hook on every
 replica parameter marks it; the hooks and the counting are C++
 (csrc/grad_ready.h), which calls back here once per backward and once per
-completed bucket. As soon as a bucket holds every replica's
-gradient of every one of its parameters, its tree reduction into a receive
-buffer on the root's device is launched (on the comm streams, while backward
-goes on with earlier layers). The first mark of a backward also queues an
-autograd engine callback that runs when backward ends: it launches the
-buckets still open (parameters unused on some replica), adds the reduced
-buckets into the root parameters' ``.grad`` (creating it where it is None),
-exactly as autograd accumulates (replica 0 is the root module, whose
-gradients autograd has already put there), and zeroes the buckets.
+completed bucket. As soon as a bucket holds every replica's gradient of every
+one of its parameters, its tree reduction into the root's lane is launched
+(on the comm streams, while backward goes on with earlier layers). The first
+mark of a backward also queues an autograd engine callback that runs when
+backward ends: it launches the buckets still open (parameters unused on some
+replica) and zeroes the replicas' buckets.
+
+NOTE [Root gradients in the bucket]
+The root module is replica 0. Its parameters' ``.grad`` are views into the
+root's lane of the buckets, as DDP's ``gradient_as_bucket_view``: a hook on
+each root parameter (csrc/grad_ready.h) moves autograd's gradient there and
+marks it, so the tree reduction sums in place into ``.grad``, with no receive
+buffer on the root's device, no add into ``.grad`` and no zeroing of the
+root's lane. A gradient that must stay where autograd put it (sparse, a
+parameter that is not contiguous, create_graph=True) is "held": its slice of
+the root's lane is zero, and the reduced sum is added into ``.grad`` at the
+end, as autograd accumulates. Across processes every parameter is held (the
+root's lane is the local sum that is all-reduced; ``.grad`` keeps what earlier
+steps left there).
 
 NOTE [Unused parameters]
 Only parameters that received a gradient on at least one replica (replica 0
-included, through autograd) are touched; a parameter unused everywhere keeps
-its ``.grad`` (None stays None), as on one device. Buckets are zero between
+included) are touched; a parameter unused everywhere keeps its ``.grad``
+(None stays None), as on one device. Replicas' buckets are zero between
 reductions, so a parameter unused on one replica adds nothing from it.
 """
 
@@ -36,6 +46,11 @@ from .devices import link_model
 from .workers import restore_default_threads
 
 _MB = 1024 * 1024
+ROOT_NONE, ROOT_IN_VIEW, ROOT_HELD = 0, 1, 2  # GradReadiness.root_states()
+
+# Every reducer alive: a .grad that is another reducer's view may still be reduced into on its
+# comm stream (two wrappers of one module in one backward), and is read only after that.
+_LIVE_REDUCERS: "weakref.WeakSet[GradReducer]" = weakref.WeakSet()
 
 
 class GradReducer:
@@ -79,17 +94,23 @@ class GradReducer:
         # root: the sum is handed back sparse even when the root got none (replica buckets are dense)
         self._sparse_dims = dict(sparse_dims or {})
         self._hooked: List[torch.Tensor] = []  # replica parameters carrying a C++ hook
+        # NOTE [Root gradients in the bucket]: which root gradients stay in .grad whatever happens.
+        self._grads_in_buckets = self.cross is None
+        self._held = [not self._grads_in_buckets or i in self._sparse_dims or not p.is_contiguous()
+                      for i, p in enumerate(root_params)]
         # Buckets in reverse registration order: the last layers' gradients come first in backward.
+        # Held gradients get buckets of their own, whose root lane is then a receive buffer.
         order = list(reversed(range(len(root_params))))
-        dtype_ids = {}
-        groups = [dtype_ids.setdefault(root_params[i].dtype, len(dtype_ids)) for i in order]
+        group_ids = {}
+        groups = [group_ids.setdefault((root_params[i].dtype, self._held[i]), len(group_ids)) for i in order]
         sizes = [root_params[i].numel() * root_params[i].element_size() for i in order]
         self.buckets: List[List[int]] = [[order[j] for j in bucket] for bucket in _C.assign_buckets(
             sizes, groups, int(bucket_cap_mb * _MB), int(min(first_bucket_cap_mb, bucket_cap_mb) * _MB))]
         self._bucket_len = [len(members) for members in self.buckets]
         self.bucket_of = [0] * len(root_params)
         self.offset_of = [0] * len(root_params)
-        # flats[b][k]: bucket b's buffer on replica k; k = 0 is the receive buffer on the root's device.
+        # flats[b][k]: bucket b's buffer on replica k; k = 0 is the root's: its parameters' .grad, or a
+        # receive buffer where they are held.
         self.flats: List[List[torch.Tensor]] = []
         for b, members in enumerate(self.buckets):
             offset = 0
@@ -104,7 +125,8 @@ class GradReducer:
         # _views[k][i]: parameter i's slice of its bucket on replica k, made once (hooks run per step).
         self._views = [[self.flats[self.bucket_of[i]][k].narrow(0, self.offset_of[i], p.numel()).view(p.shape)
                         for i, p in enumerate(root_params)] for k in range(self.num_replicas)]
-        self._ready = _C.GradReadiness(self.bucket_of, self._bucket_len, self.cross is not None)
+        self._lane0_separate = [all(self._held[i] for i in members) for members in self.buckets]
+        self._ready = _C.GradReadiness(self.bucket_of, self._bucket_len, True)  # the root's lane counts too
         self._ready.set_callbacks(*_weak_callbacks(self))
         self._start_over()
         for k in range(1, self.num_replicas):
@@ -113,11 +135,17 @@ class GradReducer:
                 self._ready.attach(p, i, k, self._view(i, k))
                 self._hooked.append(p)
         self._hook_roots([p.requires_grad for p in root_params])
+        if self._grads_in_buckets:
+            if self.streams:
+                self._ready.set_root_stream(self.streams[0].stream_id, devices[0].index)
+            for i, p in enumerate(root_params):
+                self._ready.attach_root(p, i, self._view(i, 0), self._held[i])
+        _LIVE_REDUCERS.add(self)
         # NOTE [Reducer lifetime]: the wrapper's runtime holds the reducer, and so does every graph of
         # a forward that used it (data_parallel._hold_through_backward), so a backward still reduces
         # after the wrapper was dropped or its replicas rebuilt, as often as the graph is run. When
         # the last of them goes, so do the hooks on the root and the buckets, after the lanes.
-        self._release = weakref.finalize(self, _release, self._root_hooks, devices[0],
+        self._release = weakref.finalize(self, _release, self._root_hooks, self._ready, devices[0],
                                          (self.comm_streams or []) + (self.streams or []))
         self._release.atexit = False  # nothing to order at interpreter exit
 
@@ -250,10 +278,12 @@ class GradReducer:
                 job.reraise()
 
     def _on_bucket_complete(self, b: int) -> None:
-        """Every replica's gradient of every parameter of bucket b is in (replica 0's too across
-        processes): reduce it now, while backward goes on with the earlier layers."""
+        """Every replica's gradient of every parameter of bucket b is in (replica 0's too): reduce
+        it now, while backward goes on with the earlier layers. (With the root's lane alone there
+        is nothing to reduce, except across processes.)"""
         with self._lock:
-            if self.sync_enabled and self._early_launch and not self._launched[b]:
+            if (self.sync_enabled and self._early_launch and not self._launched[b]
+                    and (self.cross is not None or self._ready.replicas_used() > 1)):
                 self._launch(b)
                 self.early_reduction_count += 1
 
@@ -271,6 +301,8 @@ class GradReducer:
                 self._early_launch = False  # see note_routed
             self._ready.note_replicas(num_replicas)
             self.window.append(num_replicas)
+        if self._grads_in_buckets:
+            self._ready.ensure_root_hooks()  # the reducer of the latest forward hooks the root
 
     def note_weights_moved(self) -> None:
         """A forward moved replica weights (Tensor.set_: a new gradient accumulator). After an
@@ -283,16 +315,21 @@ class GradReducer:
 
     def _discard(self) -> None:
         current = lane_streams.current_stream(self.devices[0])
+        with torch.no_grad():
+            for i in self._ready.held_roots():
+                if not self._lane0_separate[self.bucket_of[i]]:
+                    self._view(i, 0).zero_()
         for b in range(len(self.buckets)):
             self._zero_bucket(b, self.num_replicas, current)
         self._callback_queued = False
         self._start_over()
 
     def _zero_bucket(self, b: int, replicas: int, current) -> None:
-        """Zeroes bucket b on the first `replicas` replicas, each on its comm stream after what the
-        current stream did with it; the next backward accumulates into it only after that."""
+        """Zeroes bucket b on replicas 1 to `replicas` - 1 (and the root's lane where it is a
+        receive buffer), each on its comm stream after what the current stream did with it; the
+        next backward accumulates into it only after that."""
         with torch.no_grad():
-            for k in range(replicas):
+            for k in range(0 if self._lane0_separate[b] else 1, replicas):
                 comm = self.comm_streams[k] if self.comm_streams else None
                 lane_streams.wait(comm, current)
                 with lane_streams.on(comm):
@@ -375,16 +412,27 @@ class GradReducer:
             self._finish()
 
     def _finish(self) -> None:
-        """Launches the buckets not yet launched, adds every reduced bucket into the root's .grad
-        and zeroes the buckets for the next backward."""
+        """Launches the buckets not yet launched, adds the reduced sums of held gradients into the
+        root's .grad and zeroes the replicas' buckets for the next backward."""
         used = self._ready.replicas_used()
+        if self.cross is None and used < 2:
+            self._start_over()  # the root's lane alone: autograd's .grad is the whole gradient
+            return
         current = lane_streams.current_stream(self.devices[0])
+        comm0 = self.comm_streams[0] if self.comm_streams else None
         got_grad = self._ready.got_grad()
         if self.cross is not None:  # every bucket, in order, on every rank
             for b in range(len(self.buckets)):
                 if not self._launched[b]:
                     self._launch(b)
             got_grad = self.cross.any_rank(got_grad)
+        # Held for this backward only: their slice of the root's lane is zero, their sum goes into .grad.
+        held = [] if self.cross is not None else [i for i in self._ready.held_roots()
+                                                   if not self._lane0_separate[self.bucket_of[i]]]
+        adopt: List[int] = []  # parameters whose .grad becomes their view once reduced
+        states = None
+        separate: List[int] = []  # parameters whose reduced sum is added into .grad
+        touched_buckets = []
         with torch.no_grad():
             for b, members in enumerate(self.buckets):
                 touched = [i for i in members if got_grad[i]]
@@ -392,31 +440,69 @@ class GradReducer:
                     self._cross_work[b].wait()
                 if not touched:
                     continue
+                touched_buckets.append(b)
+                if self._lane0_separate[b]:
+                    separate.extend(touched)
                 if not self._launched[b]:
+                    if not self._lane0_separate[b]:
+                        states = self._ready.root_states() if states is None else states
+                        self._claim(touched, states, adopt, held, current)
+                        lane_streams.wait(comm0, current)
                     self._launch(b)
-                lane_streams.wait(current, self.comm_streams[0] if self.comm_streams else None)
-                grads, sums = [], []  # dense .grad to add into: one fused add per bucket
-                for i in touched:
-                    p = self.root_params[i]
-                    reduced = self._view(i, 0)
-                    grad = p.grad
-                    if grad is None:
-                        sparse_dim = self._sparse_dims.get(i)
-                        p.grad = (torch.empty_like(p).copy_(reduced) if sparse_dim is None
-                                  else reduced.to_sparse(sparse_dim))
-                    elif grad.is_sparse:  # nn.Embedding(sparse=True): the sum stays sparse, as nn.DataParallel's
-                        self._sparse_dims[i] = grad.sparse_dim()
-                        p.grad = grad + reduced.to_sparse(grad.sparse_dim())
-                    else:
-                        grads.append(grad)
-                        sums.append(reduced)
-                if grads and len(set(map(id, grads))) == len(grads):
-                    torch._foreach_add_(grads, sums)
-                else:  # none, or a .grad shared by two parameters: one add after the other
-                    for grad, reduced in zip(grads, sums):
-                        grad.add_(reduced)
+            lane_streams.wait(current, comm0)
+            self._add_into_grads(separate + held)
+            for i in adopt:
+                self.root_params[i].grad = self._view(i, 0)
+            for i in held:
+                self._view(i, 0).zero_()
+            for b in touched_buckets:
                 self._zero_bucket(b, used, current)
         self._start_over()
+
+    def _claim(self, touched: List[int], states: List[int], adopt: List[int], held: List[int], current) -> None:
+        """Before a bucket is reduced at the end of backward: the root's lane must hold what each
+        parameter's .grad holds (NOTE [Root gradients in the bucket]). The root's hook did that for
+        those it marked; not for a parameter replica 0 did not use, nor where the hook was not
+        ours (a Python hook registered after it, the root used without the wrapper)."""
+        for i in touched:
+            if states[i] == ROOT_HELD:
+                continue  # already among `held`
+            view = self._view(i, 0)
+            grad = self.root_params[i].grad
+            if grad is None:
+                view.zero_()
+                adopt.append(i)
+            elif grad.layout != torch.strided or grad.requires_grad or grad.dtype != view.dtype or not grad.is_contiguous():
+                view.zero_()
+                held.append(i)
+            elif grad.data_ptr() != view.data_ptr():
+                _wait_for_other_reducers(self, current)
+                view.copy_(grad)
+                adopt.append(i)
+
+    def _add_into_grads(self, indices: List[int]) -> None:
+        """Adds the reduced sums of these parameters into their .grad, exactly as autograd
+        accumulates (creating it where it is None)."""
+        grads, sums = [], []  # dense .grad to add into: one fused add
+        for i in indices:
+            p = self.root_params[i]
+            reduced = self._view(i, 0)
+            grad = p.grad
+            if grad is None:
+                sparse_dim = self._sparse_dims.get(i)
+                p.grad = (torch.empty_like(p).copy_(reduced) if sparse_dim is None
+                          else reduced.to_sparse(sparse_dim))
+            elif grad.is_sparse:  # nn.Embedding(sparse=True): the sum stays sparse, as nn.DataParallel's
+                self._sparse_dims[i] = grad.sparse_dim()
+                p.grad = grad + reduced.to_sparse(grad.sparse_dim())
+            else:
+                grads.append(grad)
+                sums.append(reduced)
+        if grads and len(set(map(id, grads))) == len(grads):
+            torch._foreach_add_(grads, sums)
+        else:  # none, or a .grad shared by two parameters: one add after the other
+            for grad, reduced in zip(grads, sums):
+                grad.add_(reduced)
 
     def has_pending(self) -> bool:
         return self._ready.any_grad()
@@ -427,7 +513,7 @@ class GradReducer:
             _C.GradReadiness.detach(param)
         self._hooked = []
         self._ready.clear_callbacks()
-        self._release()
+        self._release()  # the root's hooks too
 
 
 def _timing_event(stream) -> "torch.cuda.Event":
@@ -436,12 +522,19 @@ def _timing_event(stream) -> "torch.cuda.Event":
     return event
 
 
-def _release(root_hooks: dict, device: torch.device, streams: list) -> None:
+def _wait_for_other_reducers(reducer: GradReducer, current) -> None:
+    for other in list(_LIVE_REDUCERS):
+        if other is not reducer and other.comm_streams and other.devices[0] == reducer.devices[0]:
+            lane_streams.wait(current, other.comm_streams[0])
+
+
+def _release(root_hooks: dict, ready, device: torch.device, streams: list) -> None:
     """What a reducer leaves behind: its hooks on the root's parameters, and its buckets, freed
     only after the lanes' work on them (the caching allocator would hand them out at once)."""
     for handle in root_hooks.values():
         handle.remove()
     root_hooks.clear()
+    ready.detach_roots()
     current = lane_streams.current_stream(device)
     for stream in streams:
         lane_streams.wait(current, stream)

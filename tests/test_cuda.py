@@ -395,3 +395,31 @@ def test_reduction_trace_shows_early_buckets_hidden_under_backward():
     assert result["reduce_hidden_fraction_traced"] > 0
     assert result["reduce_span_us_traced"] > 0 and result["exposed_after_backward_us_traced"] >= 0
     assert model._runtime.reducer.trace is None
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_root_grads_live_in_the_root_lane_and_a_term_outside_the_wrapper_is_ordered(replicas):
+    """NOTE [Root gradients in the bucket]: the root's .grad are views into its lane of the
+    buckets, complete on the caller's stream. A loss term on the root's weight made outside the
+    wrapper, before its forward, on the default stream (its gradient accumulator then belongs to
+    that stream), must reach the reduction too; and a second wrapper of the same module in the
+    same backward adds its share."""
+    reference = deep(64, 4).double()
+    module = copy.deepcopy(reference).cuda()
+    wrapped = dpfast.DataParallel(module, device_ids=[0] * replicas, bucket_cap_mb=0.02)
+    other = dpfast.DataParallel(module, device_ids=[0, 0])
+    for step in range(3):
+        x = torch.randint(-2, 3, (16, 64)).double()
+        y = torch.randint(-2, 3, (6, 64)).double()
+        reference.zero_grad()
+        module.zero_grad(set_to_none=step != 1)
+        (reference[0].weight.square().sum() + reference(x).sum() + reference(y).sum()).backward()
+        regulariser = module[0].weight.square().sum()
+        (regulariser + wrapped(x.cuda()).sum() + other(y.cuda()).sum()).backward()
+        for p, q in zip(reference.parameters(), module.parameters()):
+            torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-10, atol=1e-10)
+    reducer = wrapped._ensure_runtime().reducer
+    lanes = [(f[0].data_ptr(), f[0].data_ptr() + f[0].numel() * f[0].element_size()) for f in reducer.flats]
+    assert any(lo <= module[-2].weight.grad.data_ptr() < hi for lo, hi in lanes + [
+        (f[0].data_ptr(), f[0].data_ptr() + f[0].numel() * f[0].element_size())
+        for f in other._ensure_runtime().reducer.flats])

@@ -202,3 +202,118 @@ def test_a_copy_made_inside_no_sync_reduces_normally():
     reference(x).sum().backward()
     for p, q in zip(reference.parameters(), twin.module.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+# NOTE [Root gradients in the bucket]
+
+def _close(got, want):
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _root_lane_holds(wrapped, param) -> bool:
+    """Whether param.grad is a view into its bucket's root lane (no copy of its own)."""
+    reducer = wrapped._ensure_runtime().reducer
+    i = next(j for j, p in enumerate(reducer.root_params) if p is param)
+    lane = reducer.flats[reducer.bucket_of[i]][0]
+    start = lane.data_ptr()
+    return start <= param.grad.data_ptr() < start + lane.numel() * lane.element_size()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_root_grads_live_in_the_buckets_and_train_as_the_module(set_to_none):
+    reference = deep()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, bucket_cap_mb=0.0006)
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+    for step in range(4):
+        x = torch.randint(-2, 3, (8, 8)).double()
+        for model, o in ((reference, opt_ref), (wrapped, opt)):
+            o.zero_grad(set_to_none=set_to_none)
+            model(x).sum().backward()
+        for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+            _close(q.grad, p.grad)
+            assert _root_lane_holds(wrapped, q)
+        opt_ref.step()
+        opt.step()
+    assert wrapped.stats()["early_reductions"] == wrapped.stats()["reductions"] == 4 * wrapped.stats()["buckets"]
+
+
+def test_gradients_accumulate_over_steps_without_zero_grad():
+    reference = deep()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, bucket_cap_mb=0.0006)
+    for step in range(3):
+        x = torch.randint(-2, 3, (6, 8)).double()
+        reference(x).sum().backward()
+        wrapped(x).sum().backward()
+        for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+            _close(q.grad, p.grad)
+
+
+def test_users_post_accumulate_grad_hooks_keep_running():
+    """The root's hook is chained before the user's Python hooks, those registered before the
+    wrapper and after it (which replace it in the parameter's one slot: the next forward hooks
+    the root again, so buckets still launch during backward)."""
+    reference = deep()
+    module = copy.deepcopy(reference)
+    seen = []
+    module[0].weight.register_post_accumulate_grad_hook(lambda p: seen.append(("before", p.grad.clone())))
+    wrapped = dpfast.DataParallel(module, device_ids=CPU4, bucket_cap_mb=0.0006)
+    x = torch.randint(-2, 3, (8, 8)).double()
+    wrapped(x).sum().backward()
+    module[-1].bias.register_post_accumulate_grad_hook(lambda p: seen.append(("after", p.grad.clone())))
+    module.zero_grad()
+    reference(x).sum().backward()
+    wrapped(x).sum().backward()
+    assert [name for name, _ in seen] == ["before", "after", "before"]
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        _close(q.grad, p.grad)
+        assert _root_lane_holds(wrapped, q)
+    stats = wrapped.stats()
+    assert stats["early_reductions"] == stats["reductions"] == 2 * stats["buckets"]
+
+
+def test_two_wrappers_of_one_module_in_one_backward():
+    reference = deep()
+    module = copy.deepcopy(reference)
+    first = dpfast.DataParallel(module, device_ids=CPU4, bucket_cap_mb=0.0006)
+    second = dpfast.DataParallel(module, device_ids=["cpu"] * 2)
+    for step in range(3):
+        x, y = torch.randint(-2, 3, (8, 8)).double(), torch.randint(-2, 3, (5, 8)).double()
+        module.zero_grad()
+        reference.zero_grad()
+        (first(x).sum() + second(y).sum()).backward()
+        (reference(x).sum() + reference(y).sum()).backward()
+        for p, q in zip(reference.parameters(), module.parameters()):
+            _close(q.grad, p.grad)
+
+
+def test_the_root_used_without_the_wrapper_gets_its_own_gradient():
+    reference = deep()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, bucket_cap_mb=0.0006)
+    x = torch.randint(-2, 3, (8, 8)).double()
+    wrapped(x).sum().backward()
+    reductions = wrapped.stats()["reductions"]
+    wrapped.zero_grad()
+    reference(x).sum().backward()
+    wrapped.module(x).sum().backward()
+    assert wrapped.stats()["reductions"] == reductions  # nothing to reduce: the root alone
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        _close(q.grad, p.grad)
+
+
+def test_a_dropped_wrapper_gives_the_roots_hooks_back():
+    module = deep()
+    seen = []
+    module[0].weight.register_post_accumulate_grad_hook(lambda p: seen.append(1))
+    wrapped = dpfast.DataParallel(module, device_ids=CPU4)
+    wrapped(torch.randn(4, 8, dtype=torch.float64)).sum().backward()
+    assert all(dpfast._C.GradReadiness.is_root_hooked(p) for p in module.parameters())
+    del wrapped
+    import gc
+    gc.collect()
+    module.zero_grad()
+    module(torch.randn(4, 8, dtype=torch.float64)).sum().backward()
+    assert not any(dpfast._C.GradReadiness.is_root_hooked(p) for p in module.parameters())
+    assert seen == [1, 1]  # the user's hook ran both times
+    # The wrapper's hook is gone with it: the gradient stays where autograd put it.
+    assert module[0].weight.grad.untyped_storage().nbytes() == module[0].weight.numel() * 8

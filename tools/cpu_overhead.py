@@ -16,6 +16,7 @@ round so that a noisy machine affects them alike:
   against the bare module with all the threads.
 
     PYTHONPATH=. python tools/cpu_overhead.py [--replicas 2 4] [--rounds 4] [--steps 20] [--threads T]
+                                              [--configs cnn:tiny:32 ...]
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    parser.add_argument("--configs", nargs="+", default=None, metavar="WORKLOAD:SIZE:BATCH",
+                        help="e.g. cnn:tiny:32 (default: " + " ".join(f"{n}:{s}:{b}" for n, s, b in CONFIGS) + ")")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,7 +79,9 @@ def main() -> None:
           f"{args.rounds} interleaved rounds of {args.steps} steps, ms per training step")
     print(f"{'workload':<22}{'N':>3}{'bare':>9}{'chunks':>9}{'in turn':>9}{'side by side':>14}{'1 thread':>10}"
           f"{'in turn/bare':>14}{'side/bare':>11}{'side/in turn':>14}{'1 thread/bare':>15}")
-    for name, size, batch in CONFIGS:
+    configs = CONFIGS if args.configs is None else [(n, s, int(b)) for n, s, b in
+                                                    (c.split(":") for c in args.configs)]
+    for name, size, batch in configs:
         workload = getattr(workloads, name)(size)
         x, y = workload.make_batch(batch, 0)
         for n in args.replicas:
