@@ -189,7 +189,11 @@ def test_gpu_numerics_tool_runs_on_cpu_replicas_and_finds_dpfast_equal_to_the_sa
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if "step 1" in line]
     assert len(lines) == 3  # mlp, cnn, transformer
-    assert all("grads dpfast/chunked 0.00e+00" in line for line in lines)  # CPU: the same arithmetic
+    # CPU: the same arithmetic, summed in another order: the tree adds (g0 + g1) + (g2 + g3) where
+    # autograd adds the chunks' gradients one by one, a float32 rounding apart (a missing or
+    # doubled chunk would be tens of percent).
+    errors = [float(line.split("grads dpfast/chunked ")[1].split()[0]) for line in lines]
+    assert all(error < 1e-6 for error in errors), lines
 
 
 @pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
