@@ -86,6 +86,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_tree_op("reduce_add_", &dpfast::reduce_add_,
                "In place: buffers[root] becomes the sum of all buffers (the others hold partial sums)");
   bind_tree_op("broadcast_", &dpfast::broadcast_, "In place: every buffer becomes a copy of buffers[root]");
+  m.def(
+      "zero_",
+      [](const std::vector<at::Tensor>& buffers, const std::vector<int64_t>& stream_ids) {
+        std::vector<c10::Device> devices;
+        for (const auto& b : buffers) devices.push_back(b.defined() ? b.device() : c10::Device(c10::kCPU));
+        dpfast::zero_(buffers, make_lanes("zero_", devices, stream_ids));
+      },
+      "buffers"_a, "stream_ids"_a = std::vector<int64_t>{},
+      "Zeroes each buffer on its lane's stream, after the work already there (csrc/comm.h)",
+      py::call_guard<py::gil_scoped_release>());
   m.def("coalesce_into", &dpfast::coalesce_into, "tensors"_a, "flat"_a, py::call_guard<py::gil_scoped_release>());
   m.def("uncoalesce_from", &dpfast::uncoalesce_from, "flat"_a, "tensors"_a,
         py::call_guard<py::gil_scoped_release>());

@@ -359,6 +359,30 @@ void uncoalesce_from(const at::Tensor& flat, const std::vector<at::Tensor>& tens
   at::_foreach_copy_(targets, pieces);  // one fused launch on CUDA
 }
 
+void zero_(const std::vector<at::Tensor>& buffers, const std::vector<Lane>& lanes) {
+  TORCH_CHECK(buffers.size() == lanes.size(), "dpfast.zero_: buffers: expected one per lane (", lanes.size(),
+              " lanes), but got ", buffers.size());
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    TORCH_CHECK(buffers[i].defined() && buffers[i].device() == lanes[i].device, "dpfast.zero_: buffers[", i,
+                "]: expected a tensor on ", lanes[i].device, ", but got ",
+                buffers[i].defined() ? buffers[i].device().str() : std::string("None"));
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // NOTE [Engine writes and version counters]
+  for (size_t i = 0; i < buffers.size(); ++i) {
+    if (buffers[i].is_cpu()) {
+      buffers[i].zero_();
+      continue;
+    }
+#ifdef DPFAST_WITH_CUDA
+    const at::Tensor& buffer = buffers[i];
+    cuda::with_lane_stream(lanes[i], [&buffer] { buffer.zero_(); });
+#else
+    TORCH_CHECK(false, "dpfast.zero_: buffers[", i, "] is on ", buffers[i].device(), ", but dpfast._C was built "
+                "without CUDA");
+#endif
+  }
+}
+
 void point_into(const at::Tensor& tensor, const at::Tensor& flat, int64_t offset) {
   TORCH_CHECK(tensor.defined(), "dpfast.point_into: expected a tensor, but got None");
   check_coalesce("point_into", {tensor}, flat);

@@ -78,6 +78,12 @@ void reduce_add_(const std::vector<at::Tensor>& buffers, const std::vector<Lane>
 void broadcast_(const std::vector<at::Tensor>& buffers, const std::vector<Lane>& lanes, int64_t root,
                 const TreeOptions& options);
 
+// Zeroes buffers[i] on lanes[i]'s stream, after the work already enqueued there. reduce_add_
+// leaves every lane but the root's after the reads of its buffer, so the buffers it used as
+// scratch can be zeroed right after it, off the caller's stream (the replicas' gradient buckets,
+// ready for the next backward without a pass at the end of this one).
+void zero_(const std::vector<at::Tensor>& buffers, const std::vector<Lane>& lanes);
+
 // Copies `tensors` one after the other into the 1-D buffer `flat` (which must
 // hold at least their total number of elements, same dtype and device), on the
 // current stream: one copy per bucket instead of one per tensor.

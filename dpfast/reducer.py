@@ -8,10 +8,11 @@ replica parameter marks it; the hooks and the counting are C++
 (csrc/grad_ready.h), which calls back here once per backward and once per
 completed bucket. As soon as a bucket holds every replica's gradient of every
 one of its parameters, its tree reduction into the root's lane is launched
-(on the comm streams, while backward goes on with earlier layers). The first
+(on the comm streams, while backward goes on with earlier layers), and the
+replicas' buckets are zeroed right after it on their comm streams. The first
 mark of a backward also queues an autograd engine callback that runs when
 backward ends: it launches the buckets still open (parameters unused on some
-replica) and zeroes the replicas' buckets.
+replica).
 
 NOTE [Root gradients in the bucket]
 The root module is replica 0. Its parameters' ``.grad`` are views into the
@@ -356,6 +357,11 @@ class GradReducer:
         with torch.no_grad():
             _C.reduce_add_([self._real_flats[b][k] for k in range(used)], 0, self.comm_stream_ids[:used],
                            self.tree_shape, 0, self.allow_p2p, *self.link)
+            # The replicas' buckets are zeroed for the next backward right away, each on its comm
+            # stream, which reduce_add_ leaves after the reads of it (NOTE [Stream ordering] in
+            # csrc/comm.h): not at the end of this backward. Their compute streams wait for that at
+            # the end of backward (_finish).
+            _C.zero_([self._real_flats[b][k] for k in range(1, used)], self.comm_stream_ids[1:used])
         if trace is not None:
             trace.append(("bucket", b, ready, _timing_event(self.comm_streams[0])))
         self._launched[b] = True
@@ -412,8 +418,8 @@ class GradReducer:
             self._finish()
 
     def _finish(self) -> None:
-        """Launches the buckets not yet launched, adds the reduced sums of held gradients into the
-        root's .grad and zeroes the replicas' buckets for the next backward."""
+        """Launches the buckets not yet launched and adds the reduced sums of held gradients into
+        the root's .grad."""
         used = self._ready.replicas_used()
         if self.cross is None and used < 2:
             self._start_over()  # the root's lane alone: autograd's .grad is the whole gradient
@@ -432,7 +438,7 @@ class GradReducer:
         adopt: List[int] = []  # parameters whose .grad becomes their view once reduced
         states = None
         separate: List[int] = []  # parameters whose reduced sum is added into .grad
-        touched_buckets = []
+        touched_buckets = []  # whose root lane may need zeroing
         with torch.no_grad():
             for b, members in enumerate(self.buckets):
                 touched = [i for i in members if got_grad[i]]
@@ -453,10 +459,16 @@ class GradReducer:
             self._add_into_grads(separate + held)
             for i in adopt:
                 self.root_params[i].grad = self._view(i, 0)
-            for i in held:
-                self._view(i, 0).zero_()
-            for b in touched_buckets:
-                self._zero_bucket(b, used, current)
+            # Where the root's lane is a receive buffer, and for gradients held this time: zero
+            # again after the add, on the current stream (the next reduction into it waits for the
+            # root's compute stream, which waits for this one at the next forward).
+            zero = [self.flats[b][0] for b in touched_buckets if self._lane0_separate[b]]
+            zero += [self._view(i, 0) for i in held]
+            if zero:
+                torch._foreach_zero_(zero)
+            if self.streams:  # the next backward's accumulation waits for the zeroing (_launch)
+                for k in range(1, used):
+                    lane_streams.wait(self.streams[k], self.comm_streams[k])
         self._start_over()
 
     def _claim(self, touched: List[int], states: List[int], adopt: List[int], held: List[int], current) -> None:

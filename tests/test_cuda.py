@@ -419,6 +419,9 @@ def test_root_grads_live_in_the_root_lane_and_a_term_outside_the_wrapper_is_orde
         for p, q in zip(reference.parameters(), module.parameters()):
             torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-10, atol=1e-10)
     reducer = wrapped._ensure_runtime().reducer
+    torch.cuda.synchronize()
+    # The replicas' buckets were zeroed on their comm streams right after each reduction.
+    assert all(torch.count_nonzero(f[k]) == 0 for f in reducer.flats for k in range(1, replicas))
     lanes = [(f[0].data_ptr(), f[0].data_ptr() + f[0].numel() * f[0].element_size()) for f in reducer.flats]
     assert any(lo <= module[-2].weight.grad.data_ptr() < hi for lo, hi in lanes + [
         (f[0].data_ptr(), f[0].data_ptr() + f[0].numel() * f[0].element_size())

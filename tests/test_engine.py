@@ -128,6 +128,27 @@ def test_coalesce_round_trip(device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_after_a_reduction_leaves_the_root_sum_and_zero_scratch(device):
+    """zero_ on the lanes reduce_add_ used as scratch, right after it and on their own streams
+    (several lanes on one device, as the reducer's replicas): the root keeps the exact sum."""
+    n = 4
+    streams = [torch.cuda.Stream() for _ in range(n)] if device == "cuda" else []
+    ids = [s.stream_id for s in streams]
+    for numel in [0, 7, 3 * 2**20 + 5]:
+        buffers = [integer_valued(numel, torch.float32, device, seed=k) for k in range(n)]
+        expected = torch.stack([b.double().cpu() for b in buffers]).sum(0) if numel else torch.zeros(0)
+        if streams:
+            torch.cuda.current_stream().synchronize()
+        _C.reduce_add_(buffers, 0, ids, "chain", 1 << 16)
+        _C.zero_(buffers[1:], ids[1:])
+        for s in streams:
+            torch.cuda.current_stream().wait_stream(s)
+        assert torch.equal(buffers[0].double().cpu(), expected)
+        for b in buffers[1:]:
+            assert torch.count_nonzero(b) == 0
+
+
 def test_engine_errors_name_op_argument_expected_and_actual():
     a, b = torch.zeros(4), torch.zeros(5)
     with pytest.raises(RuntimeError, match=r"dpfast.reduce_add_: expected all buffers to have shape \[4\].*buffers\[1\] has shape \[5\]"):
@@ -154,6 +175,8 @@ def test_engine_errors_name_op_argument_expected_and_actual():
         _C.reduce_add_([a, a.clone()], 0, [], "ring")
     with pytest.raises(RuntimeError, match=r"expected a real floating-point or integer dtype, but got Bool"):
         _C.reduce_add_([a.bool(), a.bool().clone()], 0)
+    with pytest.raises(RuntimeError, match=r"dpfast.zero_: expected one stream id per device \(2 devices\), but got 1"):
+        _C.zero_([a, b], [7])
 
 
 def test_planner_bindings():

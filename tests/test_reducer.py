@@ -236,6 +236,9 @@ def test_root_grads_live_in_the_buckets_and_train_as_the_module(set_to_none):
         opt_ref.step()
         opt.step()
     assert wrapped.stats()["early_reductions"] == wrapped.stats()["reductions"] == 4 * wrapped.stats()["buckets"]
+    # The replicas' buckets were zeroed right after each reduction, ready for the next backward.
+    reducer = wrapped._ensure_runtime().reducer
+    assert all(torch.count_nonzero(flats[k]) == 0 for flats in reducer.flats for k in range(1, 4))
 
 
 def test_gradients_accumulate_over_steps_without_zero_grad():
