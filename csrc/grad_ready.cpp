@@ -1,5 +1,6 @@
 #include "grad_ready.h"
 
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/Event.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -46,22 +47,50 @@ struct ReadyHook : torch::autograd::PostAccumulateGradHook {
   at::Tensor view;
 };
 
-// NOTE [Root gradients in the bucket]: one per hooked root parameter. Its owner's work first, so
-// that the hooks that were there (a user's Python post-accumulate-grad hooks) see .grad where it
-// stays; then theirs.
+// NOTE [Root gradients in the bucket]: one per hooked root parameter. Its owner moves the gradient
+// into the view first, so that the hooks that were there (a user's Python post-accumulate-grad
+// hooks) see .grad where it stays; then theirs run; then the owner marks it, so that the bucket's
+// reduction starts only after what those hooks did to .grad.
 struct RootHook : torch::autograd::PostAccumulateGradHook {
   explicit RootHook(std::unique_ptr<torch::autograd::PostAccumulateGradHook> previous)
       : previous(std::move(previous)) {}
 
   void operator()(const torch::autograd::Variable& param) override {
-    if (auto state = owner.lock()) {
-      state->root_accumulated(param, index, view, held);
+    std::shared_ptr<GradReadiness> state;
+    int64_t i = 0;
+    at::Tensor lane_view;
+    bool always_held = false;
+    {
+      // A forward on another thread may hand this hook to another reducer meanwhile.
+      std::lock_guard<std::mutex> lock(mutex);
+      state = owner.lock();
+      i = index;
+      lane_view = view;
+      always_held = held;
     }
+    const bool kept = state ? state->root_move(param, lane_view, always_held) : false;
     if (previous) {
       (*previous)(param);
     }
+    if (state) {
+      state->root_done(param, i, lane_view, always_held, kept);
+    }
   }
 
+  void set(std::weak_ptr<GradReadiness> new_owner, int64_t new_index, at::Tensor new_view, bool new_held) {
+    std::lock_guard<std::mutex> lock(mutex);
+    owner = std::move(new_owner);
+    index = new_index;
+    view = std::move(new_view);
+    held = new_held;
+  }
+
+  bool owned_by(const GradReadiness* state, int64_t i) {
+    std::lock_guard<std::mutex> lock(mutex);
+    return owner.lock().get() == state && index == i;
+  }
+
+  std::mutex mutex;
   std::weak_ptr<GradReadiness> owner;  // the root outlives reducers: never keeps one alive
   int64_t index = 0;
   at::Tensor view;
@@ -139,7 +168,7 @@ int64_t GradReadiness::ensure_root_hooks() {
     }
     const at::Tensor param(std::move(impl));
     RootHook* hook = root_hook_of(param);
-    if (hook != nullptr && hook->owner.lock().get() == this && hook->index == root.index) {
+    if (hook != nullptr && hook->owned_by(this, root.index)) {
       continue;  // the hot path: still ours
     }
     if (hook == nullptr) {
@@ -147,10 +176,7 @@ int64_t GradReadiness::ensure_root_hooks() {
       hook = fresh.get();
       torch::autograd::impl::set_post_acc_grad_hooks(param, std::move(fresh));
     }
-    hook->owner = weak_from_this();
-    hook->index = root.index;
-    hook->view = root.view;
-    hook->held = root.held;
+    hook->set(weak_from_this(), root.index, root.view, root.held);
     ++hooked;
   }
   return hooked;
@@ -164,8 +190,8 @@ void GradReadiness::detach_roots() {
     }
     const at::Tensor param(std::move(impl));
     RootHook* hook = root_hook_of(param);
-    if (hook == nullptr || hook->owner.lock().get() != this) {
-      continue;  // another reducer's now, or a hook registered after ours replaced it
+    if (hook == nullptr || !hook->owned_by(this, root.index)) {
+      continue;  // another reducer's now, or a Python hook set on a parameter that had none replaced it
     }
     // The hooks that were there before ours go back in its place.
     torch::autograd::impl::set_post_acc_grad_hooks(param, std::move(hook->previous));
@@ -173,42 +199,61 @@ void GradReadiness::detach_roots() {
   roots_.clear();
 }
 
-void GradReadiness::root_accumulated(const at::Tensor& param, int64_t i, const at::Tensor& view, bool held) {
+std::optional<c10::Stream> GradReadiness::stream_if_elsewhere(const at::Tensor& view) const {
+  if (!root_stream_ || view.device() != root_stream_->device()) {
+    return std::nullopt;
+  }
+  const c10::impl::VirtualGuardImpl guard(root_stream_->device_type());
+  const c10::Stream current = guard.getStream(view.device());
+  return current == *root_stream_ ? std::nullopt : std::optional<c10::Stream>(current);
+}
+
+bool GradReadiness::root_move(const at::Tensor& param, const at::Tensor& view, bool held) const {
   at::Tensor& grad = param.mutable_grad();
   // The gradient stays in .grad (the view then adds nothing) where moving it would change what
-  // the user gets: a graph (create_graph=True), a sparse or non-contiguous layout, another dtype.
-  // A parameter held always (`held`) has a view that stays zero.
-  const bool keep = held || !grad.defined() || at::GradMode::is_enabled() || grad.layout() != c10::kStrided ||
-                    grad.scalar_type() != view.scalar_type() || !grad.is_contiguous();
-  if (!held) {
-    at::NoGradGuard no_grad;
-    std::optional<c10::Stream> elsewhere;  // NOTE [Stream ordering]: the stream this runs on, if not the lane's
-    if (root_stream_ && view.device() == root_stream_->device()) {
-      const c10::impl::VirtualGuardImpl guard(root_stream_->device_type());
-      const c10::Stream current = guard.getStream(view.device());
-      if (current != *root_stream_) {
-        elsewhere = current;
-      }
+  // the user gets: a graph (create_graph=True, or a .grad that still carries one), a sparse or
+  // non-contiguous layout, another dtype. A parameter held always (`held`) has a view that stays
+  // zero.
+  const bool keep = held || !grad.defined() || at::GradMode::is_enabled() || grad.requires_grad() ||
+                    grad.layout() != c10::kStrided || grad.scalar_type() != view.scalar_type() ||
+                    !grad.is_contiguous();
+  if (held) {
+    return true;
+  }
+  at::NoGradGuard no_grad;
+  // Below autograd's version counting, as the engine writes (NOTE [Engine writes and version
+  // counters] in comm.h): a bucket's views share one counter, and a graph that saved another
+  // parameter's .grad must stay valid.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (keep) {
+    view.zero_();  // it may hold an earlier step's sum
+  } else if (grad.data_ptr() != view.data_ptr()) {
+    // autograd made a new .grad (it was None, or replaced): its sum since the last reduction
+    if (auto elsewhere = stream_if_elsewhere(view)) {
+      grad.record_stream(*elsewhere);  // read there, after the allocator may see it freed
     }
-    if (elsewhere && grad.defined() && grad.data_ptr() != view.data_ptr() && !keep) {
-      grad.record_stream(*elsewhere);  // read here, after the allocator may see it freed
+    view.copy_(grad);
+    grad = view;
+  }
+  return keep;
+}
+
+void GradReadiness::root_done(const at::Tensor& param, int64_t i, const at::Tensor& view, bool held, bool kept) {
+  if (!kept) {
+    const at::Tensor& grad = param.grad();
+    if (!grad.defined() || grad.data_ptr() != view.data_ptr()) {
+      kept = root_move(param, view, held);  // a hook that ran after ours replaced or dropped .grad
     }
-    if (keep) {
-      view.zero_();  // it may hold an earlier step's sum
-    } else if (grad.data_ptr() != view.data_ptr()) {
-      // autograd made a new .grad (it was None, or replaced): its sum since the last reduction
-      view.copy_(grad);
-      grad = view;
-    }
-    if (elsewhere) {  // the lane's stream, and so the reduction, waits for this
-      c10::Event event(elsewhere->device_type());
-      event.record(*elsewhere);
-      event.block(*root_stream_);
-    }
+  }
+  if (auto elsewhere = stream_if_elsewhere(view)) {
+    // NOTE [Stream ordering]: the lane's stream, and so the reduction, waits for what ran here.
+    c10::Event event(elsewhere->device_type());
+    event.record(*elsewhere);
+    event.block(*root_stream_);
   }
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    root_state_[i] = keep ? kRootHeld : kRootInView;
+    root_state_[i] = kept ? kRootHeld : kRootInView;
   }
   mark(i, 0);
 }

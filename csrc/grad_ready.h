@@ -41,19 +41,23 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
 
   // NOTE [Root gradients in the bucket]: the root's parameter i keeps its gradient in `view`, its
   // slice of the bucket on the root's lane, which the tree reduction then completes in place: no
-  // receive buffer, no add into .grad. A hook on the root's parameter (chained before the hooks
-  // that were there: a Python post-accumulate-grad hook keeps running) copies autograd's gradient
-  // into the view and points .grad at it, unless the gradient must stay where it is (`held`: a
-  // sparse gradient, a parameter that is not contiguous, a backward with create_graph=True): the
-  // view is then zero, and the reducer adds the reduced bucket into .grad as before. One reducer
-  // hooks a parameter at a time: the one attached last.
+  // receive buffer, no add into .grad. A hook on the root's parameter (chained in front of the
+  // hooks that were there: a user's Python post-accumulate-grad hooks keep running, after the move
+  // and before the mark) copies autograd's gradient into the view and points .grad at it, unless
+  // the gradient must stay where it is (`held`: a sparse gradient, a parameter that is not
+  // contiguous, a backward with create_graph=True): the view is then zero, and the reducer adds
+  // the reduced bucket into .grad as before. One reducer hooks a parameter at a time: the one
+  // attached (or ensured) last.
   void attach_root(const at::Tensor& param, int64_t i, const at::Tensor& view, bool held);
-  // Hooks again the root parameters whose hook is gone (a Python post-accumulate-grad hook
-  // registered after ours replaces it) or now another reducer's; returns how many.
+  // Hooks again the root parameters whose hook is gone (the first Python post-accumulate-grad hook
+  // registered on a parameter replaces whatever is in its slot) or now another reducer's; returns
+  // how many.
   int64_t ensure_root_hooks();
   void detach_roots();
-  // Called by the root's hook after autograd accumulated into the parameter's .grad.
-  void root_accumulated(const at::Tensor& param, int64_t i, const at::Tensor& view, bool held);
+  // Called by the root's hook: the move into the view (returns whether the gradient is held), and,
+  // after the hooks that were there, the mark.
+  bool root_move(const at::Tensor& param, const at::Tensor& view, bool held) const;
+  void root_done(const at::Tensor& param, int64_t i, const at::Tensor& view, bool held, bool kept);
   // Per parameter, since start_over(): kRootNone, kRootInView (.grad is the view) or kRootHeld.
   std::vector<int64_t> root_states() const;
   // The root lane's compute stream (CUDA): the reduction waits for it, so a root gradient moved on
@@ -94,8 +98,9 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
     at::Tensor view;
     bool held;
   };
-  std::vector<RootParam> roots_;
-  std::optional<c10::Stream> root_stream_;  // touched only with Python's GIL held (attach, ensure, detach)
+  std::vector<RootParam> roots_;  // touched only with Python's GIL held (attach, ensure, detach)
+  std::optional<c10::Stream> root_stream_;  // set once, before any hook runs
+  std::optional<c10::Stream> stream_if_elsewhere(const at::Tensor& view) const;
   struct Callbacks {
     std::function<void()> on_first_mark;
     std::function<void(int64_t)> on_bucket_complete;

@@ -275,7 +275,7 @@ class GradReducer:
         for job in jobs:
             if job.error is not None:
                 with self._lock:
-                    self._discard()  # as if this backward had not run on the replicas
+                    self._discard()  # the replicas' shares not yet reduced are dropped
                 job.reraise()
 
     def _on_bucket_complete(self, b: int) -> None:
@@ -316,6 +316,11 @@ class GradReducer:
 
     def _discard(self) -> None:
         current = lane_streams.current_stream(self.devices[0])
+        if self.comm_streams:
+            # Buckets launched early are being reduced into the root's .grad: what comes next on
+            # the caller's and the root's streams (zero_grad, the next step's hooks) waits for them.
+            lane_streams.wait(current, self.comm_streams[0])
+            lane_streams.wait(self.streams[0], self.comm_streams[0])
         with torch.no_grad():
             for i in self._ready.held_roots():
                 if not self._lane0_separate[self.bucket_of[i]]:
@@ -394,7 +399,8 @@ class GradReducer:
                     "passes in one backward (a weight used inside and outside a reentrant checkpoint, "
                     "for example), the second after its gradient bucket had been reduced, so the "
                     "gradients accumulated since the last reduction (this backward's, and any under "
-                    "no_sync()) are incomplete: only replica 0's share reached .grad. This wrapper now "
+                    "no_sync()) are incomplete in .grad: buckets reduced before it hold every replica's share, the "
+                    "others only replica 0's. This wrapper now "
                     "reduces at the end of backward; run the step again.")
             if not self.sync_enabled:
                 self._reset_window()  # no_sync(): gradients keep accumulating in the replicas' buckets
@@ -460,8 +466,10 @@ class GradReducer:
             for i in adopt:
                 self.root_params[i].grad = self._view(i, 0)
             # Where the root's lane is a receive buffer, and for gradients held this time: zero
-            # again after the add, on the current stream (the next reduction into it waits for the
-            # root's compute stream, which waits for this one at the next forward).
+            # again after the add, on the current stream. The next reduction into it runs on the
+            # root's comm stream after the root's compute stream (_launch), which waits for the
+            # current stream at the next forward that uses it; a claim (_claim) or a hook on
+            # another stream is ordered by its own wait.
             zero = [self.flats[b][0] for b in touched_buckets if self._lane0_separate[b]]
             zero += [self._view(i, 0) for i in held]
             if zero:
@@ -483,7 +491,8 @@ class GradReducer:
             grad = self.root_params[i].grad
             if grad is None:
                 view.zero_()
-                adopt.append(i)
+                # a gradient seen sparse on the root (not declared) is handed back sparse
+                (held if i in self._sparse_dims else adopt).append(i)
             elif grad.layout != torch.strided or grad.requires_grad or grad.dtype != view.dtype or not grad.is_contiguous():
                 view.zero_()
                 held.append(i)

@@ -320,3 +320,94 @@ def test_a_dropped_wrapper_gives_the_roots_hooks_back():
     assert seen == [1, 1]  # the user's hook ran both times
     # The wrapper's hook is gone with it: the gradient stays where autograd put it.
     assert module[0].weight.grad.untyped_storage().nbytes() == module[0].weight.numel() * 8
+
+
+DEVICE_IDS = [CPU4, pytest.param([0] * 4, marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="needs a CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device_ids", DEVICE_IDS, ids=["cpu", "cuda"])
+@pytest.mark.parametrize("hook", ["scale_in_place", "replace", "drop"])
+def test_a_users_hook_that_changes_the_roots_gradient(device_ids, hook):
+    """The user's post-accumulate-grad hook on a root parameter sees replica 0's share (as the
+    README says) and runs before the bucket's reduction: what it leaves in .grad is what gets the
+    replicas' shares added. A linear layer's bias under out.sum() gets one per row: chunks of 2
+    rows give 2 per replica, 8 in all, exactly."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 3)).double()
+    if device_ids != CPU4:
+        module = module.cuda()
+    bias = module[1].bias
+
+    def scale_in_place(p):
+        p.grad.mul_(3)
+
+    def replace(p):
+        p.grad = p.grad * 3
+
+    def drop(p):
+        p.grad = None
+
+    bias.register_post_accumulate_grad_hook({"scale_in_place": scale_in_place, "replace": replace, "drop": drop}[hook])
+    wrapped = dpfast.DataParallel(module, device_ids=device_ids, bucket_cap_mb=0.0001)
+    for step in range(2):
+        module.zero_grad(set_to_none=step == 0)
+        wrapped(torch.randn(8, 8, dtype=torch.float64)).sum().backward()
+        expected = {"scale_in_place": 3 * 2 + 6, "replace": 3 * 2 + 6, "drop": 6}[hook]
+        assert torch.equal(bias.grad.cpu(), torch.full((3,), float(expected), dtype=torch.float64))
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_a_gradient_that_carries_a_graph_keeps_it_through_a_plain_backward():
+    reference = deep()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, bucket_cap_mb=0.0006)
+    x1, x2 = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    for model in (reference, wrapped):
+        model(x1).pow(2).sum().backward(create_graph=True)
+        model(x2).sum().backward()  # accumulates into .grad in place, without zero_grad
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        _close(q.grad, p.grad)
+        assert q.grad.requires_grad == p.grad.requires_grad
+
+
+def test_a_gradient_seen_sparse_stays_sparse_when_the_root_sits_out():
+    """A raw parameter that F.embedding(sparse=True) reads (no nn.Embedding declares it): the
+    wrapper learns its layout from the root's first gradient, and hands the sum back sparse even
+    in a step where replica 0 had no rows."""
+    class RawSparse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(20, 4, dtype=torch.float64))
+
+        def forward(self, ids):
+            return nn.functional.embedding(ids, self.weight, sparse=True)
+
+    torch.manual_seed(0)
+    reference = RawSparse()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4)
+    for chunk_sizes in (None, [0, 4, 4, 4]):
+        wrapped.chunk_sizes = chunk_sizes
+        ids = torch.randint(0, 20, (12, 3))
+        for model in (reference, wrapped):
+            model.zero_grad()
+            model(ids).pow(2).sum().backward()
+        assert wrapped.module.weight.grad.is_sparse
+        _close(wrapped.module.weight.grad.to_dense(), reference.weight.grad.to_dense())
+
+
+def test_dense_gradients_when_the_root_sits_out():
+    """Replica 0 with no rows: the root's hook never runs, so every bucket is claimed at the end of
+    backward (its root lane zeroed or filled from .grad) and adopted as .grad."""
+    reference = deep()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, bucket_cap_mb=0.0006,
+                                  chunk_sizes=[0, 3, 3, 2])
+    for step in range(3):
+        x = torch.randn(8, 8, dtype=torch.float64)
+        if step != 1:  # step 1 accumulates onto step 0's gradients
+            reference.zero_grad()
+            wrapped.module.zero_grad(set_to_none=step == 0)
+        reference(x).sum().backward()
+        wrapped(x).sum().backward()
+        for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+            _close(q.grad, p.grad)
+            assert _root_lane_holds(wrapped, q)

@@ -928,3 +928,25 @@ def test_cpu_workers_take_a_share_of_the_callers_threads_and_leave_the_rest_alon
         assert later == [8]
     finally:
         torch.set_num_threads(before)
+
+
+def test_backward_failure_then_zero_grad_that_keeps_the_gradient_tensors():
+    """NOTE [Root gradients in the bucket]: buckets reduced before the failure already hold every
+    replica's share in .grad; zero_grad(set_to_none=False) zeroes those views in place (after the
+    reductions, on CUDA), and the next steps are exact."""
+    reference, wrapper = make_pair()
+    trainer = Trainer(reference, wrapper, batch=10)
+    trainer.step()
+    wrapper.module.fail_backward_on = frozenset({replica_thread_name(3)})
+    wrapper.module.make_error = lambda: RuntimeError("backward failed")
+    x, y = trainer.batch_xy()
+    with pytest.raises(RuntimeError, match="backward failed"):
+        nn.functional.mse_loss(wrapper(x), y).backward()
+    wrapper.module.fail_backward_on = frozenset()
+    for _ in range(2):
+        x, y = trainer.batch_xy()
+        for model, optimizer in ((reference, trainer.opt_ref), (wrapper, trainer.opt)):
+            optimizer.zero_grad(set_to_none=False)
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        trainer.assert_in_step()
