@@ -87,6 +87,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                "In place: buffers[root] becomes the sum of all buffers (the others hold partial sums)");
   bind_tree_op("broadcast_", &dpfast::broadcast_, "In place: every buffer becomes a copy of buffers[root]");
   m.def(
+      "wait_lane",
+      [](const c10::Device& consumer, int64_t consumer_stream_id, const c10::Device& producer,
+         int64_t producer_stream_id) {
+        dpfast::wait_lane(dpfast::Lane{consumer, consumer_stream_id}, dpfast::Lane{producer, producer_stream_id});
+      },
+      "consumer"_a, "consumer_stream_id"_a, "producer"_a, "producer_stream_id"_a,
+      "Work on the consumer's stream from now on runs after the work already on the producer's (csrc/comm.h)",
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
       "zero_",
       [](const std::vector<at::Tensor>& buffers, const std::vector<int64_t>& stream_ids) {
         std::vector<c10::Device> devices;

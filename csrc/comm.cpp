@@ -359,6 +359,10 @@ void uncoalesce_from(const at::Tensor& flat, const std::vector<at::Tensor>& tens
   at::_foreach_copy_(targets, pieces);  // one fused launch on CUDA
 }
 
+void wait_lane(const Lane& consumer, const Lane& producer) {
+  lane_ops_for("wait_lane", {consumer, producer}, true)->wait(consumer, producer);
+}
+
 void zero_(const std::vector<at::Tensor>& buffers, const std::vector<Lane>& lanes) {
   TORCH_CHECK(buffers.size() == lanes.size(), "dpfast.zero_: buffers: expected one per lane (", lanes.size(),
               " lanes), but got ", buffers.size());

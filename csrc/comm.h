@@ -78,6 +78,14 @@ void reduce_add_(const std::vector<at::Tensor>& buffers, const std::vector<Lane>
 void broadcast_(const std::vector<at::Tensor>& buffers, const std::vector<Lane>& lanes, int64_t root,
                 const TreeOptions& options);
 
+// Work enqueued on `consumer`'s stream from now on runs after the work already enqueued on
+// `producer`'s (CUDA lanes; nothing on the CPU): the front end's edges between a lane and the
+// caller's stream (dpfast/streams.py). By the engine's one event per device and thread, reused, and
+// never destroyed in a forked child. A torch.cuda.Event kept per thread in Python is destroyed in a
+// child when Python clears the parent's other threads, and destroying it there aborts the child (a
+// DataLoader worker started with fork after the wrapper ran on CUDA).
+void wait_lane(const Lane& consumer, const Lane& producer);
+
 // Zeroes buffers[i] on lanes[i]'s stream, after the work already enqueued there. reduce_add_
 // leaves every lane but the root's after the reads of its buffer, so the buffers it used as
 // scratch can be zeroed right after it, off the caller's stream (the replicas' gradient buckets,

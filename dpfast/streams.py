@@ -10,18 +10,11 @@ synchronize.
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import List, Optional
 
 import torch
 
-
-class _WaitEvents(threading.local):
-    def __init__(self):
-        self.by_device: dict = {}  # this thread's event per device index
-
-
-_wait_events = _WaitEvents()
+from . import _C
 
 
 def make_lane_streams(devices: List[torch.device]) -> Optional[List["torch.cuda.Stream"]]:
@@ -35,26 +28,15 @@ def current_stream(device: torch.device):
     return torch.cuda.current_stream(device) if device.type == "cuda" else None
 
 
-def _wait_event(device: torch.device) -> "torch.cuda.Event":
-    """This thread's event for waits on streams of `device`, recorded again by every wait.
-
-    A wait holds the record the event had when it was enqueued; a later record does not change
-    it (cudaEventRecord), so one event serves every wait. Stream.wait_stream makes a new event
-    each time, and creating and destroying events was half of the engine's fixed cost per call
-    on an H200 (csrc/cuda/comm_cuda.cpp, wait_event)."""
-    events = _wait_events.by_device
-    event = events.get(device.index)
-    if event is None:
-        event = events[device.index] = torch.cuda.Event()
-    return event
-
-
 def wait(consumer, producer) -> None:
-    """Work enqueued on `consumer` from now on runs after the work already on `producer`."""
+    """Work enqueued on `consumer` from now on runs after the work already on `producer`.
+
+    Through the engine (csrc/comm.h, wait_lane): one event per device and thread, reused by every
+    wait (Stream.wait_stream makes a new event each time, and creating and destroying events was
+    half of the engine's fixed cost per call on an H200), and fork-safe, which an event kept per
+    thread in Python is not (see wait_lane)."""
     if consumer is not None and producer is not None and consumer != producer:
-        event = _wait_event(producer.device)
-        event.record(producer)
-        consumer.wait_event(event)
+        _C.wait_lane(consumer.device, consumer.stream_id, producer.device, producer.stream_id)
 
 
 def on(stream):

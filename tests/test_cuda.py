@@ -426,3 +426,23 @@ def test_root_grads_live_in_the_root_lane_and_a_term_outside_the_wrapper_is_orde
     assert any(lo <= module[-2].weight.grad.data_ptr() < hi for lo, hi in lanes + [
         (f[0].data_ptr(), f[0].data_ptr() + f[0].numel() * f[0].element_size())
         for f in other._ensure_runtime().reducer.flats])
+
+
+def _a_child_that_uses_no_cuda():
+    return None
+
+
+def test_a_fork_after_the_wrapper_ran_on_cuda_starts_and_exits_cleanly():
+    """The lanes' waits keep no torch.cuda.Event in Python thread-locals (csrc/comm.h, wait_lane):
+    in a forked child Python clears the parent's other threads, and destroying such an event there
+    aborted the child (a DataLoader worker started with fork; seen on an H200, 2026-11-27)."""
+    import multiprocessing
+
+    wrapped = dpfast.DataParallel(deep(32, 2).cuda(), device_ids=[0, 0, 0])
+    for _ in range(2):
+        wrapped(torch.randn(9, 32, device="cuda")).sum().backward()
+    torch.cuda.synchronize()
+    child = multiprocessing.get_context("fork").Process(target=_a_child_that_uses_no_cuda)
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0

@@ -175,6 +175,9 @@ def test_engine_errors_name_op_argument_expected_and_actual():
         _C.reduce_add_([a, a.clone()], 0, [], "ring")
     with pytest.raises(RuntimeError, match=r"expected a real floating-point or integer dtype, but got Bool"):
         _C.reduce_add_([a.bool(), a.bool().clone()], 0)
+    _C.wait_lane(CPU, -1, CPU, -1)  # nothing to order on the CPU
+    with pytest.raises(RuntimeError, match=r"dpfast.wait_lane: expected all lanes on CPU or all on CUDA devices, but got a mix"):
+        _C.wait_lane(CPU, -1, torch.device("cuda", 0), -1)
     with pytest.raises(RuntimeError, match=r"dpfast.zero_: expected one stream id per device \(2 devices\), but got 1"):
         _C.zero_([a, b], [7])
 
