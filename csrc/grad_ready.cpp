@@ -304,11 +304,22 @@ void GradReadiness::mark(int64_t i, int64_t k) {
       first = true;
     }
     const int64_t b = bucket_of_[i];
-    marks_[b] += 1;
+    // Each (replica, parameter) counts once per window: a second accumulation of one replica's
+    // parameter (a weight used inside and outside a reentrant checkpoint) must not stand in for
+    // another's that is still to come. Before the bucket's reduction it is harmless (both land in
+    // the bucket); after it, the reduced sum misses it (marked_after_complete).
+    if (static_cast<size_t>(k) >= marked_.size()) {
+      marked_.resize(k + 1, std::vector<uint8_t>(bucket_of_.size(), 0));
+    }
+    const bool again = marked_[k][i] != 0;
+    marked_[k][i] = 1;
+    if (!again) {
+      marks_[b] += 1;
+    }
     const int64_t replicas_marking = count_root_ ? replicas_used_ : replicas_used_ - 1;
     if (reported_[b]) {
       marked_after_complete_ = true;
-    } else if (bucket_len_[b] > 0 && marks_[b] == bucket_len_[b] * replicas_marking) {
+    } else if (!again && bucket_len_[b] > 0 && marks_[b] == bucket_len_[b] * replicas_marking) {
       reported_[b] = true;
       complete = b;
     }
@@ -326,6 +337,7 @@ void GradReadiness::note_replicas(int64_t used) {
 
 void GradReadiness::reset_window() {
   std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& replica : marked_) std::fill(replica.begin(), replica.end(), 0);
   std::fill(marks_.begin(), marks_.end(), 0);
   std::fill(reported_.begin(), reported_.end(), false);
   first_mark_seen_ = false;
@@ -336,6 +348,7 @@ void GradReadiness::start_over() {
   std::lock_guard<std::mutex> lock(mutex_);
   std::fill(got_grad_.begin(), got_grad_.end(), false);
   std::fill(root_state_.begin(), root_state_.end(), kRootNone);
+  for (auto& replica : marked_) std::fill(replica.begin(), replica.end(), 0);
   std::fill(marks_.begin(), marks_.end(), 0);
   std::fill(reported_.begin(), reported_.end(), false);
   first_mark_seen_ = false;

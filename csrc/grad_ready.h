@@ -112,7 +112,8 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   mutable std::mutex mutex_;
   std::vector<bool> got_grad_;
   std::vector<int64_t> root_state_;
-  std::vector<int64_t> marks_;
+  std::vector<int64_t> marks_;                // per bucket: distinct (replica, parameter) marks
+  std::vector<std::vector<uint8_t>> marked_;  // [replica][parameter] marked in this window
   std::vector<bool> reported_;
   int64_t replicas_used_ = 1;
   bool first_mark_seen_ = false;

@@ -394,6 +394,40 @@ def test_a_gradient_after_its_buckets_reduction_is_an_error_then_the_step_is_exa
     assert_same_grads(reference, model)
 
 
+class TiedInsideAndAfterCheckpoint(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(4, 4).double()
+        self.layer = nn.Linear(4, 4).double()
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.first(x).tanh()
+        h = checkpoint(lambda h: self.layer(h).tanh(), h, use_reentrant=True)
+        return self.layer(h)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_a_second_gradient_before_its_bucket_completes_is_exact_and_early(sequential, monkeypatch):
+    """The layer's weight gets gradients from two backward passes (outside the reentrant checkpoint,
+    then inside), both before its bucket (which also holds `first`) is complete: each replica's
+    parameter counts once, so the bucket waits for `first` and is reduced early, exactly."""
+    if sequential:
+        monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "0")
+    reference, model = TiedInsideAndAfterCheckpoint(), TiedInsideAndAfterCheckpoint()
+    wrapped = dpfast.DataParallel(model, device_ids=CPU3)
+    for _ in range(2):
+        x = torch.randn(9, 4, dtype=torch.float64)
+        for m in (reference, model):
+            m.zero_grad()
+        wrapped(x).pow(2).sum().backward()
+        reference(x).pow(2).sum().backward()
+        assert_same_grads(reference, model)
+    assert wrapped.stats()["early_reductions"] == wrapped.stats()["reductions"] == 2
+
+
 @pytest.mark.parametrize("setting,threads,lanes,expected", [
     ("auto", 1, 2, True), ("auto", 2, 2, False), ("auto", 2, 4, False), ("auto", 1, 1, False),
     ("1", 8, 2, True), ("0", 1, 4, False), (" AUTO ", 1, 3, True),

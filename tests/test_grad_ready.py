@@ -111,3 +111,26 @@ def test_bad_arguments_are_named():
         ready.attach(torch.ones(1, requires_grad=True), 5, 1, torch.zeros(1))
     with pytest.raises(RuntimeError, match=r"attach: param: expected a leaf tensor, but got one made by MulBackward0"):
         ready.attach(torch.ones(1, requires_grad=True) * 2, 0, 1, torch.zeros(1))
+
+
+def test_a_parameter_marked_twice_counts_once():
+    """A second accumulation of one replica's parameter (a weight used inside and outside a
+    reentrant checkpoint) must not stand in for another replica's mark still to come; after the
+    bucket completed, it is reported."""
+    ready, seen = make([0, 0], [2])
+    ready.note_replicas(3)
+    for k in (1, 2):
+        ready.mark(0, k)
+        ready.mark(0, k)  # counted by occurrence, these four marks would have completed the bucket
+    ready.mark(1, 1)
+    assert seen.completed == []
+    ready.mark(1, 2)
+    assert seen.completed == [0] and not ready.marked_after_complete()
+    ready.mark(1, 2)
+    assert ready.marked_after_complete()
+    ready.reset_window()
+    assert not ready.marked_after_complete()
+    ready.mark(0, 1)
+    ready.mark(1, 1)
+    ready.mark(0, 2)
+    assert seen.completed == [0]  # a new window counts from nothing
