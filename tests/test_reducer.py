@@ -411,3 +411,27 @@ def test_dense_gradients_when_the_root_sits_out():
         for p, q in zip(reference.parameters(), wrapped.module.parameters()):
             _close(q.grad, p.grad)
             assert _root_lane_holds(wrapped, q)
+
+
+def test_a_parameter_that_is_not_contiguous_is_held_and_still_exact():
+    """A weight that is a strided slice of a bigger tensor keeps autograd's gradient in .grad (a
+    bucket slice is contiguous, and the replicas' parameters too); the replicas' sum is added into
+    it. (channels_last weights are held the same way: test_data_parallel checks their strides.)"""
+    class Gappy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 6, dtype=torch.float64)[:, ::2])
+
+        def forward(self, x):
+            return x @ self.weight
+
+    torch.manual_seed(0)
+    reference, module = Gappy(), Gappy()
+    with torch.no_grad():
+        module.weight.copy_(reference.weight)
+    wrapped = dpfast.DataParallel(module, device_ids=CPU4)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    reference(x).sum().backward()
+    wrapped(x).sum().backward()
+    _close(module.weight.grad, reference.weight.grad)
+    assert not _root_lane_holds(wrapped, module.weight)
