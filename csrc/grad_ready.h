@@ -25,8 +25,9 @@ namespace dpfast {
 class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
  public:
   // bucket_of[i]: the bucket of parameter i; bucket_len[b]: its number of parameters. With
-  // count_root, replica 0's gradients are marked too (across processes they go to the bucket);
-  // otherwise a bucket is complete when replicas 1..used-1 have marked all its parameters.
+  // count_root (the reducer's case: the root's gradients go to the bucket, NOTE [Root gradients in
+  // the bucket]), replica 0's gradients are marked too; otherwise a bucket is complete when
+  // replicas 1..used-1 have marked all its parameters.
   GradReadiness(std::vector<int64_t> bucket_of, std::vector<int64_t> bucket_len, bool count_root);
 
   // Called, without any lock held, at the first mark of a backward and when bucket b becomes
