@@ -24,6 +24,13 @@ std::vector<dpfast::Lane> make_lanes(const char* op, const std::vector<c10::Devi
   return lanes;
 }
 
+// Each buffer's device (an undefined one's: the CPU, for the op's own check to name it).
+std::vector<c10::Device> devices_of(const std::vector<at::Tensor>& buffers) {
+  std::vector<c10::Device> devices;
+  for (const auto& b : buffers) devices.push_back(b.defined() ? b.device() : c10::Device(c10::kCPU));
+  return devices;
+}
+
 dpfast::TreeOptions make_options(const std::string& shape, int64_t chunk_bytes, bool allow_p2p,
                                  double bandwidth_GBps, double hop_latency_us) {
   dpfast::TreeOptions options;
@@ -74,9 +81,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         [name, op](const std::vector<at::Tensor>& buffers, int64_t root, const std::vector<int64_t>& stream_ids,
                    const std::string& shape, int64_t chunk_bytes, bool allow_p2p, double bandwidth_GBps,
                    double hop_latency_us) {
-          std::vector<c10::Device> devices;
-          for (const auto& b : buffers) devices.push_back(b.defined() ? b.device() : c10::Device(c10::kCPU));
-          op(buffers, make_lanes(name, devices, stream_ids), root,
+          op(buffers, make_lanes(name, devices_of(buffers), stream_ids), root,
              make_options(shape, chunk_bytes, allow_p2p, bandwidth_GBps, hop_latency_us));
         },
         "buffers"_a, "root"_a = 0, "stream_ids"_a = std::vector<int64_t>{}, "shape"_a = "auto", "chunk_bytes"_a = 0,
@@ -98,9 +103,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "zero_",
       [](const std::vector<at::Tensor>& buffers, const std::vector<int64_t>& stream_ids) {
-        std::vector<c10::Device> devices;
-        for (const auto& b : buffers) devices.push_back(b.defined() ? b.device() : c10::Device(c10::kCPU));
-        dpfast::zero_(buffers, make_lanes("zero_", devices, stream_ids));
+        dpfast::zero_(buffers, make_lanes("zero_", devices_of(buffers), stream_ids));
       },
       "buffers"_a, "stream_ids"_a = std::vector<int64_t>{},
       "Zeroes each buffer on its lane's stream, after the work already there (csrc/comm.h)",
@@ -168,6 +171,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("held_roots", &GradReadiness::held_roots)
       .def("set_root_stream", &GradReadiness::set_root_stream, "stream_id"_a, "device_index"_a)
       .def_static("is_root_hooked", &GradReadiness::is_root_hooked, "param"_a)
+      .def_static("keeps_in_grad", &GradReadiness::keeps_in_grad, "grad"_a, "view"_a)
       .def("set_bucket_len", &GradReadiness::set_bucket_len, "bucket_len"_a)
       .def("mark", &GradReadiness::mark, "index"_a, "replica"_a, py::call_guard<py::gil_scoped_release>())
       .def("note_replicas", &GradReadiness::note_replicas, "used"_a)

@@ -210,13 +210,8 @@ std::optional<c10::Stream> GradReadiness::stream_if_elsewhere(const at::Tensor& 
 
 bool GradReadiness::root_move(const at::Tensor& param, const at::Tensor& view, bool held) const {
   at::Tensor& grad = param.mutable_grad();
-  // The gradient stays in .grad (the view then adds nothing) where moving it would change what
-  // the user gets: a graph (create_graph=True, or a .grad that still carries one), a sparse or
-  // non-contiguous layout, another dtype. A parameter held always (`held`) has a view that stays
-  // zero.
-  const bool keep = held || !grad.defined() || at::GradMode::is_enabled() || grad.requires_grad() ||
-                    grad.layout() != c10::kStrided || grad.scalar_type() != view.scalar_type() ||
-                    !grad.is_contiguous();
+  // A parameter held always (`held`) has a view that stays zero.
+  const bool keep = held || !grad.defined() || keeps_in_grad(grad, view);
   if (held) {
     return true;
   }
@@ -265,6 +260,14 @@ std::vector<int64_t> GradReadiness::root_states() const {
 
 void GradReadiness::set_root_stream(int64_t stream_id, int64_t device_index) {
   root_stream_ = c10::Stream::unpack3(stream_id, static_cast<c10::DeviceIndex>(device_index), c10::DeviceType::CUDA);
+}
+
+bool GradReadiness::keeps_in_grad(const at::Tensor& grad, const at::Tensor& view) {
+  // The gradient stays in .grad (the view then adds nothing) where moving it would change what
+  // the user gets: a graph (create_graph=True, or a .grad that still carries one), a sparse or
+  // non-contiguous layout, another dtype.
+  return at::GradMode::is_enabled() || grad.requires_grad() || grad.layout() != c10::kStrided ||
+         grad.scalar_type() != view.scalar_type() || !grad.is_contiguous();
 }
 
 bool GradReadiness::is_root_hooked(const at::Tensor& param) {

@@ -65,6 +65,9 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   // another stream (an accumulator made outside the wrapper's forward) is ordered before it.
   void set_root_stream(int64_t stream_id, int64_t device_index);
   static bool is_root_hooked(const at::Tensor& param);  // for tests: does a reducer hook it
+  // Whether a root parameter's (defined) gradient must stay in .grad rather than move into its
+  // bucket view: the one rule for the hook and for the reducer's claim at the end of backward.
+  static bool keeps_in_grad(const at::Tensor& grad, const at::Tensor& view);
   std::vector<int64_t> held_roots() const;  // the parameters whose state is kRootHeld
   static constexpr int64_t kRootNone = 0, kRootInView = 1, kRootHeld = 2;
 

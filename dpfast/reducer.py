@@ -493,7 +493,7 @@ class GradReducer:
                 view.zero_()
                 # a gradient seen sparse on the root (not declared) is handed back sparse
                 (held if i in self._sparse_dims else adopt).append(i)
-            elif grad.layout != torch.strided or grad.requires_grad or grad.dtype != view.dtype or not grad.is_contiguous():
+            elif _C.GradReadiness.keeps_in_grad(grad, view):
                 view.zero_()
                 held.append(i)
             elif grad.data_ptr() != view.data_ptr():
