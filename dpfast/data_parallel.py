@@ -213,39 +213,44 @@ class DataParallel(nn.DataParallel):
 
     # -- nn.DataParallel's steps, overridable as there -----------------------------------------
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        with torch.autograd.profiler.record_function("dpfast.DataParallel.forward"):
-            if not self.devices:
-                return self.module(*inputs, **kwargs)
-            if _overrides_a_step(type(self)):
-                return self._forward_through_overrides(inputs, kwargs)
-            n = len(self.devices)
-            batch = scatter_gather.find_batch_size(inputs, kwargs, self.dim, n)
-            if not inputs and not kwargs:  # as nn.DataParallel: a forward without inputs runs once
-                sizes = [None] + [0] * (n - 1)
-            elif batch == 0:  # an empty batch: replica 0 runs it (an empty output, as the module gives)
-                sizes = [0] * n
-            elif batch is None:  # no tensor to split: every replica gets the same inputs, as nn.DataParallel
-                sizes = [None] * n
-            else:
-                sizes = splits.chunk_sizes_for(batch, n, self.chunk_sizes, self.weights)
-            active = [k for k, size in enumerate(sizes) if size != 0] or [0]  # 0 rows: sits this step out
-            chunk_sizes = [sizes[k] for k in active]
-            devices = [self.devices[k] for k in active]
-            runtime = self._ensure_runtime()  # after the inputs were checked: bad input starts nothing
-            cross = runtime.cross
-            training_step = self.training and torch.is_grad_enabled()
-            if cross is not None and training_step:
-                share = self._cross_process_share(cross, batch)
-                return _hold_through_backward(distributed.scale_output_grads(
-                    self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), share),
-                    runtime)
-            if n == 1 and self.gather_outputs and cross is None:  # as nn.DataParallel: the module itself
-                self._check_module_device()
-                inputs, kwargs = scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim,
-                                                               replica_rows=(1, [0]))
-                return self.module(*inputs[0], **kwargs[0])
-            return _hold_through_backward(
-                self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), runtime)
+        if torch.autograd._profiler_enabled():  # the step by name in a profiler's trace (30 us a step otherwise)
+            with torch.autograd.profiler.record_function("dpfast.DataParallel.forward"):
+                return self._run_forward(inputs, kwargs)
+        return self._run_forward(inputs, kwargs)
+
+    def _run_forward(self, inputs: tuple, kwargs: dict) -> Any:
+        if not self.devices:
+            return self.module(*inputs, **kwargs)
+        if _overrides_a_step(type(self)):
+            return self._forward_through_overrides(inputs, kwargs)
+        n = len(self.devices)
+        batch = scatter_gather.find_batch_size(inputs, kwargs, self.dim, n)
+        if not inputs and not kwargs:  # as nn.DataParallel: a forward without inputs runs once
+            sizes = [None] + [0] * (n - 1)
+        elif batch == 0:  # an empty batch: replica 0 runs it (an empty output, as the module gives)
+            sizes = [0] * n
+        elif batch is None:  # no tensor to split: every replica gets the same inputs, as nn.DataParallel
+            sizes = [None] * n
+        else:
+            sizes = splits.chunk_sizes_for(batch, n, self.chunk_sizes, self.weights)
+        active = [k for k, size in enumerate(sizes) if size != 0] or [0]  # 0 rows: sits this step out
+        chunk_sizes = [sizes[k] for k in active]
+        devices = [self.devices[k] for k in active]
+        runtime = self._ensure_runtime()  # after the inputs were checked: bad input starts nothing
+        cross = runtime.cross
+        training_step = self.training and torch.is_grad_enabled()
+        if cross is not None and training_step:
+            share = self._cross_process_share(cross, batch)
+            return _hold_through_backward(distributed.scale_output_grads(
+                self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), share),
+                runtime)
+        if n == 1 and self.gather_outputs and cross is None:  # as nn.DataParallel: the module itself
+            self._check_module_device()
+            inputs, kwargs = scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim,
+                                                           replica_rows=(1, [0]))
+            return self.module(*inputs[0], **kwargs[0])
+        return _hold_through_backward(
+            self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), runtime)
 
     def _check_module_device(self) -> None:
         check_on_device(itertools.chain(self.module.parameters(), self.module.buffers()), self.src_device_obj)
@@ -328,7 +333,10 @@ class DataParallel(nn.DataParallel):
     def scatter(self, inputs: tuple, kwargs: Optional[dict], device_ids: Sequence[Any],
                 chunk_sizes: Optional[List[Any]] = None, streams=None, replica_indices: Optional[List[int]] = None
                 ) -> Tuple[List[tuple], List[dict]]:
-        devices = [_devices.to_device(d, f"device_ids[{i}]") for i, d in enumerate(device_ids)]
+        if replica_indices is not None:  # dpfast's forward: its own devices, checked when it was built
+            devices = list(device_ids)
+        else:
+            devices = [_devices.to_device(d, f"device_ids[{i}]") for i, d in enumerate(device_ids)]
         num_replicas = len(self.devices) if replica_indices is not None else len(devices)
         if chunk_sizes is None:  # called as nn.DataParallel's step: the wrapper's split
             if not inputs and not kwargs:
@@ -399,9 +407,10 @@ class DataParallel(nn.DataParallel):
             return _hold_through_backward(
                 scatter_gather.gather(outputs, _devices.to_device(output_device, "output_device"), self.dim, devices),
                 self._ensure_runtime())
-        return scatter_gather.gather(outputs, _devices.to_device(output_device, "output_device"), self.dim,
-                                     devices, lane_streams.ids(streams), scalar_weights=scalar_weights,
-                                     stand_ins=stand_ins)
+        if not isinstance(output_device, torch.device):  # dpfast's forward passes self.output_device_obj
+            output_device = _devices.to_device(output_device, "output_device")
+        return scatter_gather.gather(outputs, output_device, self.dim, devices, lane_streams.ids(streams),
+                                     scalar_weights=scalar_weights, stand_ins=stand_ins)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Also takes a plain module's state_dict (keys without ``module.``)."""

@@ -262,3 +262,17 @@ def test_auto_moves_a_cpu_module_to_the_first_chosen_gpu_helper():
     assert module_device_is_cpu(nn.Linear(3, 3))  # a multi-element parameter: no truth-value error
     assert module_device_is_cpu(nn.ReLU())
     assert not module_device_is_cpu(nn.BatchNorm1d(3, affine=False).to("meta"))
+
+
+def test_a_profilers_trace_names_the_wrappers_forward():
+    # The step's name is recorded only while a profiler runs (it costs ~30 us a step otherwise).
+    wrapped = dpfast.DataParallel(classifier(), device_ids=["cpu"] * 2)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        wrapped(x).sum().backward()
+    assert "dpfast.DataParallel.forward" in {event.name for event in profile.events()}
+    wrapped.zero_grad()
+    reference = classifier()
+    reference(x).sum().backward()
+    wrapped(x).sum().backward()  # and without a profiler, the same step
+    assert_same_grads(reference, wrapped)
