@@ -218,20 +218,35 @@ std::vector<at::Tensor> scatter(const at::Tensor& tensor, const std::vector<Lane
   std::vector<at::Tensor> pieces;
   pieces.reserve(lanes.size());
   int64_t offset = 0;
+  bool viewed = false;  // a piece on the source's device was already given as a view
+  // On the source's device a piece is a view, as torch.cuda.comm.scatter gives there. Further
+  // pieces on that device (several replicas on one device) alias the source with a version
+  // counter of their own, as the copies on other devices have: a replica that writes its chunk in
+  // place (`x /= 255` in forward) must not invalidate what another replica saved from its chunk.
+  // A source that requires grad keeps views: autograd then checks in-place writes to them.
+  auto on_source_device = [&](const at::Tensor& piece) {
+    if (!viewed || tensor.requires_grad()) {
+      viewed = true;
+      return piece;
+    }
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return at::empty({0}, piece.options()).set_(piece.storage(), piece.storage_offset(), piece.sizes(),
+                                                piece.strides());
+  };
   for (size_t i = 0; i < lanes.size(); ++i) {
     at::Tensor piece = tensor.narrow(wrapped_dim, offset, chunk_sizes[i]);
     offset += chunk_sizes[i];
     if (lanes[i].device == tensor.device() && tensor.is_cpu()) {
-      pieces.push_back(piece);  // a view, as torch.cuda.comm.scatter gives on the source device
+      pieces.push_back(on_source_device(piece));
       continue;
     }
 #ifdef DPFAST_WITH_CUDA
     if (lanes[i].device.is_cuda()) {
       if (lanes[i].device == tensor.device()) {
-        // A view again, but the lane's stream must see the source's producer.
+        // The lane's stream must see the source's producer.
         cuda::wait_all(lanes[i], {Lane{tensor.device(), -1}});
         cuda::record_stream(tensor, lanes[i]);
-        pieces.push_back(piece);
+        pieces.push_back(on_source_device(piece));
       } else {
         pieces.push_back(cuda::copy_to_lane(piece, lanes[i]));
       }

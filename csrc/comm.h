@@ -55,9 +55,11 @@ bool cuda_built();
 bool can_access_peer(int64_t device, int64_t peer);
 
 // Splits `tensor` along `dim` into pieces of `chunk_sizes` and puts piece i on
-// lanes[i], asynchronously on that lane's stream. A piece whose lane is on the
-// source's own device is a view of the source (as torch.cuda.comm.scatter
-// does); the others are copies, staged through pinned memory from the CPU.
+// lanes[i], asynchronously on that lane's stream. The first piece whose lane is
+// on the source's own device is a view of the source (as torch.cuda.comm.scatter
+// does); further ones there alias the source with version counters of their own
+// (views where the source requires grad); the others are copies, staged through
+// pinned memory from the CPU.
 std::vector<at::Tensor> scatter(const at::Tensor& tensor, const std::vector<Lane>& lanes,
                                 const std::vector<int64_t>& chunk_sizes, int64_t dim);
 

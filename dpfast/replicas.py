@@ -102,6 +102,15 @@ def _tensor_meta(t: torch.Tensor, is_param: bool) -> tuple:
     return (t.dtype, t.shape, t.device) if is_param else (t.dtype, t.shape, t.device, t.requires_grad)
 
 
+def _alias(flat: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
+    """A tensor of `shape` at `offset` in `flat`'s memory, with a version counter of its own, as
+    torch.cuda.comm gives each tensor of a coalesced broadcast (NOTE [ Version Counter in
+    comm.*_coalesced ] in torch/csrc/cuda/comm.cpp). A view of the flat buffer would share the
+    buffer's counter with every other tensor in it: a buffer updated in place in forward (an EMA
+    codebook, a running normaliser) would then fail the backward of every weight saved before it."""
+    return torch.empty(0, dtype=flat.dtype, device=flat.device).set_(flat.narrow(0, offset, shape.numel()).view(shape))
+
+
 def _module_entries(module: nn.Module) -> tuple:
     """Names and identities of a module's parameters, buffers and children (map(id): no Python
     loop; this runs for every module on every call)."""
@@ -222,16 +231,17 @@ class ReplicaSet:
         for k in range(1, n):
             own = []
             for i, t in enumerate(tensors):
-                view = self.flats[k][group_index[i]].narrow(0, self.offsets[i], t.numel()).view(t.shape)
-                own.append(nn.Parameter(view, requires_grad=t.requires_grad) if self.is_param[i] else view)
+                alias = _alias(self.flats[k][group_index[i]], self.offsets[i], t.shape)
+                own.append(nn.Parameter(alias, requires_grad=t.requires_grad) if self.is_param[i] else alias)
             self.replica_tensors.append(own)
         # The root's tensors of a laid-out group are copied into views at their offsets.
         self.root_views = [None if packed else [self.flats[0][g].narrow(0, self.offsets[i], tensors[i].numel())
                                                 .view(tensors[i].shape) for i in members]
                            for g, ((_, members), packed) in enumerate(zip(self.groups, self.packed))]
-        # Tensors of modules that may re-point them in forward (RNNs' flatten_parameters()).
-        self.repointable = sorted({index_of[id(t)] for m in self.modules if callable(getattr(m, "flatten_parameters", None))
-                                   for t in list(m._parameters.values()) + list(m._buffers.values()) if t is not None})
+        # Where each replica tensor must sit (_moved): a forward may re-point one (an RNN's
+        # flatten_parameters(); a max-norm constraint's `self.weight.data = renorm(...)`).
+        self.expected_ptrs = [[self.flats[k][group_index[i]].data_ptr() + self.offsets[i] * t.element_size()
+                               for i, t in enumerate(tensors)] for k in range(n)]
         self.repoint_count = 0
         # Replicas of nn.RNNBase keep their weights where the flat group put them (in cuDNN's layout
         # where it takes them): their flatten_parameters() does nothing (NOTE [RNN replicas]).
@@ -387,17 +397,16 @@ class ReplicaSet:
         """(replica, tensor index) of the replica tensors that are not in their flat buffer."""
         moved = []
         for k in range(1, num_replicas):
-            own = self.replica_tensors[k]
-            for i in self.repointable:
-                flat = self.flats[k][self.group_index[i]]
-                if own[i].data_ptr() != flat.data_ptr() + self.offsets[i] * flat.element_size():
-                    moved.append((k, i))
+            ptrs = [t.data_ptr() for t in self.replica_tensors[k]]
+            if ptrs != self.expected_ptrs[k]:
+                moved.extend((k, i) for i, (ptr, expected) in enumerate(zip(ptrs, self.expected_ptrs[k]))
+                             if ptr != expected)
         return moved
 
     def weights_moved(self, num_replicas: int) -> bool:
         """Whether a forward moved replica weights (Tensor.set_ gives them a new gradient
         accumulator: two forwards before one backward then accumulate each through its own)."""
-        return bool(self.repointable) and bool(self._moved(num_replicas))
+        return bool(self._moved(num_replicas))
 
     def _follow_requires_grad(self) -> None:
         """Replica parameters require grad exactly where the root's do (a GAN freezes its

@@ -115,6 +115,24 @@ def test_scatter_from_cpu_to_repeated_device_copies_exactly():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_scatter_pieces_on_the_source_device_have_their_own_version_counters(device):
+    # The first is a view (as torch.cuda.comm.scatter gives); the others alias the source's memory
+    # with counters of their own, so one replica's in-place write leaves another's saved chunk valid.
+    dev = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+    tensor = torch.arange(24.0, device=dev).view(6, 4)
+    pieces = _C.scatter(tensor, [dev] * 3, [2, 2, 2], 0)
+    version = [p._version for p in pieces]
+    pieces[1].mul_(10)
+    assert pieces[1]._version == version[1] + 1
+    assert pieces[0]._version == version[0] and pieces[2]._version == version[2] and tensor._version == 0
+    assert torch.equal(tensor[2:4], torch.arange(8.0, 16.0, device=dev).view(2, 4) * 10)  # the same memory
+    pieces[0].add_(1)
+    assert tensor._version == 1 and pieces[1]._version == version[1] + 1  # the view shares the source's
+    leaf = torch.randn(6, 4, device=dev, requires_grad=True)
+    assert all(p._base is leaf for p in _C.scatter(leaf, [dev] * 3, [2, 2, 2], 0))  # autograd keeps its checks
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_coalesce_round_trip(device):
     tensors = [torch.randn(3, 4, device=device), torch.randn(5, device=device), torch.randn(0, device=device),
                torch.randn(2, 2, 2, device=device).transpose(0, 2)]  # a non-contiguous one
