@@ -180,6 +180,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("marked_after_complete", &GradReadiness::marked_after_complete)
       .def("got_grad", &GradReadiness::got_grad)
       .def("any_grad", &GradReadiness::any_grad)
+      .def("take_graph_grads", &GradReadiness::take_graph_grads)
       .def("replicas_used", &GradReadiness::replicas_used)
       .def("first_mark_seen", &GradReadiness::first_mark_seen);
 }

@@ -26,7 +26,9 @@ struct ReadyHook : torch::autograd::PostAccumulateGradHook {
     // mode is on in backward (create_graph=True: autograd accumulated out of place, the view's
     // contents included), or when something set the replica's .grad to None (a zero_grad() inside
     // forward, which nn.DataParallel's replicas ignore): autograd then made a new one of this
-    // backward's gradient alone. Either way it goes into the view, and the view back into .grad.
+    // backward's gradient alone. Either way its values go into the view, for the reduction. A
+    // gradient with a graph stays in .grad too: the reducer adds it into the root's .grad with
+    // its graph, then puts the view back (reducer.py, _add_into_grads).
     at::Tensor& grad = param.mutable_grad();
     if (grad.defined() && (grad.layout() != c10::kStrided || grad.data_ptr() != view.data_ptr())) {
       const bool out_of_place = at::GradMode::is_enabled();
@@ -36,7 +38,11 @@ struct ReadyHook : torch::autograd::PostAccumulateGradHook {
       } else {
         view.add_(grad);
       }
-      grad = view;
+      if (out_of_place && grad.requires_grad()) {
+        state->note_graph_grad();
+      } else {
+        grad = view;
+      }
     }
     state->mark(index, replica);
   }
@@ -155,13 +161,16 @@ void GradReadiness::attach_root(const at::Tensor& param, int64_t i, const at::Te
               view.defined() ? view.toString() + " of shape " + c10::str(view.sizes()) + " on " + view.device().str()
                              : std::string("an undefined tensor"));
   roots_.push_back(RootParam{c10::weak_intrusive_ptr<at::TensorImpl, c10::UndefinedTensorImpl>(param.getIntrusivePtr()),
-                             i, view, held});
+                             i, view, view.alias(), held});
   ensure_root_hooks();
 }
 
 int64_t GradReadiness::ensure_root_hooks() {
   int64_t hooked = 0;
   for (const auto& root : roots_) {
+    if (root.view.data_ptr() != root.anchor.data_ptr()) {
+      put_back(root);
+    }
     auto impl = root.param.lock();
     if (!impl) {
       continue;  // the root's parameter is gone (the module was replaced)
@@ -180,6 +189,22 @@ int64_t GradReadiness::ensure_root_hooks() {
     ++hooked;
   }
   return hooked;
+}
+
+void GradReadiness::put_back(const RootParam& root) {
+  // `p.grad.data = t` re-points the tensor that is .grad, and that is our view: Module._apply does
+  // it for .grad in model.half(), .float() and .to(). The bucket's reductions would land where .grad
+  // no longer looks, for good. What .grad holds goes back into the bucket, and the view with it.
+  const at::Tensor& view = root.view;
+  const at::Tensor& anchor = root.anchor;
+  if (view.sizes() != anchor.sizes() || view.scalar_type() != anchor.scalar_type() ||
+      view.device() != anchor.device() || view.layout() != anchor.layout()) {
+    return;  // another dtype or device: the next forward rebuilds the replicas and this reducer
+  }
+  at::NoGradGuard no_grad;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // NOTE [Engine writes and version counters]
+  anchor.copy_(view);
+  view.set_(anchor);
 }
 
 void GradReadiness::detach_roots() {

@@ -17,6 +17,7 @@
 #include <functional>
 #include <optional>
 #include <memory>
+#include <atomic>
 #include <mutex>
 #include <vector>
 
@@ -52,7 +53,7 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   void attach_root(const at::Tensor& param, int64_t i, const at::Tensor& view, bool held);
   // Hooks again the root parameters whose hook is gone (the first Python post-accumulate-grad hook
   // registered on a parameter replaces whatever is in its slot) or now another reducer's; returns
-  // how many.
+  // how many. Puts back into the bucket a view that `.grad.data = ...` re-pointed (put_back).
   int64_t ensure_root_hooks();
   void detach_roots();
   // Called by the root's hook: the move into the view (returns whether the gradient is held), and,
@@ -89,6 +90,10 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
 
   std::vector<bool> got_grad() const;
   bool any_grad() const;
+  // Whether a replica's gradient came with a graph (create_graph=True) since the last call: it is
+  // left in the replica's .grad (its values also in the view) for the reducer to sum differentiably.
+  bool take_graph_grads() { return graph_grads_.exchange(false); }
+  void note_graph_grad() { graph_grads_.store(true); }
   int64_t replicas_used() const;
   bool first_mark_seen() const;
 
@@ -99,10 +104,12 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   struct RootParam {
     c10::weak_intrusive_ptr<at::TensorImpl, c10::UndefinedTensorImpl> param;  // the user's: not kept alive
     int64_t index;
-    at::Tensor view;
+    at::Tensor view;    // handed out as the parameter's .grad
+    at::Tensor anchor;  // the same slice, never handed out: where `view` belongs
     bool held;
   };
   std::vector<RootParam> roots_;  // touched only with Python's GIL held (attach, ensure, detach)
+  static void put_back(const RootParam& root);
   std::optional<c10::Stream> root_stream_;  // set once, before any hook runs
   std::optional<c10::Stream> stream_if_elsewhere(const at::Tensor& view) const;
   struct Callbacks {
@@ -113,6 +120,7 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   // functions themselves takes Python's GIL, which must never be waited for under the mutex.
   std::shared_ptr<const Callbacks> callbacks_;
 
+  std::atomic<bool> graph_grads_{false};
   mutable std::mutex mutex_;
   std::vector<bool> got_grad_;
   std::vector<int64_t> root_state_;

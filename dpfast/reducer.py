@@ -327,6 +327,8 @@ class GradReducer:
                     self._view(i, 0).zero_()
         for b in range(len(self.buckets)):
             self._zero_bucket(b, self.num_replicas, current)
+        if self._ready.take_graph_grads():
+            self._put_views_back()
         self._callback_queued = False
         self._start_over()
 
@@ -462,7 +464,13 @@ class GradReducer:
                         lane_streams.wait(comm0, current)
                     self._launch(b)
             lane_streams.wait(current, comm0)
-            self._add_into_grads(separate + held)
+            graph_grads = self._ready.take_graph_grads()  # create_graph=True: replicas' .grad carry graphs
+            if graph_grads and self.streams:
+                for k in range(1, used):  # those gradients are read on the current stream
+                    lane_streams.wait(lane_streams.current_stream(self.devices[k]), self.streams[k])
+            self._add_into_grads(separate + held, used if graph_grads else 0)
+            if graph_grads:
+                self._put_views_back()
             for i in adopt:
                 self.root_params[i].grad = self._view(i, 0)
             # Where the root's lane is a receive buffer, and for gradients held this time: zero
@@ -501,14 +509,26 @@ class GradReducer:
                 view.copy_(grad)
                 adopt.append(i)
 
-    def _add_into_grads(self, indices: List[int]) -> None:
+    def _add_into_grads(self, indices: List[int], graph_replicas: int = 0) -> None:
         """Adds the reduced sums of these parameters into their .grad, exactly as autograd
-        accumulates (creating it where it is None)."""
+        accumulates (creating it where it is None). ``graph_replicas``: after a backward with
+        create_graph=True, the replicas 1..graph_replicas-1 whose .grad carry graphs; where all of
+        them do for a parameter whose .grad does too, their gradients are added with their graphs
+        (as nn.DataParallel's ReduceAddCoalesced does), so a penalty on .grad differentiates through
+        every replica, not only replica 0."""
         grads, sums = [], []  # dense .grad to add into: one fused add
         for i in indices:
             p = self.root_params[i]
             reduced = self._view(i, 0)
             grad = p.grad
+            if graph_replicas > 1 and grad is not None and grad.requires_grad and not grad.is_sparse:
+                shares = [self.replica_params[k - 1][i].grad for k in range(1, graph_replicas)]
+                if all(share is not None and share.requires_grad for share in shares):
+                    with torch.enable_grad():
+                        for share in shares:
+                            grad = grad + share.to(grad.device)
+                    p.grad = grad
+                    continue
             if grad is None:
                 sparse_dim = self._sparse_dims.get(i)
                 p.grad = (torch.empty_like(p).copy_(reduced) if sparse_dim is None
@@ -524,6 +544,16 @@ class GradReducer:
         else:  # none, or a .grad shared by two parameters: one add after the other
             for grad, reduced in zip(grads, sums):
                 grad.add_(reduced)
+
+    def _put_views_back(self) -> None:
+        """After a backward with create_graph=True: the replicas' .grad that kept their graphs
+        become their bucket views again (zero since their reduction), where the next backward
+        accumulates."""
+        for k in range(1, self.num_replicas):
+            for i, p in enumerate(self.replica_params[k - 1]):
+                view = self._view(i, k)
+                if p.grad is not view:
+                    p.grad = view
 
     def has_pending(self) -> bool:
         return self._ready.any_grad()

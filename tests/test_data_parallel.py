@@ -1042,3 +1042,145 @@ def test_a_hook_installed_in_forward_is_installed_once_per_module():
     torch.testing.assert_close(wrapped(x), reference(x + 1))
     handle.remove()
     torch.testing.assert_close(wrapped(x), reference(x))
+
+
+# -- patterns from real projects that write tensors in place ------------------------------------------
+class _EmaCodebook(nn.Module):
+    """A VQ-VAE-style EMA codebook (a running normaliser, a MoCo queue): a buffer updated in place
+    in forward, next to weights that backward needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.encode = nn.Linear(4, 8)
+        self.hidden = nn.Linear(8, 8)  # its weight is saved before the update (for h's gradient)
+        self.decode = nn.Linear(8, 3)
+        self.register_buffer("codebook", torch.zeros(8, 8))
+
+    def forward(self, x):
+        h = self.hidden(torch.tanh(self.encode(x)))
+        with torch.no_grad():
+            self.codebook.mul_(0.9).add_(h.t() @ h, alpha=0.1)
+        return self.decode(h)
+
+
+class _NormalisesInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        x /= 255.0  # in place, on the input
+        return self.body(x)
+
+
+class _MaxNorm(nn.Linear):
+    """braindecode/EEGNet's max-norm constraint: the weight's .data re-assigned in forward."""
+
+    def forward(self, x):
+        self.weight.data = torch.renorm(self.weight.data, p=2, dim=0, maxnorm=0.5)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_buffer_updated_in_place_in_forward_leaves_saved_weights_valid(n):
+    # Every replica tensor has a version counter of its own (as torch.cuda.comm's coalesced
+    # broadcast gives): one flat buffer's shared counter made this backward fail.
+    torch.manual_seed(0)
+    reference = _EmaCodebook().double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu"] * n)
+    for _ in range(2):
+        x = torch.randn(8, 4, dtype=torch.float64)
+        reference(x).pow(2).sum().backward()
+        wrapped(x).pow(2).sum().backward()
+        assert_same_grads(reference, wrapped)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_a_forward_that_writes_its_input_in_place(n):
+    # Chunks on the input's device after the first alias it with version counters of their own:
+    # one replica's in-place write no longer invalidates what another saved (it failed, racily).
+    torch.manual_seed(0)
+    reference = _NormalisesInput().double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu"] * n)
+    x = torch.randn(8, 4, dtype=torch.float64) * 255
+    x_reference, x_wrapped = x.clone(), x.clone()
+    for _ in range(3):
+        reference.zero_grad()
+        wrapped.zero_grad()
+        out = wrapped(x_wrapped.clone())
+        out.sum().backward()
+        reference(x_reference.clone()).sum().backward()
+        assert_same_grads(reference, wrapped)
+    wrapped(x_wrapped)
+    reference(x_reference)
+    torch.testing.assert_close(x_wrapped, x_reference)  # the caller's input is written, as the module does
+
+
+def test_a_weight_whose_data_is_reassigned_in_forward_follows_the_root():
+    torch.manual_seed(0)
+    reference = nn.Sequential(_MaxNorm(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu"] * 3)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (reference, wrapped)]
+    for _ in range(4):
+        x = torch.randn(9, 4, dtype=torch.float64)
+        for model, optimizer in zip((reference, wrapped), optimizers):
+            optimizer.zero_grad()
+            model(x).pow(2).sum().backward()
+            optimizer.step()
+        assert_same_grads(reference, wrapped)  # replicas computed with the root's renormed weight
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("round_trip", ["half_float", "grad_data"])
+def test_grad_data_reassigned_between_steps_keeps_the_reduction(round_trip):
+    # model.half().float() (Module._apply sets p.grad.data) or p.grad.data = ... re-point the view
+    # that is .grad: it goes back into the bucket at the next forward, values kept.
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu"] * 3)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    for model in (reference, wrapped):
+        model(x).sum().backward()
+    if round_trip == "half_float":
+        wrapped.module.float().double()
+        reference.float().double()
+    else:
+        for p in wrapped.module.parameters():
+            p.grad.data = p.grad.data.clone()
+    for step in range(3):
+        for model in (reference, wrapped):
+            if step:
+                model.zero_grad()
+            model(x * (step + 2)).sum().backward()
+        assert_same_grads(reference, wrapped)
+
+
+def test_backward_with_create_graph_differentiates_through_every_replicas_share():
+    # A penalty on p.grad after loss.backward(create_graph=True) (gradient-norm regularisers,
+    # MAML): its gradient must see every replica's share, as nn.DataParallel's ReduceAddCoalesced
+    # gives; then a plain step reduces as usual (the replicas' views are back in .grad).
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu"] * 3)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    results = []
+    for model in (reference, wrapped):
+        inputs = x.clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Using backward() with create_graph=True ..."
+            model(inputs).pow(2).sum().backward(create_graph=True)
+        params = list(model.parameters())
+        grads = [p.grad.detach().clone() for p in params]
+        penalty = sum(p.grad.pow(2).sum() for p in params)
+        input_grad, = torch.autograd.grad(penalty, inputs, retain_graph=True)
+        penalty.backward()  # into .grad: the replicas' parameters' shares are reduced as usual
+        results.append((grads, penalty.detach(), input_grad, [p.grad.detach().clone() for p in params]))
+        model.zero_grad(set_to_none=True)
+    for got, want in zip(results[1][0] + results[1][3], results[0][0] + results[0][3]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-10, atol=1e-12)  # d penalty / d input
+    for model in (reference, wrapped):
+        model(x).sum().backward()
+    assert_same_grads(reference, wrapped)
