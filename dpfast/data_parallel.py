@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 import weakref
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -501,11 +502,32 @@ class DataParallel(nn.DataParallel):
                 tree_shape=self.tree_shape, allow_p2p=_devices.p2p_allowed(), phase=_weak_phase(self),
                 cross_process=runtime.cross, sparse_dims=_sparse_dims(self.module, replicas.replica_params(0, indices)))
             runtime.reducer.sync_enabled = self.__dict__.get("_sync_enabled", True)  # inside no_sync(): False
+            self._warn_on_parameter_hooks(replicas.replica_params(0, indices))
             runtime.reducer_build = replicas.build_count
             runtime.reducer_indices = indices
         runtime.reducer.set_active([i in wanted for i in runtime.reducer_indices])
         runtime.reducer_flags = replicas.grad_flags
         return runtime.reducer
+
+    def _warn_on_parameter_hooks(self, params: List[torch.Tensor]) -> None:
+        """A hook on a root parameter (register_hook, register_post_accumulate_grad_hook) runs on
+        replica 0's share of its gradient: the root module is replica 0, and the other replicas'
+        parameters are leaves of their own, whose shares reach .grad through the buckets. Under
+        nn.DataParallel every replica is a copy made from the parameter, and its hooks see the sum.
+        Said once per parameter, as it changes results silently (a clamp per parameter, say)."""
+        hooked = [p for p in params if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)]
+        warned = self.__dict__.setdefault("_warned_parameter_hooks", set())
+        if not hooked or all(id(p) in warned for p in hooked):
+            return
+        names = {id(p): name for name, p in self.module.named_parameters()}
+        new = [p for p in hooked if id(p) not in warned]
+        warned.update(id(p) for p in new)
+        listed = ", ".join(repr(names.get(id(p), "?")) for p in new[:3]) + (" and others" if len(new) > 3 else "")
+        warnings.warn(f"dpfast.DataParallel: hooks registered on parameters ({listed}) with register_hook or "
+                      f"register_post_accumulate_grad_hook see only replica 0's share of the gradient, before the "
+                      f"other replicas' shares are added into .grad (under nn.DataParallel they see the sum): "
+                      f"transform the gradient on .grad after backward instead (torch.nn.utils.clip_grad_value_, "
+                      f"say)", UserWarning, stacklevel=4)
 
     def __getstate__(self):
         state = self.__dict__.copy()

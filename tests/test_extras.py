@@ -276,3 +276,19 @@ def test_a_profilers_trace_names_the_wrappers_forward():
     reference(x).sum().backward()
     wrapped(x).sum().backward()  # and without a profiler, the same step
     assert_same_grads(reference, wrapped)
+
+
+def test_a_hook_on_a_root_parameter_is_warned_about_once():
+    # It sees replica 0's share only (nn.DataParallel's sees the sum): a silent difference otherwise.
+    wrapped = dpfast.DataParallel(classifier(), device_ids=["cpu"] * 2)
+    wrapped.module[0].weight.register_hook(lambda grad: grad.clamp(-0.1, 0.1))
+    x = torch.randn(6, 5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"hooks registered on parameters \('0.weight'\).*replica 0's share"):
+        wrapped(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped(x).sum().backward()  # said once
+    quiet = dpfast.DataParallel(classifier(), device_ids=["cpu"] * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet(x).sum().backward()  # no hooks, no warning
