@@ -151,6 +151,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("assign_buckets", &dpfast::plan::assign_buckets, "tensor_bytes"_a, "group"_a, "cap_bytes"_a,
         "first_cap_bytes"_a, "Indices of the tensors in each bucket (csrc/plan.h)");
 
+  py::class_<dpfast::PointerWatch>(m, "PointerWatch", "Which tensors left the memory they had (csrc/comm.h)")
+      .def(py::init<std::vector<at::Tensor>>(), "tensors"_a)
+      .def("moved", &dpfast::PointerWatch::moved, "Indices of the tensors whose data_ptr() changed");
   // The callbacks are Python functions: pybind11 takes the GIL to call them and to drop them.
   m.def("graph_reaches_only", &dpfast::graph_reaches_only, "roots"_a, "allowed"_a,
         "Whether autograd's walk back from roots meets no leaf but those in allowed",

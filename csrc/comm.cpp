@@ -229,9 +229,10 @@ std::vector<at::Tensor> scatter(const at::Tensor& tensor, const std::vector<Lane
       viewed = true;
       return piece;
     }
+    // Below autograd's view tracking, alias() makes a tensor of the same memory, keys (a lazy
+    // conjugate or negation included) and layout, with a version counter of its own.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return at::empty({0}, piece.options()).set_(piece.storage(), piece.storage_offset(), piece.sizes(),
-                                                piece.strides());
+    return at::alias(piece);
   };
   for (size_t i = 0; i < lanes.size(); ++i) {
     at::Tensor piece = tensor.narrow(wrapped_dim, offset, chunk_sizes[i]);
@@ -400,6 +401,19 @@ void zero_(const std::vector<at::Tensor>& buffers, const std::vector<Lane>& lane
                 "without CUDA");
 #endif
   }
+}
+
+PointerWatch::PointerWatch(std::vector<at::Tensor> tensors) : tensors_(std::move(tensors)) {
+  expected_.reserve(tensors_.size());
+  for (const auto& t : tensors_) expected_.push_back(t.data_ptr());
+}
+
+std::vector<int64_t> PointerWatch::moved() const {
+  std::vector<int64_t> indices;
+  for (size_t i = 0; i < tensors_.size(); ++i) {
+    if (tensors_[i].data_ptr() != expected_[i]) indices.push_back(static_cast<int64_t>(i));
+  }
+  return indices;
 }
 
 void point_into(const at::Tensor& tensor, const at::Tensor& flat, int64_t offset) {

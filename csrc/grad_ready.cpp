@@ -33,7 +33,10 @@ struct ReadyHook : torch::autograd::PostAccumulateGradHook {
     if (grad.defined() && (grad.layout() != c10::kStrided || grad.data_ptr() != view.data_ptr())) {
       const bool out_of_place = at::GradMode::is_enabled();
       at::NoGradGuard no_grad;
-      if (out_of_place) {
+      if (out_of_place || grad.requires_grad()) {
+        // Out of place: the view's contents included. A .grad with a graph is one this hook kept
+        // (below), whose earlier values the view already holds; autograd added into it in place
+        // (a backward without create_graph inside no_sync()).
         view.copy_(grad.layout() == c10::kStrided ? grad : grad.to_dense());
       } else {
         view.add_(grad);

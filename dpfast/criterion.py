@@ -69,9 +69,18 @@ class ParallelCriterion(nn.Module):
             raise ValueError(f"dpfast.ParallelCriterion: reduction: expected 'mean', 'sum' or 'none', but got "
                              f"{self.reduction!r}")
         self._has_reduction = isinstance(getattr(criterion, "reduction", None), str)
+        # torch's mean of most criteria is the mean of their unreduced losses, whose shape is the
+        # criterion's own (one per element for MSELoss, one per row for MultiMarginLoss or
+        # TripletMarginLoss): those are computed unreduced per replica and averaged over them all.
+        # Cross-entropy's and NLL's means are weighted and KLDivLoss's batchmean is over rows: sums
+        # per replica, then their own denominators (_denominator).
+        self._unreduced_mean = (self._has_reduction and self.reduction == "mean"
+                                and not isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss))
+                                and not (isinstance(criterion, nn.KLDivLoss) and criterion.reduction == "batchmean"))
         if self._has_reduction:  # computes sums per replica; the mean is taken over the whole batch
             self._summing = copy.copy(criterion)
-            self._summing.reduction = "sum" if self.reduction == "mean" else self.reduction
+            self._summing.reduction = ("none" if self._unreduced_mean else
+                                       "sum" if self.reduction == "mean" else self.reduction)
 
     def forward(self, outputs: ReplicaOutputs, target: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not isinstance(outputs, ReplicaOutputs):
@@ -84,6 +93,9 @@ class ParallelCriterion(nn.Module):
         losses = [fn(out, tgt, *a, **kw) for out, tgt, a, kw in zip(outputs, targets, extra_args, extra_kwargs)]
         if self.reduction == "none":
             return scatter_gather.gather(losses, outputs.output_device, outputs.dim, outputs.devices)
+        if self._unreduced_mean:
+            count = sum(loss.numel() for loss in losses)
+            return torch.stack([loss.sum().to(outputs.output_device) for loss in losses]).sum() / count
         on_output = [loss.to(outputs.output_device) for loss in losses]
         if self.reduction == "sum":
             return torch.stack(on_output).sum()
@@ -104,6 +116,4 @@ class ParallelCriterion(nn.Module):
                 return keep.sum().to(output.dtype)
             weights = c.weight.to(target.device)[target.clamp(min=0) * keep]
             return (weights * keep).sum().to(output.dtype)
-        if isinstance(c, nn.KLDivLoss) and getattr(c, "reduction", None) == "batchmean":
-            return torch.tensor(float(output.size(0)), device=output.device)
-        return torch.tensor(float(output.numel()), device=output.device)
+        return torch.tensor(float(output.size(0)), device=output.device)  # KLDivLoss's batchmean

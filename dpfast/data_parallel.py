@@ -19,7 +19,7 @@ from . import devices as _devices
 from . import scatter_gather, streams as lane_streams
 from .buffers import BatchNormAverager
 from .criterion import ReplicaOutputs
-from .reducer import GradReducer
+from .reducer import GradReducer, own_hook_ids
 from .replicas import ReplicaSet, check_on_device
 from .workers import WorkerPool, capture_thread_state, cpu_lane_threads, thread_state
 
@@ -321,7 +321,7 @@ class DataParallel(nn.DataParallel):
         """NOTE [Parallel backward]: on CPU lanes, the replicas' parts of the backward run on their
         workers (DPFAST_PARALLEL_BACKWARD); otherwise autograd walks them one after the other."""
         if (len(active) < 2 or runtime.cross is not None or not torch.is_grad_enabled()
-                or any(d.type != "cpu" for d in devices) or runtime.reducer is None
+                or any(d.type != "cpu" for d in devices) or runtime.reducer is None or runtime.reducer.no_routing
                 or not parallel_backward.wanted(len(active))):
             return None
         replica_tensors = [runtime.replicas.replica_tensors[k] for k in active]
@@ -515,7 +515,9 @@ class DataParallel(nn.DataParallel):
         parameters are leaves of their own, whose shares reach .grad through the buckets. Under
         nn.DataParallel every replica is a copy made from the parameter, and its hooks see the sum.
         Said once per parameter, as it changes results silently (a clamp per parameter, say)."""
-        hooked = [p for p in params if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)]
+        own = own_hook_ids() if any(p._backward_hooks for p in params) else set()
+        hooked = [p for p in params if (p._backward_hooks and not own.issuperset(p._backward_hooks))
+                  or getattr(p, "_post_accumulate_grad_hooks", None)]
         warned = self.__dict__.setdefault("_warned_parameter_hooks", set())
         if not hooked or all(id(p) in warned for p in hooked):
             return

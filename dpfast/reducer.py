@@ -37,6 +37,7 @@ reductions, so a parameter unused on one replica adds nothing from it.
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from typing import List, Optional
 
@@ -90,6 +91,7 @@ class GradReducer:
         self._replica_jobs: list = []  # NOTE [Parallel backward]: replicas' backward on the workers
         self._routed: list = []  # plan_alive() of routed forwards whose graphs may still run
         self._allow_early_launch = True  # False after a gradient came after its bucket's reduction
+        self.no_routing = False  # True after backward(create_graph=True) in a routed window (_stop_routing_for_graphs)
         self._root_hooks = {}  # parameter index -> Python hook on the root's parameter (across processes)
         # parameter index -> sparse_dim of its sparse gradient, declared by the module or seen on the
         # root: the sum is handed back sparse even when the root got none (replica buckets are dense)
@@ -468,7 +470,10 @@ class GradReducer:
             if graph_grads and self.streams:
                 for k in range(1, used):  # those gradients are read on the current stream
                     lane_streams.wait(lane_streams.current_stream(self.devices[k]), self.streams[k])
-            self._add_into_grads(separate + held, used if graph_grads else 0)
+            with_graphs = graph_grads and not self._window_routed
+            if graph_grads and self._window_routed:
+                self._stop_routing_for_graphs()
+            self._add_into_grads(separate + held, used if with_graphs else 0)
             if graph_grads:
                 self._put_views_back()
             for i in adopt:
@@ -545,6 +550,19 @@ class GradReducer:
             for grad, reduced in zip(grads, sums):
                 grad.add_(reduced)
 
+    def _stop_routing_for_graphs(self) -> None:
+        """backward(create_graph=True) where the replicas' backward passes ran on their workers
+        (NOTE [Parallel backward]): a penalty's backward through their graphs would reach each
+        replica's forward graph twice, once through its gradient and once through ReplicaBackward,
+        in two graph tasks. This step's .grad carries replica 0's graph only (its values are exact);
+        from the next forward on, the wrapper leaves the replicas' passes to autograd's own walk."""
+        if not self.no_routing:
+            self.no_routing = True
+            warnings.warn("dpfast.DataParallel: backward(create_graph=True) with CPU replicas' backward passes "
+                          "side by side (DPFAST_PARALLEL_BACKWARD): this step's .grad carries replica 0's graph "
+                          "only; from the next step on the passes run in turn and .grad carries every replica's. "
+                          "Set DPFAST_PARALLEL_BACKWARD=0 to have it from the first step", UserWarning, stacklevel=2)
+
     def _put_views_back(self) -> None:
         """After a backward with create_graph=True: the replicas' .grad that kept their graphs
         become their bucket views again (zero since their reduction), where the next backward
@@ -565,6 +583,12 @@ class GradReducer:
         self._hooked = []
         self._ready.clear_callbacks()
         self._release()  # the root's hooks too
+
+
+def own_hook_ids() -> set:
+    """The keys, in parameters' _backward_hooks, of the hooks that live reducers put on root
+    parameters (across processes, _hook_roots): not the user's."""
+    return {handle.id for reducer in list(_LIVE_REDUCERS) for handle in reducer._root_hooks.values()}
 
 
 def _timing_event(stream) -> "torch.cuda.Event":

@@ -161,6 +161,14 @@ class ReplicaSet:
     # -- building ------------------------------------------------------------------------------
     def _build(self) -> None:
         root, devices = self.root, self.devices
+        for name, m in root.named_modules():
+            if isinstance(m, torch.jit.ScriptModule):
+                # Its parameters, buffers and submodules live in a C++ object: the replicas, which
+                # are Python copies of each module with dictionaries of their own, cannot be made.
+                raise RuntimeError(f"dpfast.DataParallel: module: expected Python modules, but found a TorchScript "
+                                   f"module (torch.jit.script or torch.jit.trace) at {name or 'the root'!r}: "
+                                   f"wrap the eager module instead (torch.compile of it works), or use "
+                                   f"torch.nn.DataParallel for this one")
         self.modules: List[nn.Module] = [m for _, m in root.named_modules()]
         self.entries = [_module_entries(m) for m in self.modules]
         tensors: List[torch.Tensor] = []
@@ -240,8 +248,7 @@ class ReplicaSet:
                            for g, ((_, members), packed) in enumerate(zip(self.groups, self.packed))]
         # Where each replica tensor must sit (_moved): a forward may re-point one (an RNN's
         # flatten_parameters(); a max-norm constraint's `self.weight.data = renorm(...)`).
-        self.expected_ptrs = [[self.flats[k][group_index[i]].data_ptr() + self.offsets[i] * t.element_size()
-                               for i, t in enumerate(tensors)] for k in range(n)]
+        self.pointer_watch = [None] + [_C.PointerWatch(own) for own in self.replica_tensors[1:]]
         self.repoint_count = 0
         # Replicas of nn.RNNBase keep their weights where the flat group put them (in cuDNN's layout
         # where it takes them): their flatten_parameters() does nothing (NOTE [RNN replicas]).
@@ -395,13 +402,7 @@ class ReplicaSet:
 
     def _moved(self, num_replicas: int) -> List[Tuple[int, int]]:
         """(replica, tensor index) of the replica tensors that are not in their flat buffer."""
-        moved = []
-        for k in range(1, num_replicas):
-            ptrs = [t.data_ptr() for t in self.replica_tensors[k]]
-            if ptrs != self.expected_ptrs[k]:
-                moved.extend((k, i) for i, (ptr, expected) in enumerate(zip(ptrs, self.expected_ptrs[k]))
-                             if ptr != expected)
-        return moved
+        return [(k, i) for k in range(1, num_replicas) for i in self.pointer_watch[k].moved()]
 
     def weights_moved(self, num_replicas: int) -> bool:
         """Whether a forward moved replica weights (Tensor.set_ gives them a new gradient

@@ -1184,3 +1184,78 @@ def test_backward_with_create_graph_differentiates_through_every_replicas_share(
     for model in (reference, wrapped):
         model(x).sum().backward()
     assert_same_grads(reference, wrapped)
+
+
+def test_create_graph_inside_no_sync_then_a_plain_backward_counts_each_share_once():
+    # The no_sync step leaves the replicas' graph-carrying .grad in place (its values in the
+    # buckets too); the next, plain, backward adds into it in place: its values replace the
+    # bucket's instead of being added to them a second time.
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu"] * 3)
+    x1, x2 = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # create_graph=True's warning; routed windows' (see below)
+        with wrapped.no_sync():
+            wrapped(x1).pow(2).sum().backward(create_graph=True)
+        reference(x1).pow(2).sum().backward(create_graph=True)
+        wrapped(x2).pow(2).sum().backward()
+        reference(x2).pow(2).sum().backward()
+    assert_same_grads(reference, wrapped)
+
+
+def test_create_graph_where_replicas_backward_ran_on_workers_warns_then_walks_in_turn(monkeypatch):
+    # A penalty's backward would reach a replica's forward graph twice (through its gradient and
+    # through ReplicaBackward), in two graph tasks: that step's .grad carries replica 0's graph only,
+    # values exact, and a warning says so; from the next step the replicas' passes run in turn and
+    # the penalty's gradient into .grad is exact.
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "1")
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu"] * 3)
+    x = torch.randn(9, 3, dtype=torch.float64)
+
+    def step(model, penalty_too=True):
+        model(x).pow(2).sum().backward(create_graph=True)
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        penalty = sum(p.grad.pow(2).sum() for p in model.parameters())
+        model.zero_grad(set_to_none=True)
+        if penalty_too:
+            penalty.backward()
+        penalties = [p.grad.clone() if penalty_too else None for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        return grads, penalties
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using backward")
+        want = step(reference)
+        with pytest.warns(UserWarning, match=r"create_graph=True.*replica 0's graph only"):
+            got = step(wrapped, penalty_too=False)
+        for g, w in zip(got[0], want[0]):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        got = step(wrapped)
+    for g, w in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_a_lazily_conjugated_input_reaches_every_replica_conjugated():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2).to(torch.complex128)
+    wrapped = dpfast.DataParallel(copy.deepcopy(layer), device_ids=["cpu"] * 3)
+    x = torch.randn(9, 3, dtype=torch.complex128)
+    for lazy in (x.conj(), torch._neg_view(x)):
+        torch.testing.assert_close(wrapped(lazy), layer(lazy.resolve_conj().resolve_neg()), rtol=1e-12, atol=1e-12)
+
+
+def test_a_zero_size_buffer_is_not_taken_for_a_moved_weight():
+    # Re-pointing it every call would also keep every bucket for the end of backward when a window
+    # has two forwards (note_weights_moved).
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    module.register_buffer("nothing", torch.empty(0, dtype=torch.float64))
+    wrapped = dpfast.DataParallel(module, device_ids=["cpu"] * 3)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    for _ in range(3):
+        wrapped(x).sum().backward()
+    replicas = wrapped._runtime.replicas
+    assert replicas.repoint_count == 0 and not replicas.weights_moved(3)

@@ -5,6 +5,7 @@ replica and device; afterwards the wrapper still works."""
 import copy
 import gc
 import threading
+import warnings
 
 import pytest
 import torch
@@ -171,3 +172,17 @@ def test_uninitialized_lazy_module_is_named_and_the_wrapper_works_once_initializ
     model(x)  # the module alone initializes its parameters
     torch.testing.assert_close(wrapped(x), model(x))
     assert wrapped.stats()["replica_builds"] == 1
+
+
+def test_a_torchscript_part_is_named_in_a_clear_error_and_the_eager_module_works():
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated
+        scripted = nn.Sequential(torch.jit.script(copy.deepcopy(eager[0])), nn.ReLU(), nn.Linear(4, 3))
+    x = torch.randn(8, 5)
+    with pytest.raises(RuntimeError, match=r"module: expected Python modules, but found a TorchScript module "
+                                           r"\(torch.jit.script or torch.jit.trace\) at '0'"):
+        dpfast.DataParallel(scripted, device_ids=CPU4)(x)
+    wrapped = dpfast.DataParallel(eager, device_ids=CPU4)
+    torch.testing.assert_close(wrapped(x), eager(x))

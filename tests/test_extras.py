@@ -292,3 +292,24 @@ def test_a_hook_on_a_root_parameter_is_warned_about_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         quiet(x).sum().backward()  # no hooks, no warning
+
+
+@pytest.mark.parametrize("criterion, target", [
+    (nn.MultiMarginLoss(), lambda n: torch.randint(0, 7, (n,))),
+    (nn.MultiLabelSoftMarginLoss(), lambda n: torch.randint(0, 2, (n, 7)).double()),
+    (nn.MultiLabelMarginLoss(), lambda n: torch.randint(-1, 7, (n, 7))),
+    (nn.SmoothL1Loss(), lambda n: torch.randn(n, 7, dtype=torch.float64)),
+], ids=["multi_margin", "multilabel_soft_margin", "multilabel_margin", "smooth_l1"])
+def test_parallel_criterion_means_of_row_wise_losses_equal_the_full_batch(criterion, target):
+    # torch's mean divides by the unreduced loss's size: one per row for these margin losses, not
+    # one per output element (it was 1/C of the true value).
+    reference = classifier()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, gather=False)
+    x = torch.randn(11, 5, dtype=torch.float64)
+    y = target(11)
+    loss = dpfast.ParallelCriterion(criterion)(wrapped(x), y)
+    expected = criterion(reference(x), y)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    loss.backward()
+    expected.backward()
+    assert_same_grads(reference, wrapped)
