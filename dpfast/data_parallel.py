@@ -190,6 +190,7 @@ class DataParallel(nn.DataParallel):
             self.src_device_obj = None
             return
         self.device_ids = _devices.public_device_ids(self.devices)
+        self._built_device_ids = list(self.device_ids)  # nn.DataParallel reads device_ids at each forward
         output = _devices.parse_output_device(output_device, self.devices)
         self.output_device = output.index if output.type == "cuda" else output
         self.output_device_obj = output
@@ -222,6 +223,11 @@ class DataParallel(nn.DataParallel):
     def _run_forward(self, inputs: tuple, kwargs: dict) -> Any:
         if not self.devices:
             return self.module(*inputs, **kwargs)
+        built = self.__dict__.get("_built_device_ids")
+        if built is not None and self.device_ids != built:
+            raise ValueError(f"dpfast.DataParallel: device_ids: expected the devices the wrapper was made with, "
+                             f"{built}, but it was changed to {self.device_ids!r}: make a new wrapper for other "
+                             f"devices (its replicas, threads and buckets are built for these)")
         if _overrides_a_step(type(self)):
             return self._forward_through_overrides(inputs, kwargs)
         n = len(self.devices)
@@ -349,8 +355,11 @@ class DataParallel(nn.DataParallel):
                 own_policy = len(devices) == len(self.devices)
                 chunk_sizes = splits.chunk_sizes_for(batch, len(devices), self.chunk_sizes if own_policy else None,
                                                      self.weights if own_policy else None)
-                while len(chunk_sizes) > 1 and chunk_sizes[-1] == 0:  # fewer pieces, as torch.chunk gives
-                    chunk_sizes, devices = chunk_sizes[:-1], devices[:-1]
+                if not chunk_sizes:  # an empty batch: an empty piece for every device, as torch.chunk gives
+                    chunk_sizes = [0] * len(devices)
+                while len(chunk_sizes) > 1 and chunk_sizes[-1] == 0 and batch:  # fewer pieces, as torch.chunk
+                    chunk_sizes = chunk_sizes[:-1]
+                devices = devices[:len(chunk_sizes)]  # torch.chunk's split may have fewer pieces (9 over 4: 3)
         running = replica_indices if replica_indices is not None else list(range(len(devices)))
         return scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim,
                                              lane_streams.ids(streams), replica_rows=(num_replicas, running))

@@ -1001,6 +1001,25 @@ def test_complex_parameters_train_like_the_full_batch():
     assert_same_params(reference, wrapped)
 
 
+@pytest.mark.parametrize("cls", [_OwnScatter, _OwnReplicate, _OwnParallelApply])
+@pytest.mark.parametrize("batch", [9, 2, 0])
+def test_subclass_steps_take_torch_chunks_split_into_fewer_pieces(cls, batch):
+    # nn.DataParallel splits with torch.chunk: 9 rows over 4 devices is 3 pieces of 3, 2 rows is 2
+    # pieces, and an empty batch one empty piece per device; it then runs that many replicas.
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    wrapped = cls(copy.deepcopy(reference), device_ids=CPU4)
+    x = torch.randn(batch, 4, dtype=torch.float64)
+    out = wrapped(x)
+    torch.testing.assert_close(out, reference(x), rtol=1e-10, atol=1e-12)
+    if batch:
+        reference(x).pow(2).sum().backward()
+        out.pow(2).sum().backward()
+        assert_same_grads(reference, wrapped)
+    pieces, _ = wrapped.scatter((x,), {}, wrapped.device_ids)
+    assert [p[0].shape[0] for p in pieces] == [c.shape[0] for c in x.chunk(4)]
+
+
 @pytest.mark.parametrize("option", [{"gather": False}, {"scalar_outputs": "mean"}, {"average_buffers": True}])
 def test_options_that_a_subclass_overriding_a_step_cannot_honour_are_refused(option):
     name = next(iter(option))

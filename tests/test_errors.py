@@ -186,3 +186,28 @@ def test_a_torchscript_part_is_named_in_a_clear_error_and_the_eager_module_works
         dpfast.DataParallel(scripted, device_ids=CPU4)(x)
     wrapped = dpfast.DataParallel(eager, device_ids=CPU4)
     torch.testing.assert_close(wrapped(x), eager(x))
+
+
+def test_a_dpfast_wrapper_inside_another_is_refused_and_stays_usable():
+    # The outer's replicas would share the inner wrapper's threads and replicas and break it.
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(5, 3))
+    inner = dpfast.DataParallel(module, device_ids=CPU4)
+    x = torch.randn(8, 5)
+    outer = dpfast.DataParallel(nn.Sequential(inner), device_ids=CPU4)
+    with pytest.raises(RuntimeError, match=r"module: expected a module without a dpfast.DataParallel inside, "
+                                           r"but found one at '0'"):
+        outer(x)
+    torch.testing.assert_close(inner(x), module(x))
+
+
+def test_device_ids_changed_after_construction_is_an_error_naming_it():
+    module = nn.Sequential(nn.Linear(5, 3))
+    wrapped = dpfast.DataParallel(module, device_ids=CPU4)
+    x = torch.randn(8, 5)
+    devices = wrapped.device_ids
+    wrapped.device_ids = devices[:2]
+    with pytest.raises(ValueError, match=r"device_ids: expected the devices the wrapper was made with"):
+        wrapped(x)
+    wrapped.device_ids = devices
+    torch.testing.assert_close(wrapped(x), module(x))
