@@ -245,8 +245,7 @@ bool GradReadiness::root_move(const at::Tensor& param, const at::Tensor& view, b
   }
   at::NoGradGuard no_grad;
   // Below autograd's version counting, as the engine writes (NOTE [Engine writes and version
-  // counters] in comm.h): a bucket's views share one counter, and a graph that saved another
-  // parameter's .grad must stay valid.
+  // counters] in comm.h): a graph that saved a .grad must stay valid.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   if (keep) {
     view.zero_();  // it may hold an earlier step's sum

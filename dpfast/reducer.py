@@ -45,6 +45,7 @@ import torch
 
 from . import _C, streams as lane_streams
 from .devices import link_model
+from .replicas import flat_alias
 from .workers import restore_default_threads
 
 _MB = 1024 * 1024
@@ -126,7 +127,10 @@ class GradReducer:
         self._real_flats = [[torch.view_as_real(f).view(-1) if f.is_complex() else f for f in flats]
                             for flats in self.flats]
         # _views[k][i]: parameter i's slice of its bucket on replica k, made once (hooks run per step).
-        self._views = [[self.flats[self.bucket_of[i]][k].narrow(0, self.offset_of[i], p.numel()).view(p.shape)
+        # Aliases rather than autograd views (replicas.flat_alias): a version counter each, and the old
+        # zero_grad idiom `p.grad.detach_(); p.grad.zero_()` works on them (autograd refuses
+        # detach_() on a view: DDP's gradient_as_bucket_view=True breaks it).
+        self._views = [[flat_alias(self.flats[self.bucket_of[i]][k], self.offset_of[i], p.shape)
                         for i, p in enumerate(root_params)] for k in range(self.num_replicas)]
         self._lane0_separate = [all(self._held[i] for i in members) for members in self.buckets]
         self._ready = _C.GradReadiness(self.bucket_of, self._bucket_len, True)  # the root's lane counts too

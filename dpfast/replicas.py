@@ -102,7 +102,7 @@ def _tensor_meta(t: torch.Tensor, is_param: bool) -> tuple:
     return (t.dtype, t.shape, t.device) if is_param else (t.dtype, t.shape, t.device, t.requires_grad)
 
 
-def _alias(flat: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
+def flat_alias(flat: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
     """A tensor of `shape` at `offset` in `flat`'s memory, with a version counter of its own, as
     torch.cuda.comm gives each tensor of a coalesced broadcast (NOTE [ Version Counter in
     comm.*_coalesced ] in torch/csrc/cuda/comm.cpp). A view of the flat buffer would share the
@@ -244,7 +244,7 @@ class ReplicaSet:
         for k in range(1, n):
             own = []
             for i, t in enumerate(tensors):
-                alias = _alias(self.flats[k][group_index[i]], self.offsets[i], t.shape)
+                alias = flat_alias(self.flats[k][group_index[i]], self.offsets[i], t.shape)
                 own.append(nn.Parameter(alias, requires_grad=t.requires_grad) if self.is_param[i] else alias)
             self.replica_tensors.append(own)
         # The root's tensors of a laid-out group are copied into views at their offsets.

@@ -435,3 +435,21 @@ def test_a_parameter_that_is_not_contiguous_is_held_and_still_exact():
     wrapped(x).sum().backward()
     _close(module.weight.grad, reference.weight.grad)
     assert not _root_lane_holds(wrapped, module.weight)
+
+
+def test_the_old_zero_grad_idiom_detach_then_zero_works_on_bucket_gradients():
+    # `p.grad.detach_(); p.grad.zero_()` (older optimizers and training loops): autograd refuses
+    # detach_() on a view, so the root's .grad are aliases of their bucket, not views of it.
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu"] * 3)
+    for step in range(3):
+        x = torch.randn(9, 4, dtype=torch.float64)
+        for model in (reference, wrapped):
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.detach_()
+                    p.grad.zero_()
+            model(x).pow(2).sum().backward()
+        for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
