@@ -284,16 +284,53 @@ class DataParallel(nn.DataParallel):
             inputs, kwargs = ((),), ({},)
         if len(self.device_ids) == 1 and one_device_shortcut:
             return self.module(*inputs[0], **kwargs[0])
-        replicas = self.replicate(self.module, self.device_ids[:len(inputs)])
-        outputs = self.parallel_apply(replicas, inputs, kwargs)
-        return self.gather(outputs, self.output_device)
+        replicas, undo = self._replicate_keeping_the_root(self.device_ids[:len(inputs)])
+        try:
+            outputs = self.parallel_apply(replicas, inputs, kwargs)
+            return self.gather(outputs, self.output_device)
+        finally:
+            if undo is not None:
+                undo()
 
     def _forward_replicas(self, runtime, inputs, kwargs, batch, active, chunk_sizes, devices):
         """Scatter, replica sync, parallel forward and gather for the active replicas."""
-        streams = [runtime.streams[k] for k in active] if runtime.streams else None
         with self._phase("param_sync"):
-            replicas = self.replicate(self.module, active[-1] + 1)
-        replicas = [replicas[k] for k in active]
+            replicas, undo = self._replicate_keeping_the_root(active[-1] + 1)
+        try:
+            return self._forward_replicated(runtime, inputs, kwargs, batch, active, chunk_sizes, devices,
+                                            [replicas[k] for k in active])
+        finally:
+            if undo is not None:
+                undo()
+
+    def _replicate_keeping_the_root(self, num_replicas) -> Tuple[List[nn.Module], Optional[Any]]:
+        """self.replicate, and where it is not dpfast's own (a subclass's override, or an instance
+        patched by Synchronized-BatchNorm's patch_replication_callback), a function that puts back
+        the attributes it wrote on the root's modules. nn.DataParallel hands replicate's callers
+        copies; here replica 0 is the module itself, and replication callbacks mark it
+        (__data_parallel_replicate__: `_is_parallel = True`), so that the module run alone later
+        would wait for replicas that never come."""
+        if "replicate" not in self.__dict__ and type(self).replicate is DataParallel.replicate:
+            return self.replicate(self.module, num_replicas), None
+        modules = list(self.module.modules())
+        before = [dict(m.__dict__) for m in modules]
+        replicas = self.replicate(self.module, num_replicas)
+        missing = object()
+        written = [(m, {k: old.get(k, missing) for k, v in m.__dict__.items() if old.get(k, missing) is not v})
+                   for m, old in zip(modules, before)]
+        written = [(m, keys) for m, keys in written if keys]
+
+        def undo():
+            for m, keys in written:
+                for k, old in keys.items():
+                    if old is missing:
+                        m.__dict__.pop(k, None)
+                    else:
+                        m.__dict__[k] = old
+        return replicas, (undo if written else None)
+
+    def _forward_replicated(self, runtime, inputs, kwargs, batch, active, chunk_sizes, devices, replicas):
+        streams = [runtime.streams[k] for k in active] if runtime.streams else None
         averaging = self.average_buffers and self.training
         snapshots = runtime.bn_averager.prepare(runtime.replicas.modules) if averaging else None
         if averaging and runtime.bn_averager.hooked_now:

@@ -148,6 +148,13 @@ def _current_streams_wait(producer: torch.device, consumers: List[torch.device])
             torch.cuda.current_stream(device).wait_stream(producer_stream)
 
 
+def _same_namedtuple(a: Any, b: Any) -> bool:
+    """Namedtuples of one name and fields: a forward that makes its output's class at every call
+    (pytorch/examples fast_neural_style's Vgg16) gives each replica a class of its own."""
+    return (_is_namedtuple(a) and _is_namedtuple(b) and type(a).__name__ == type(b).__name__
+            and a._fields == b._fields)
+
+
 def _kind(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return "a tensor"
@@ -261,7 +268,7 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
         for k, v in enumerate(values[1:], start=1):
             if isinstance(first, torch.Tensor) != isinstance(v, torch.Tensor) or (first is None) != (v is None):
                 raise mismatch(path, _kind(first), k, _kind(v))
-            if isinstance(first, (dict, list, tuple)) and type(v) is not type(first):
+            if isinstance(first, (dict, list, tuple)) and type(v) is not type(first) and not _same_namedtuple(first, v):
                 raise mismatch(path, _kind(first), k, _kind(v))
             if isinstance(first, (list, tuple)) and len(v) != len(first):
                 raise mismatch(path, f"{len(first)} items", k, f"{len(v)}")

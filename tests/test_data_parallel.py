@@ -1278,3 +1278,90 @@ def test_a_zero_size_buffer_is_not_taken_for_a_moved_weight():
         wrapped(x).sum().backward()
     replicas = wrapped._runtime.replicas
     assert replicas.repoint_count == 0 and not replicas.weights_moved(3)
+
+
+class _MarkedByReplication(nn.Module):
+    """Synchronized-BatchNorm-PyTorch's pattern: replication callbacks mark each replica
+    (__data_parallel_replicate__), and a marked module's forward waits for its peers."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self._is_parallel = False
+        self.seen = []  # shared by the replicas (a plain attribute)
+
+    def __data_parallel_replicate__(self, ctx, copy_id):
+        self._is_parallel = True
+        self._copy_id = copy_id
+
+    def forward(self, x):
+        if self._is_parallel:
+            self.seen.append(self._copy_id)
+        return self.linear(x)
+
+
+def _execute_replication_callbacks(modules):
+    for copy_id, module in enumerate(modules):
+        for m in module.modules():
+            if hasattr(m, "__data_parallel_replicate__"):
+                m.__data_parallel_replicate__(None, copy_id)
+
+
+class _WithCallback(dpfast.DataParallel):
+    def replicate(self, module, device_ids):
+        modules = super().replicate(module, device_ids)
+        _execute_replication_callbacks(modules)
+        return modules
+
+
+@pytest.mark.parametrize("how", ["subclass", "instance_patch"])
+def test_replication_callbacks_mark_the_replicas_for_the_call_and_leave_the_module_alone(how):
+    # nn.DataParallel hands the callbacks copies; here replica 0 is the module, so what they wrote on
+    # it is put back after the call: the module run alone later must not wait for replicas.
+    torch.manual_seed(0)
+    module = _MarkedByReplication().double()
+    if how == "subclass":
+        wrapped = _WithCallback(module, device_ids=["cpu"] * 3)
+    else:  # patch_replication_callback(data_parallel)
+        wrapped = dpfast.DataParallel(module, device_ids=["cpu"] * 3)
+        plain_replicate = wrapped.replicate
+
+        def replicate(mod, device_ids):
+            modules = plain_replicate(mod, device_ids)
+            _execute_replication_callbacks(modules)
+            return modules
+        wrapped.replicate = replicate
+    x = torch.randn(9, 4, dtype=torch.float64)
+    out = wrapped(x)
+    assert sorted(module.seen) == [0, 1, 2]
+    assert module._is_parallel is False and not hasattr(module, "_copy_id")
+    reference = copy.deepcopy(module)
+    torch.testing.assert_close(out, reference(x), rtol=1e-12, atol=1e-12)
+    module(x)
+    assert sorted(module.seen) == [0, 1, 2]  # alone, it does not take itself for a replica
+
+
+class _NamedtupleMadePerCall(nn.Module):
+    """pytorch/examples fast_neural_style's Vgg16: the output's namedtuple class is made in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        outputs = collections.namedtuple("Outputs", ["first", "second"])
+        h = torch.relu(self.a(x))
+        return outputs(h, self.b(h))
+
+
+def test_namedtuple_outputs_of_one_name_and_fields_from_classes_made_per_call():
+    torch.manual_seed(0)
+    reference, wrapped = pair(_NamedtupleMadePerCall)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    out, want = wrapped(x), reference(x)
+    assert type(out).__name__ == "Outputs" and out._fields == ("first", "second")
+    for got, expected in zip(out, want):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    sum(t.pow(2).sum() for t in out).backward()
+    sum(t.pow(2).sum() for t in want).backward()
+    assert_same_grads(reference, wrapped)
