@@ -58,6 +58,30 @@ def _overrides_a_step(cls: type) -> bool:
     return any(getattr(cls, name) is not getattr(DataParallel, name) for name in _STEPS)
 
 
+def _same_devices(device_ids: Any, built: list) -> bool:
+    """Whether device_ids names the devices the wrapper was made with (as a tuple, or as strings)."""
+    try:
+        devices = [_devices.to_device(d, f"device_ids[{i}]") for i, d in enumerate(device_ids)]
+    except (TypeError, ValueError):
+        return False
+    return _devices.public_device_ids(devices) == list(built)
+
+
+def _undo_after_backward(undo, outputs) -> None:
+    """Puts back what a custom replicate wrote on the root's modules (_replicate_keeping_the_root)
+    at the end of the backward of these outputs: a checkpointed part of replica 0 recomputes in
+    backward and must see the module as its forward did. Where no backward will come (no output
+    requires grad), at once; where none came, at the wrapper's next call."""
+    for _, t in scatter_gather.iter_tensors(outputs, ""):
+        if t.requires_grad and t.grad_fn is not None:
+            def queue(grad):
+                torch.autograd.Variable._execution_engine.queue_callback(undo)
+                return grad
+            t.register_hook(queue)
+            return
+    undo()
+
+
 def _weak_phase(wrapper: "DataParallel"):
     """wrapper._phase through a weak reference: the runtime (kept by the wrapper's finalizer)
     must not keep the wrapper alive."""
@@ -190,7 +214,7 @@ class DataParallel(nn.DataParallel):
             self.src_device_obj = None
             return
         self.device_ids = _devices.public_device_ids(self.devices)
-        self._built_device_ids = list(self.device_ids)  # nn.DataParallel reads device_ids at each forward
+        self._built_device_ids = self.device_ids  # nn.DataParallel reads device_ids at each forward
         output = _devices.parse_output_device(output_device, self.devices)
         self.output_device = output.index if output.type == "cuda" else output
         self.output_device_obj = output
@@ -224,7 +248,7 @@ class DataParallel(nn.DataParallel):
         if not self.devices:
             return self.module(*inputs, **kwargs)
         built = self.__dict__.get("_built_device_ids")
-        if built is not None and self.device_ids != built:
+        if built is not None and self.device_ids is not built and not _same_devices(self.device_ids, built):
             raise ValueError(f"dpfast.DataParallel: device_ids: expected the devices the wrapper was made with, "
                              f"{built}, but it was changed to {self.device_ids!r}: make a new wrapper for other "
                              f"devices (its replicas, threads and buckets are built for these)")
@@ -285,23 +309,27 @@ class DataParallel(nn.DataParallel):
         if len(self.device_ids) == 1 and one_device_shortcut:
             return self.module(*inputs[0], **kwargs[0])
         replicas, undo = self._replicate_keeping_the_root(self.device_ids[:len(inputs)])
+        result = None
         try:
             outputs = self.parallel_apply(replicas, inputs, kwargs)
-            return self.gather(outputs, self.output_device)
+            result = self.gather(outputs, self.output_device)
+            return result
         finally:
             if undo is not None:
-                undo()
+                _undo_after_backward(undo, result)
 
     def _forward_replicas(self, runtime, inputs, kwargs, batch, active, chunk_sizes, devices):
         """Scatter, replica sync, parallel forward and gather for the active replicas."""
         with self._phase("param_sync"):
             replicas, undo = self._replicate_keeping_the_root(active[-1] + 1)
+        result = None
         try:
-            return self._forward_replicated(runtime, inputs, kwargs, batch, active, chunk_sizes, devices,
-                                            [replicas[k] for k in active])
+            result = self._forward_replicated(runtime, inputs, kwargs, batch, active, chunk_sizes, devices,
+                                              [replicas[k] for k in active])
+            return result
         finally:
             if undo is not None:
-                undo()
+                _undo_after_backward(undo, result)
 
     def _replicate_keeping_the_root(self, num_replicas) -> Tuple[List[nn.Module], Optional[Any]]:
         """self.replicate, and where it is not dpfast's own (a subclass's override, or an instance
@@ -312,6 +340,8 @@ class DataParallel(nn.DataParallel):
         would wait for replicas that never come."""
         if "replicate" not in self.__dict__ and type(self).replicate is DataParallel.replicate:
             return self.replicate(self.module, num_replicas), None
+        for pending in self.__dict__.pop("_pending_undos", []):  # an earlier call's, never backwarded
+            pending()
         modules = list(self.module.modules())
         before = [dict(m.__dict__) for m in modules]
         replicas = self.replicate(self.module, num_replicas)
@@ -320,13 +350,20 @@ class DataParallel(nn.DataParallel):
                    for m, old in zip(modules, before)]
         written = [(m, keys) for m, keys in written if keys]
 
+        done = []
+
         def undo():
+            if done:
+                return
+            done.append(True)
             for m, keys in written:
                 for k, old in keys.items():
                     if old is missing:
                         m.__dict__.pop(k, None)
                     else:
                         m.__dict__[k] = old
+        if written:
+            self.__dict__.setdefault("_pending_undos", []).append(undo)
         return replicas, (undo if written else None)
 
     def _forward_replicated(self, runtime, inputs, kwargs, batch, active, chunk_sizes, devices, replicas):
@@ -388,13 +425,13 @@ class DataParallel(nn.DataParallel):
             batch = scatter_gather.find_batch_size(inputs, kwargs or {}, self.dim, num_replicas)
             if batch is None:
                 chunk_sizes = [None] * len(devices)
+            elif batch == 0:  # an empty piece for every device, as torch.chunk gives
+                chunk_sizes = [0] * len(devices)
             else:
                 own_policy = len(devices) == len(self.devices)
                 chunk_sizes = splits.chunk_sizes_for(batch, len(devices), self.chunk_sizes if own_policy else None,
                                                      self.weights if own_policy else None)
-                if not chunk_sizes:  # an empty batch: an empty piece for every device, as torch.chunk gives
-                    chunk_sizes = [0] * len(devices)
-                while len(chunk_sizes) > 1 and chunk_sizes[-1] == 0 and batch:  # fewer pieces, as torch.chunk
+                while len(chunk_sizes) > 1 and chunk_sizes[-1] == 0:  # fewer pieces, as torch.chunk gives
                     chunk_sizes = chunk_sizes[:-1]
                 devices = devices[:len(chunk_sizes)]  # torch.chunk's split may have fewer pieces (9 over 4: 3)
         running = replica_indices if replica_indices is not None else list(range(len(devices)))
@@ -581,6 +618,7 @@ class DataParallel(nn.DataParallel):
         state = self.__dict__.copy()
         state["_runtime"] = None  # threads, streams and replicas are rebuilt on first use
         state.pop("_sync_enabled", None)  # a copy made inside no_sync() is not inside the block
+        state.pop("_pending_undos", None)  # closures over this process's modules
         state["process_group"] = None  # a process group belongs to its process: the copy uses the default one
         return state
 

@@ -162,7 +162,9 @@ class ReplicaSet:
     def _build(self) -> None:
         root, devices = self.root, self.devices
         for name, m in root.named_modules():
-            if any(c.__name__ == "DataParallel" and c.__module__ == "dpfast.data_parallel" for c in type(m).__mro__):
+            if (len(devices) > 1 and getattr(m, "devices", None)
+                    and any(c.__name__ == "DataParallel" and c.__module__ == "dpfast.data_parallel"
+                            for c in type(m).__mro__)):
                 # Its replicas would share the inner wrapper's runtime (threads, replicas), and each
                 # would take it over in turn: the inner wrapper would be broken for good.
                 raise RuntimeError(f"dpfast.DataParallel: module: expected a module without a dpfast.DataParallel "

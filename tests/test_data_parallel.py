@@ -1334,11 +1334,19 @@ def test_replication_callbacks_mark_the_replicas_for_the_call_and_leave_the_modu
     x = torch.randn(9, 4, dtype=torch.float64)
     out = wrapped(x)
     assert sorted(module.seen) == [0, 1, 2]
+    assert module._is_parallel is True  # until the end of backward: a checkpoint may recompute replica 0
+    out.sum().backward()
     assert module._is_parallel is False and not hasattr(module, "_copy_id")
+    with torch.no_grad():
+        out = wrapped(x)  # no backward to come: put back at once
+    assert sorted(module.seen) == [0, 0, 1, 1, 2, 2] and module._is_parallel is False
     reference = copy.deepcopy(module)
     torch.testing.assert_close(out, reference(x), rtol=1e-12, atol=1e-12)
     module(x)
-    assert sorted(module.seen) == [0, 1, 2]  # alone, it does not take itself for a replica
+    assert len(module.seen) == 6  # alone, it does not take itself for a replica
+    wrapped(x)  # a forward whose backward never comes: put back at the next call
+    wrapped(x).sum().backward()
+    assert module._is_parallel is False and len(module.seen) == 12
 
 
 class _NamedtupleMadePerCall(nn.Module):
@@ -1365,3 +1373,31 @@ def test_namedtuple_outputs_of_one_name_and_fields_from_classes_made_per_call():
     sum(t.pow(2).sum() for t in out).backward()
     sum(t.pow(2).sum() for t in want).backward()
     assert_same_grads(reference, wrapped)
+
+
+def test_replication_marks_stay_through_a_checkpoints_recomputation_in_backward():
+    # The module checkpointed inside replica 0 recomputes during backward: it must see the marks
+    # its forward saw, or its saved tensors differ from the forward's without an error.
+    class Branchy(_MarkedByReplication):
+        def forward(self, x):
+            h = self.linear(x)
+            return h * 2 if self._is_parallel else h
+
+    class Outer(nn.Module):
+        def __init__(self, checkpointed):
+            super().__init__()
+            self.inner, self.checkpointed = Branchy(), checkpointed
+
+        def forward(self, x):
+            if self.checkpointed:
+                return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+            return self.inner(x)
+
+    grads = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        wrapped = _WithCallback(Outer(checkpointed).double(), device_ids=["cpu"] * 3)
+        wrapped(torch.randn(9, 4, dtype=torch.float64)).pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in wrapped.module.parameters()])
+    for with_checkpoint, without in zip(grads[1], grads[0]):
+        torch.testing.assert_close(with_checkpoint, without, rtol=1e-12, atol=1e-12)

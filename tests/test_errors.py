@@ -211,3 +211,18 @@ def test_device_ids_changed_after_construction_is_an_error_naming_it():
         wrapped(x)
     wrapped.device_ids = devices
     torch.testing.assert_close(wrapped(x), module(x))
+
+
+def test_wrappers_that_are_not_replicated_may_nest():
+    # Double wrapping on one device (resume code often does it) and a pass-through inner wrapper
+    # work, as under nn.DataParallel; the same devices given again as a tuple or strings are no change.
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(5, 3))
+    x = torch.randn(8, 5)
+    double = dpfast.DataParallel(dpfast.DataParallel(module, device_ids=["cpu"]), device_ids=["cpu"])
+    torch.testing.assert_close(double(x), module(x))
+    wrapped = dpfast.DataParallel(module, device_ids=CPU4)
+    wrapped.device_ids = tuple(wrapped.device_ids)
+    torch.testing.assert_close(wrapped(x), module(x))
+    wrapped.device_ids = ["cpu"] * 4
+    torch.testing.assert_close(wrapped(x), module(x))
