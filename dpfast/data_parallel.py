@@ -61,17 +61,29 @@ def _overrides_a_step(cls: type) -> bool:
 def _same_devices(device_ids: Any, built: list) -> bool:
     """Whether device_ids names the devices the wrapper was made with (as a tuple, or as strings)."""
     try:
-        devices = [_devices.to_device(d, f"device_ids[{i}]") for i, d in enumerate(device_ids)]
+        devices = _devices.parse_device_ids(device_ids)
     except (TypeError, ValueError):
         return False
     return _devices.public_device_ids(devices) == list(built)
 
 
+def _run_then_put_back(undo, run) -> Any:
+    """run(), then puts back what a custom replicate wrote on the root's modules (`undo`, from
+    _replicate_keeping_the_root; None: nothing to put back) at the end of the backward of its
+    outputs: a checkpointed part of replica 0 recomputes in backward and must see the module as
+    its forward did. Where no backward will come (no output requires grad, or run raised), at
+    once; where none came, at the wrapper's next call."""
+    if undo is None:
+        return run()
+    outputs = None
+    try:
+        outputs = run()
+        return outputs
+    finally:
+        _undo_after_backward(undo, outputs)
+
+
 def _undo_after_backward(undo, outputs) -> None:
-    """Puts back what a custom replicate wrote on the root's modules (_replicate_keeping_the_root)
-    at the end of the backward of these outputs: a checkpointed part of replica 0 recomputes in
-    backward and must see the module as its forward did. Where no backward will come (no output
-    requires grad), at once; where none came, at the wrapper's next call."""
     for _, t in scatter_gather.iter_tensors(outputs, ""):
         if t.requires_grad and t.grad_fn is not None:
             def queue(grad):
@@ -309,27 +321,15 @@ class DataParallel(nn.DataParallel):
         if len(self.device_ids) == 1 and one_device_shortcut:
             return self.module(*inputs[0], **kwargs[0])
         replicas, undo = self._replicate_keeping_the_root(self.device_ids[:len(inputs)])
-        result = None
-        try:
-            outputs = self.parallel_apply(replicas, inputs, kwargs)
-            result = self.gather(outputs, self.output_device)
-            return result
-        finally:
-            if undo is not None:
-                _undo_after_backward(undo, result)
+        return _run_then_put_back(undo, lambda: self.gather(self.parallel_apply(replicas, inputs, kwargs),
+                                                            self.output_device))
 
     def _forward_replicas(self, runtime, inputs, kwargs, batch, active, chunk_sizes, devices):
         """Scatter, replica sync, parallel forward and gather for the active replicas."""
         with self._phase("param_sync"):
             replicas, undo = self._replicate_keeping_the_root(active[-1] + 1)
-        result = None
-        try:
-            result = self._forward_replicated(runtime, inputs, kwargs, batch, active, chunk_sizes, devices,
-                                              [replicas[k] for k in active])
-            return result
-        finally:
-            if undo is not None:
-                _undo_after_backward(undo, result)
+        return _run_then_put_back(undo, lambda: self._forward_replicated(
+            runtime, inputs, kwargs, batch, active, chunk_sizes, devices, [replicas[k] for k in active]))
 
     def _replicate_keeping_the_root(self, num_replicas) -> Tuple[List[nn.Module], Optional[Any]]:
         """self.replicate, and where it is not dpfast's own (a subclass's override, or an instance
