@@ -365,8 +365,7 @@ void GradReadiness::note_replicas(int64_t used) {
   replicas_used_ = std::max(replicas_used_, used);
 }
 
-void GradReadiness::reset_window() {
-  std::lock_guard<std::mutex> lock(mutex_);
+void GradReadiness::reset_window_locked() {
   for (auto& replica : marked_) std::fill(replica.begin(), replica.end(), 0);
   std::fill(marks_.begin(), marks_.end(), 0);
   std::fill(reported_.begin(), reported_.end(), false);
@@ -374,15 +373,16 @@ void GradReadiness::reset_window() {
   marked_after_complete_ = false;
 }
 
+void GradReadiness::reset_window() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  reset_window_locked();
+}
+
 void GradReadiness::start_over() {
   std::lock_guard<std::mutex> lock(mutex_);
   std::fill(got_grad_.begin(), got_grad_.end(), false);
   std::fill(root_state_.begin(), root_state_.end(), kRootNone);
-  for (auto& replica : marked_) std::fill(replica.begin(), replica.end(), 0);
-  std::fill(marks_.begin(), marks_.end(), 0);
-  std::fill(reported_.begin(), reported_.end(), false);
-  first_mark_seen_ = false;
-  marked_after_complete_ = false;
+  reset_window_locked();
   replicas_used_ = 1;
 }
 

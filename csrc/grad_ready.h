@@ -112,6 +112,7 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   static void put_back(const RootParam& root);
   std::optional<c10::Stream> root_stream_;  // set once, before any hook runs
   std::optional<c10::Stream> stream_if_elsewhere(const at::Tensor& view) const;
+  void reset_window_locked();  // the per-window counts, with mutex_ held (reset_window, start_over)
   struct Callbacks {
     std::function<void()> on_first_mark;
     std::function<void(int64_t)> on_bucket_complete;
