@@ -130,6 +130,29 @@ def cnn(size: str) -> Workload:
                     lambda batch, g: torch.randn(batch, 3, cfg["image"], cfg["image"], generator=g))
 
 
+# -- plain CNN: a few wide convolutions ------------------------------------------------------------
+# Few, large ops and few parameters for its arithmetic: a compute-bound step on a CPU, where the
+# ResNet-style CNN's norm layers and the MLP's weights make per-op and memory costs dominate.
+# Not in the benchmark's default list; tools/cpu_overhead.py takes it (vgg:SIZE:BATCH).
+
+VGG_SIZES = {"tiny": dict(image=32, channels=16), "small": dict(image=32, channels=32),
+             "base": dict(image=64, channels=64), "large": dict(image=64, channels=128)}
+
+
+def vgg(size: str) -> Workload:
+    cfg = VGG_SIZES[size]
+    c = cfg["channels"]
+
+    def build():
+        return nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), nn.ReLU(), nn.Conv2d(c, 2 * c, 3, 2, 1), nn.ReLU(),
+                             nn.Conv2d(2 * c, 4 * c, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4 * c, NUM_CLASSES))
+
+    return Workload("vgg", size, f"plain CNN, 3 convolutions from {c} channels, {cfg['image']}x{cfg['image']} images",
+                    cfg, {"tiny": 8, "small": 8, "base": 16, "large": 16}[size], build,
+                    lambda batch, g: torch.randn(batch, 3, cfg["image"], cfg["image"], generator=g))
+
+
 # -- transformer encoder ---------------------------------------------------------------------------
 
 TRANSFORMER_SIZES = {

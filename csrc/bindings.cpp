@@ -3,6 +3,7 @@
 #include <pybind11/functional.h>
 #include <torch/extension.h>
 
+#include <array>
 #include <tuple>
 
 #include "comm.h"
@@ -40,6 +41,109 @@ dpfast::TreeOptions make_options(const std::string& shape, int64_t chunk_bytes, 
   options.link.bandwidth_GBps = bandwidth_GBps;
   options.link.hop_latency_us = hop_latency_us;
   return options;
+}
+
+// NOTE [Replica dictionaries]: the two per-call walks over every module of the model that
+// ReplicaSet.sync makes (dpfast/replicas.py), in C++: about 2 us a module from Python, which for a
+// ResNet-50 (151 modules) and 4 replicas came to 1 ms before every forward. The only code here that
+// knows Python objects; each has its Python twin in replicas.py for what it leaves alone.
+
+// Interned names, never freed: a static py::object would be released after the interpreter is.
+PyObject* name(const char* text) {
+  PyObject* interned = PyUnicode_InternFromString(text);
+  if (interned == nullptr) throw py::error_already_set();
+  return interned;
+}
+
+const std::array<PyObject*, 3>& entry_dict_names() {
+  static const std::array<PyObject*, 3> names{name("_parameters"), name("_buffers"), name("_modules")};
+  return names;
+}
+
+// A borrowed reference to module.__dict__[key] when it is a dict, else nullptr.
+PyObject* dict_item(PyObject* module_dict, PyObject* key) {
+  PyObject* value = PyDict_GetItemWithError(module_dict, key);
+  return value != nullptr && PyDict_Check(value) ? value : nullptr;
+}
+
+// Same names in the same order, naming the same objects (identity; never ==).
+bool same_entries(PyObject* current, PyObject* snapshot) {
+  if (current == nullptr || PyDict_Size(current) != PyDict_Size(snapshot)) return false;
+  Py_ssize_t pos_a = 0, pos_b = 0;
+  PyObject *key_a, *value_a, *key_b, *value_b;
+  while (PyDict_Next(current, &pos_a, &key_a, &value_a)) {
+    if (!PyDict_Next(snapshot, &pos_b, &key_b, &value_b) || value_a != value_b) return false;
+    if (key_a != key_b) {
+      const int equal = PyObject_RichCompareBool(key_a, key_b, Py_EQ);
+      if (equal < 0) throw py::error_already_set();
+      if (equal == 0) return false;
+    }
+  }
+  return true;
+}
+
+// Whether every module's _parameters, _buffers and _modules still hold what snapshots[j] (a tuple
+// of copies of the three) held.
+bool entries_unchanged(const py::list& modules, const py::list& snapshots) {
+  const auto& keys = entry_dict_names();
+  if (modules.size() != snapshots.size()) return false;
+  for (size_t j = 0; j < modules.size(); ++j) {
+    py::object module_dict = py::reinterpret_steal<py::object>(PyObject_GenericGetDict(modules[j].ptr(), nullptr));
+    if (!module_dict) throw py::error_already_set();
+    py::tuple snapshot = snapshots[j].cast<py::tuple>();
+    for (size_t d = 0; d < keys.size(); ++d) {
+      PyObject* current = dict_item(module_dict.ptr(), keys[d]);
+      if (PyErr_Occurred()) throw py::error_already_set();
+      if (!same_entries(current, snapshot[d].ptr())) return false;
+    }
+  }
+  return true;
+}
+
+// Each replica module's __dict__ becomes a shallow copy of its root module's, with the replica's
+// own (_parameters, _buffers, _modules) and forward-hook dictionaries (owns[j]: a tuple of those
+// three and a dict of the hook dictionaries). Done here for the common case only: where slow[j]
+// (attributes that hold the module's own tensors, an RNN), or where a forward hook is registered
+// on the root or installed on the replica, module j is left to the caller's Python path, and its
+// index returned.
+std::vector<int64_t> refresh_replica_dicts(const py::list& modules, const py::list& replicas, const py::list& owns,
+                                           const std::vector<bool>& slow) {
+  const auto& keys = entry_dict_names();
+  static PyObject* const forward_hooks = name("_forward_hooks");
+  static PyObject* const forward_pre_hooks = name("_forward_pre_hooks");
+  TORCH_CHECK(replicas.size() == modules.size() && owns.size() == modules.size() && slow.size() == modules.size(),
+              "dpfast.refresh_replica_dicts: expected as many replicas, owns and slow flags as modules (",
+              modules.size(), "), but got ", replicas.size(), ", ", owns.size(), " and ", slow.size());
+  std::vector<int64_t> left;
+  auto has_hooks = [](PyObject* dict, PyObject* key) {
+    PyObject* hooks = dict_item(dict, key);
+    if (PyErr_Occurred()) throw py::error_already_set();
+    return hooks == nullptr || PyDict_Size(hooks) != 0;  // missing: the Python path decides
+  };
+  for (size_t j = 0; j < modules.size(); ++j) {
+    if (slow[j]) {
+      left.push_back(static_cast<int64_t>(j));
+      continue;
+    }
+    py::object module_dict = py::reinterpret_steal<py::object>(PyObject_GenericGetDict(modules[j].ptr(), nullptr));
+    if (!module_dict) throw py::error_already_set();
+    py::tuple own = owns[j].cast<py::tuple>();
+    PyObject* hooks = own[3].ptr();
+    if (has_hooks(module_dict.ptr(), forward_hooks) || has_hooks(module_dict.ptr(), forward_pre_hooks) ||
+        has_hooks(hooks, forward_hooks) || has_hooks(hooks, forward_pre_hooks)) {
+      left.push_back(static_cast<int64_t>(j));
+      continue;
+    }
+    py::object copy = py::reinterpret_steal<py::object>(PyDict_Copy(module_dict.ptr()));
+    if (!copy) throw py::error_already_set();
+    for (size_t d = 0; d < keys.size(); ++d) {
+      if (PyDict_SetItem(copy.ptr(), keys[d], own[d].ptr()) != 0) throw py::error_already_set();
+    }
+    if (PyDict_Update(copy.ptr(), hooks) != 0) throw py::error_already_set();
+    // object.__setattr__(replica, "__dict__", copy): past nn.Module.__setattr__.
+    if (PyObject_GenericSetDict(replicas[j].ptr(), copy.ptr(), nullptr) != 0) throw py::error_already_set();
+  }
+  return left;
 }
 
 }  // namespace
@@ -154,6 +258,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<dpfast::PointerWatch>(m, "PointerWatch", "Which tensors left the memory they had (csrc/comm.h)")
       .def(py::init<std::vector<at::Tensor>>(), "tensors"_a)
       .def("moved", &dpfast::PointerWatch::moved, "Indices of the tensors whose data_ptr() changed");
+  py::class_<dpfast::MetaWatch>(m, "MetaWatch", "Whether tensors' dtype, sizes or device changed (csrc/comm.h)")
+      .def(py::init<const std::vector<at::Tensor>&, std::vector<bool>>(), "tensors"_a, "watch_requires_grad"_a)
+      .def("changed", &dpfast::MetaWatch::changed, "tensors"_a);
+  m.def("entries_unchanged", &entries_unchanged, "modules"_a, "snapshots"_a,
+        "Whether every module's parameter, buffer and child dictionaries hold what the snapshots held "
+        "(NOTE [Replica dictionaries])");
+  m.def("refresh_replica_dicts", &refresh_replica_dicts, "modules"_a, "replicas"_a, "owns"_a, "slow"_a,
+        "Replica modules' __dict__ made from their roots'; the indices left to Python (NOTE [Replica dictionaries])");
   // The callbacks are Python functions: pybind11 takes the GIL to call them and to drop them.
   m.def("graph_reaches_only", &dpfast::graph_reaches_only, "roots"_a, "allowed"_a,
         "Whether autograd's walk back from roots meets no leaf but those in allowed",

@@ -416,6 +416,30 @@ std::vector<int64_t> PointerWatch::moved() const {
   return indices;
 }
 
+MetaWatch::MetaWatch(const std::vector<at::Tensor>& tensors, std::vector<bool> watch_requires_grad)
+    : watch_requires_grad_(std::move(watch_requires_grad)) {
+  TORCH_CHECK(watch_requires_grad_.size() == tensors.size(), "dpfast.MetaWatch: watch_requires_grad: expected one "
+              "flag per tensor (", tensors.size(), "), but got ", watch_requires_grad_.size());
+  metas_.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.defined(), "dpfast.MetaWatch: expected tensors, but got None");
+    metas_.push_back(Meta{t.scalar_type(), t.sizes().vec(), t.device(), t.requires_grad()});
+  }
+}
+
+bool MetaWatch::changed(const std::vector<at::Tensor>& tensors) const {
+  if (tensors.size() != metas_.size()) return true;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    const Meta& meta = metas_[i];
+    if (!t.defined() || t.scalar_type() != meta.dtype || t.device() != meta.device || t.sizes() != meta.sizes ||
+        (watch_requires_grad_[i] && t.requires_grad() != meta.requires_grad)) {
+      return true;
+    }
+  }
+  return false;
+}
+
 void point_into(const at::Tensor& tensor, const at::Tensor& flat, int64_t offset) {
   TORCH_CHECK(tensor.defined(), "dpfast.point_into: expected a tensor, but got None");
   check_coalesce("point_into", {tensor}, flat);

@@ -97,11 +97,6 @@ def checked_layout(numel: int, offsets: List[int], sizes: List[int]) -> Optional
     return numel, list(offsets)
 
 
-def _tensor_meta(t: torch.Tensor, is_param: bool) -> tuple:
-    # A parameter's requires_grad is not structure: GANs flip it every step (sync() follows it).
-    return (t.dtype, t.shape, t.device) if is_param else (t.dtype, t.shape, t.device, t.requires_grad)
-
-
 def flat_alias(flat: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tensor:
     """A tensor of `shape` at `offset` in `flat`'s memory, with a version counter of its own, as
     torch.cuda.comm gives each tensor of a coalesced broadcast (NOTE [ Version Counter in
@@ -111,13 +106,15 @@ def flat_alias(flat: torch.Tensor, offset: int, shape: torch.Size) -> torch.Tens
     return torch.empty(0, dtype=flat.dtype, device=flat.device).set_(flat.narrow(0, offset, shape.numel()).view(shape))
 
 
-def _module_entries(module: nn.Module) -> tuple:
-    """Names and identities of a module's parameters, buffers and children (map(id): no Python
-    loop; this runs for every module on every call)."""
+_ENTRY_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def _entry_snapshot(module: nn.Module) -> tuple:
+    """Copies of a module's parameters, buffers and children dictionaries: their names, order and
+    objects, compared with at every call (_C.entries_unchanged, NOTE [Replica dictionaries] in
+    csrc/bindings.cpp)."""
     d = module.__dict__
-    params, buffers, children = d["_parameters"], d["_buffers"], d["_modules"]
-    return (tuple(params), tuple(map(id, params.values())), tuple(buffers), tuple(map(id, buffers.values())),
-            tuple(children), tuple(map(id, children.values())))
+    return tuple(dict(d[key]) for key in _ENTRY_DICTS)
 
 
 # The dictionaries of nn.Module that register_forward_hook / register_forward_pre_hook write.
@@ -177,7 +174,7 @@ class ReplicaSet:
                                    f"wrap the eager module instead (torch.compile of it works), or use "
                                    f"torch.nn.DataParallel for this one")
         self.modules: List[nn.Module] = [m for _, m in root.named_modules()]
-        self.entries = [_module_entries(m) for m in self.modules]
+        self.entries = [_entry_snapshot(m) for m in self.modules]
         tensors: List[torch.Tensor] = []
         index_of: Dict[int, int] = {}
         for m in self.modules:
@@ -191,7 +188,9 @@ class ReplicaSet:
                                "module itself first, to initialize them, then call the wrapper")
         self.tensors = tensors
         self.is_param = [isinstance(t, nn.Parameter) for t in tensors]
-        self.meta = [_tensor_meta(t, p) for t, p in zip(tensors, self.is_param)]
+        # dtype, shape and device of each; a buffer's requires_grad too (a parameter's is not
+        # structure: GANs flip it every step, and sync() follows it in place).
+        self.meta_watch = _C.MetaWatch(tensors, [not p for p in self.is_param])
         self.param_indices = [i for i, p in enumerate(self.is_param) if p]
         self.grad_flags = tuple(tensors[i].requires_grad for i in self.param_indices)
         check_on_device(tensors, devices[0])
@@ -283,6 +282,8 @@ class ReplicaSet:
         self.alias_keys = [[key for key, value in m.__dict__.items()
                             if key not in ("_parameters", "_buffers", "_modules") and self._holds_own_tensor(value)]
                            for m in self.modules]
+        # Modules whose replicas' dictionaries _refresh_one makes, not _C.refresh_replica_dicts.
+        self.refresh_in_python = [bool(keys) or rnn for keys, rnn in zip(self.alias_keys, self.is_rnn)]
         self.versions: Optional[list] = None  # per group, at the last broadcast (trust_version_counters)
         self.versions_replicas = 0
         self.build_count += 1
@@ -313,44 +314,49 @@ class ReplicaSet:
     # -- per call ------------------------------------------------------------------------------
     def structure_changed(self) -> bool:
         # The tree of modules is unchanged as long as every _modules dictionary is.
-        for m, entries in zip(self.modules, self.entries):
-            if _module_entries(m) != entries:
-                return True
-        return any(_tensor_meta(t, p) != meta for t, p, meta in zip(self.tensors, self.is_param, self.meta))
+        return not _C.entries_unchanged(self.modules, self.entries) or self.meta_watch.changed(self.tensors)
 
     def refresh_attributes(self, num_replicas: int) -> None:
         for k in range(1, num_replicas):
-            for m, replica, (params, buffers, children, hooks), alias_keys, is_rnn in zip(
-                    self.modules, self.replica_modules[k], self.replica_dicts[k], self.alias_keys, self.is_rnn):
-                d = m.__dict__.copy()
-                d["_parameters"] = params
-                d["_buffers"] = buffers
-                d["_modules"] = children
-                # NOTE [Replica hooks]: the root's forward hooks, in dictionaries of the replica's own.
-                # A hook that a replica's forward installs (Hugging Face installs its output
-                # capturing hooks in the first forward that asks) stays with that replica for the
-                # call; the root's forward installs its own. Shared dictionaries would get one copy
-                # per replica, forever (nn.DataParallel: per replica and call). Never mutated, but
-                # replaced: another thread's forward may be iterating the previous one.
-                # The *_with_kwargs and *_always_called dictionaries only name hooks of these two.
-                if not (d["_forward_hooks"] or d["_forward_pre_hooks"]
-                        or hooks["_forward_hooks"] or hooks["_forward_pre_hooks"]):
-                    d.update(hooks)  # no hooks anywhere (the common case)
+            # NOTE [Replica dictionaries]: the common case in C++; the modules it leaves, here.
+            for j in _C.refresh_replica_dicts(self.modules, self.replica_modules[k], self.replica_dicts[k],
+                                              self.refresh_in_python):
+                self._refresh_one(k, j)
+
+    def _refresh_one(self, k: int, j: int) -> None:
+        """Replica k's module j: a shallow copy of the root module's __dict__ with the replica's own
+        three dictionaries (what _C.refresh_replica_dicts does for the others)."""
+        m, replica = self.modules[j], self.replica_modules[k][j]
+        params, buffers, children, hooks = self.replica_dicts[k][j]
+        d = m.__dict__.copy()
+        d["_parameters"] = params
+        d["_buffers"] = buffers
+        d["_modules"] = children
+        # NOTE [Replica hooks]: the root's forward hooks, in dictionaries of the replica's own.
+        # A hook that a replica's forward installs (Hugging Face installs its output
+        # capturing hooks in the first forward that asks) stays with that replica for the
+        # call; the root's forward installs its own. Shared dictionaries would get one copy
+        # per replica, forever (nn.DataParallel: per replica and call). Never mutated, but
+        # replaced: another thread's forward may be iterating the previous one.
+        # The *_with_kwargs and *_always_called dictionaries only name hooks of these two.
+        if not (d["_forward_hooks"] or d["_forward_pre_hooks"]
+                or hooks["_forward_hooks"] or hooks["_forward_pre_hooks"]):
+            d.update(hooks)  # no hooks anywhere (the common case)
+        else:
+            for key, own in hooks.items():
+                shared = d[key]
+                if shared:
+                    d[key] = shared.copy()
                 else:
-                    for key, own in hooks.items():
-                        shared = d[key]
-                        if shared:
-                            d[key] = shared.copy()
-                        else:
-                            if own:
-                                own = hooks[key] = collections.OrderedDict()
-                            d[key] = own
-                for key in alias_keys:
-                    if key in d:
-                        d[key] = self._map_to_replica(d[key], k)
-                if is_rnn:  # in place before the swap: another thread's forward may be running it
-                    d["flatten_parameters"] = _keep_layout
-                object.__setattr__(replica, "__dict__", d)
+                    if own:
+                        own = hooks[key] = collections.OrderedDict()
+                    d[key] = own
+        for key in self.alias_keys[j]:
+            if key in d:
+                d[key] = self._map_to_replica(d[key], k)
+        if self.is_rnn[j]:  # in place before the swap: another thread's forward may be running it
+            d["flatten_parameters"] = _keep_layout
+        object.__setattr__(replica, "__dict__", d)
 
     def _current_versions(self, g: int, num_replicas: int) -> list:
         members = self.groups[g][1]

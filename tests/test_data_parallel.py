@@ -338,6 +338,68 @@ def test_root_changes_are_seen_by_replicas():
     assert wrapped.stats()["replica_builds"] == 2
 
 
+class WithBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.act = nn.Tanh()
+        self.register_buffer("shift", torch.zeros(3))
+
+    def forward(self, x):
+        return self.act(self.lin(x)) + sum(self._buffers.values(), torch.zeros(()))  # whatever buffers it has
+
+
+@pytest.mark.parametrize("change,rebuilds", [
+    # Structure (NOTE [Replica dictionaries]): a different object, name, order or shape rebuilds.
+    (lambda m: setattr(m.lin, "bias", nn.Parameter(m.lin.bias.detach().clone())), True),  # equal values, new object
+    (lambda m: m.register_buffer("extra", torch.ones(3)), True),
+    (lambda m: delattr(m, "shift"), True),
+    (lambda m: setattr(m, "act", nn.Tanh()), True),
+    (lambda m: m.lin._parameters.update({"weight": m.lin._parameters.pop("weight")}), True),  # another order
+    (lambda m: m._buffers.update({"offset": m._buffers.pop("shift")}), True),  # the same object, another name
+    (lambda m: setattr(m.lin.weight, "data", torch.zeros(3, 4, dtype=torch.float32)), True),  # another dtype
+    (lambda m: setattr(m.lin.weight, "data", torch.zeros(4, 4, dtype=torch.float64)), True),  # another shape
+    (lambda m: m.shift.requires_grad_(), True),  # a buffer's requires_grad is structure
+    # Not structure: no rebuild.
+    (lambda m: m.lin.weight.requires_grad_(False), False),  # followed in place (GANs, every step)
+    (lambda m: setattr(m.lin, "_parameters", type(m.lin._parameters)(m.lin._parameters)), False),  # equal copy
+    (lambda m: setattr(m.lin.weight, "data", torch.ones(3, 4, dtype=torch.float64)), False),  # values only
+    (lambda m: setattr(m.act, "inplace_flag", True), False),  # a plain attribute: copied every call
+])
+def test_what_rebuilds_the_replicas_and_what_does_not(change, rebuilds):
+    """Each kind of change made on the root between calls is seen by the replicas: the replicas
+    are rebuilt exactly when the structure changed, and the outputs and gradients match the
+    module run alone after the same change."""
+    reference, wrapped = pair(WithBuffer)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    wrapped(x)
+    for model in (reference, wrapped.module):
+        change(model)
+    if reference.lin.weight.dtype != torch.float64:  # the other dtype: both run it, and the input follows
+        x = x.to(reference.lin.weight.dtype)
+    if reference.lin.weight.shape[0] != 3:  # a weight of another shape: the module's own error, as run alone
+        with pytest.raises(RuntimeError):
+            reference(x)
+        with pytest.raises(RuntimeError, match="replica 0"):
+            wrapped(x)
+        assert wrapped.stats()["replica_builds"] == 2
+        return
+    if reference.lin.weight.dtype != torch.float64:  # a float32 weight beside float64 bias: rejected alike
+        with pytest.raises(RuntimeError):
+            reference(x)
+        with pytest.raises(RuntimeError, match="replica 0"):
+            wrapped(x)
+        assert wrapped.stats()["replica_builds"] == 2
+        return
+    out = wrapped(x)
+    torch.testing.assert_close(out, reference(x), rtol=1e-12, atol=1e-12)
+    assert wrapped.stats()["replica_builds"] == (2 if rebuilds else 1)
+    if out.requires_grad:
+        out.pow(2).sum().backward()
+        reference(x).pow(2).sum().backward()
+        assert_same_grads(reference, wrapped)
+
+
 class Tempered(nn.Module):
     def __init__(self):
         super().__init__()

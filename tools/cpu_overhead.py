@@ -13,7 +13,13 @@ round so that a noisy machine affects them alike:
   default, auto, picks by the thread count;
 - dpfast with one intra-op thread (torch.set_num_threads(1) around its steps,
   so auto runs the passes side by side): the replicas are the parallelism,
-  against the bare module with all the threads.
+  against the bare module with all the threads;
+- threads floor: N persistent threads with one intra-op thread each, each
+  running forward and backward of its own copy of the bare module on its
+  chunk, then the optimizer step on copy 0 (no copies, no reduction, no
+  bookkeeping), the caller on one intra-op thread as in "1 thread": what N
+  threads side by side can do on this machine, the floor under "1 thread".
+  "1 thread" minus "floor" is what dpfast adds.
 
     PYTHONPATH=. python tools/cpu_overhead.py [--replicas 2 4] [--rounds 4] [--steps 20] [--threads T]
                                               [--configs cnn:tiny:32 ...]
@@ -25,6 +31,7 @@ import argparse
 import contextlib
 import os
 import statistics
+import threading
 import time
 
 import torch
@@ -49,6 +56,45 @@ def step_ms(model, chunks, steps: int, warmup: int = 3) -> float:
         if s >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+class ThreadsFloor:
+    """N persistent threads, thread k running forward and backward of models[k] on chunk k with
+    one intra-op thread; step_ms's model and chunks interface, for the floor column."""
+
+    def __init__(self, models, chunks):
+        self.models, self.chunks = models, chunks
+        self.go = [threading.Event() for _ in models]
+        self.done = [threading.Event() for _ in models]
+        for k in range(len(models)):
+            threading.Thread(target=self._loop, args=(k,), daemon=True).start()
+
+    def _loop(self, k: int) -> None:
+        torch.set_num_threads(1)
+        while True:
+            self.go[k].wait()
+            self.go[k].clear()
+            x, y = self.chunks[k]
+            (F.cross_entropy(self.models[k](x), y, reduction="sum") / self.batch).backward()
+            self.done[k].set()
+
+    def step_ms(self, steps: int, warmup: int = 3) -> float:
+        optimizer = torch.optim.SGD(self.models[0].parameters(), lr=1e-3)
+        self.batch = sum(len(y) for _, y in self.chunks)
+        times = []
+        for s in range(warmup + steps):
+            start = time.perf_counter()
+            for model in self.models:
+                model.zero_grad()
+            for go in self.go:
+                go.set()
+            for done in self.done:
+                done.wait()
+                done.clear()
+            optimizer.step()
+            if s >= warmup:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
 
 
 @contextlib.contextmanager
@@ -78,7 +124,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads; medians of "
           f"{args.rounds} interleaved rounds of {args.steps} steps, ms per training step")
     print(f"{'workload':<22}{'N':>3}{'bare':>9}{'chunks':>9}{'in turn':>9}{'side by side':>14}{'1 thread':>10}"
-          f"{'in turn/bare':>14}{'side/bare':>11}{'side/in turn':>14}{'1 thread/bare':>15}")
+          f"{'floor':>8}{'in turn/bare':>14}{'side/bare':>11}{'side/in turn':>14}{'1 thread/bare':>15}"
+          f"{'floor/bare':>12}{'1 thread - floor':>18}")
     configs = CONFIGS if args.configs is None else [(n, s, int(b)) for n, s, b in
                                                     (c.split(":") for c in args.configs)]
     for name, size, batch in configs:
@@ -88,7 +135,8 @@ def main() -> None:
             bare = workload.build(0)
             wrapped = dpfast.DataParallel(workload.build(0), device_ids=["cpu"] * n)
             chunked = list(zip(x.chunk(n), y.chunk(n)))
-            results = {"bare": [], "chunks": [], "in_turn": [], "side_by_side": [], "one_thread": []}
+            floor = ThreadsFloor([workload.build(0) for _ in range(n)], chunked)
+            results = {"bare": [], "chunks": [], "in_turn": [], "side_by_side": [], "one_thread": [], "floor": []}
             for _ in range(args.rounds):
                 results["bare"].append(step_ms(bare, [(x, y)], args.steps))
                 results["chunks"].append(step_ms(bare, chunked, args.steps))
@@ -100,13 +148,15 @@ def main() -> None:
                 torch.set_num_threads(1)
                 try:
                     results["one_thread"].append(step_ms(wrapped, [(x, y)], args.steps))
+                    results["floor"].append(floor.step_ms(args.steps))
                 finally:
                     torch.set_num_threads(threads)
             ms = {k: statistics.median(v) for k, v in results.items()}
             print(f"{name + ':' + size + ' b' + str(batch):<22}{n:>3}{ms['bare']:>9.2f}{ms['chunks']:>9.2f}"
-                  f"{ms['in_turn']:>9.2f}{ms['side_by_side']:>14.2f}{ms['one_thread']:>10.2f}"
+                  f"{ms['in_turn']:>9.2f}{ms['side_by_side']:>14.2f}{ms['one_thread']:>10.2f}{ms['floor']:>8.2f}"
                   f"{ms['in_turn'] / ms['bare']:>14.2f}{ms['side_by_side'] / ms['bare']:>11.2f}"
-                  f"{ms['side_by_side'] / ms['in_turn']:>14.2f}{ms['one_thread'] / ms['bare']:>15.2f}", flush=True)
+                  f"{ms['side_by_side'] / ms['in_turn']:>14.2f}{ms['one_thread'] / ms['bare']:>15.2f}"
+                  f"{ms['floor'] / ms['bare']:>12.2f}{ms['one_thread'] - ms['floor']:>18.2f}", flush=True)
 
 
 if __name__ == "__main__":
