@@ -60,30 +60,54 @@ const std::array<PyObject*, 3>& entry_dict_names() {
   return names;
 }
 
-// A borrowed reference to module.__dict__[key] when it is a dict, else nullptr.
-PyObject* dict_item(PyObject* module_dict, PyObject* key) {
+// module.__dict__[key], held (a key's __eq__ below is Python code, and may replace it); null
+// where it is missing.
+py::object dict_item(PyObject* module_dict, PyObject* key) {
   PyObject* value = PyDict_GetItemWithError(module_dict, key);
-  return value != nullptr && PyDict_Check(value) ? value : nullptr;
+  if (value == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  return py::reinterpret_borrow<py::object>(value);
 }
 
-// Same names in the same order, naming the same objects (identity; never ==).
-bool same_entries(PyObject* current, PyObject* snapshot) {
-  if (current == nullptr || PyDict_Size(current) != PyDict_Size(snapshot)) return false;
-  Py_ssize_t pos_a = 0, pos_b = 0;
-  PyObject *key_a, *value_a, *key_b, *value_b;
-  while (PyDict_Next(current, &pos_a, &key_a, &value_a)) {
-    if (!PyDict_Next(snapshot, &pos_b, &key_b, &value_b) || value_a != value_b) return false;
-    if (key_a != key_b) {
-      const int equal = PyObject_RichCompareBool(key_a, key_b, Py_EQ);
-      if (equal < 0) throw py::error_already_set();
-      if (equal == 0) return false;
+// Same names in the same order, naming the same objects (identity; never ==). The order is the
+// mapping's own: an OrderedDict (modules unpickled from torch < 2.0 have them) keeps its
+// move_to_end() order apart from its storage, which PyDict_Next walks.
+bool same_entries(const py::object& current, PyObject* snapshot) {
+  if (!current) return false;
+  const Py_ssize_t size = PyObject_Size(current.ptr());
+  if (size < 0) throw py::error_already_set();
+  if (size != PyDict_Size(snapshot)) return false;
+  Py_ssize_t pos = 0;
+  PyObject *snapshot_key, *snapshot_value;
+  auto same_as_next = [&](PyObject* key, PyObject* value) {
+    if (!PyDict_Next(snapshot, &pos, &snapshot_key, &snapshot_value) || value != snapshot_value) return false;
+    if (key == snapshot_key) return true;
+    const int equal = PyObject_RichCompareBool(key, snapshot_key, Py_EQ);
+    if (equal < 0) throw py::error_already_set();
+    return equal == 1;
+  };
+  if (PyDict_CheckExact(current.ptr())) {
+    Py_ssize_t current_pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(current.ptr(), &current_pos, &key, &value)) {
+      // key and value are borrowed from a dict the comparison's Python code may change: held.
+      py::object held_key = py::reinterpret_borrow<py::object>(key);
+      py::object held_value = py::reinterpret_borrow<py::object>(value);
+      if (!same_as_next(key, value)) return false;
+      if (PyDict_Size(current.ptr()) != size) return false;  // changed under the walk
     }
+    return true;
+  }
+  py::object items = py::reinterpret_steal<py::object>(PyMapping_Items(current.ptr()));
+  if (!items) throw py::error_already_set();
+  for (py::handle item : items) {
+    py::tuple pair = py::reinterpret_borrow<py::tuple>(item);
+    if (pair.size() != 2 || !same_as_next(pair[0].ptr(), pair[1].ptr())) return false;
   }
   return true;
 }
 
 // Whether every module's _parameters, _buffers and _modules still hold what snapshots[j] (a tuple
-// of copies of the three) held.
+// of copies of the three, then the module's class) held, and its class is the same.
 bool entries_unchanged(const py::list& modules, const py::list& snapshots) {
   const auto& keys = entry_dict_names();
   if (modules.size() != snapshots.size()) return false;
@@ -91,10 +115,10 @@ bool entries_unchanged(const py::list& modules, const py::list& snapshots) {
     py::object module_dict = py::reinterpret_steal<py::object>(PyObject_GenericGetDict(modules[j].ptr(), nullptr));
     if (!module_dict) throw py::error_already_set();
     py::tuple snapshot = snapshots[j].cast<py::tuple>();
+    const auto* module_class = reinterpret_cast<PyObject*>(Py_TYPE(modules[j].ptr()));
+    if (snapshot.size() != keys.size() + 1 || module_class != snapshot[keys.size()].ptr()) return false;
     for (size_t d = 0; d < keys.size(); ++d) {
-      PyObject* current = dict_item(module_dict.ptr(), keys[d]);
-      if (PyErr_Occurred()) throw py::error_already_set();
-      if (!same_entries(current, snapshot[d].ptr())) return false;
+      if (!same_entries(dict_item(module_dict.ptr(), keys[d]), snapshot[d].ptr())) return false;
     }
   }
   return true;
@@ -116,9 +140,9 @@ std::vector<int64_t> refresh_replica_dicts(const py::list& modules, const py::li
               modules.size(), "), but got ", replicas.size(), ", ", owns.size(), " and ", slow.size());
   std::vector<int64_t> left;
   auto has_hooks = [](PyObject* dict, PyObject* key) {
-    PyObject* hooks = dict_item(dict, key);
-    if (PyErr_Occurred()) throw py::error_already_set();
-    return hooks == nullptr || PyDict_Size(hooks) != 0;  // missing: the Python path decides
+    py::object hooks = dict_item(dict, key);
+    if (!hooks || !PyDict_Check(hooks.ptr())) return true;  // missing, or not a dict: the Python path decides
+    return PyDict_Size(hooks.ptr()) != 0;
   };
   for (size_t j = 0; j < modules.size(); ++j) {
     if (slow[j]) {

@@ -110,11 +110,11 @@ _ENTRY_DICTS = ("_parameters", "_buffers", "_modules")
 
 
 def _entry_snapshot(module: nn.Module) -> tuple:
-    """Copies of a module's parameters, buffers and children dictionaries: their names, order and
-    objects, compared with at every call (_C.entries_unchanged, NOTE [Replica dictionaries] in
-    csrc/bindings.cpp)."""
+    """Copies of a module's parameters, buffers and children dictionaries (their names, order and
+    objects) and its class (`module.__class__ = ...` swaps a forward), compared with at every call
+    (_C.entries_unchanged, NOTE [Replica dictionaries] in csrc/bindings.cpp)."""
     d = module.__dict__
-    return tuple(dict(d[key]) for key in _ENTRY_DICTS)
+    return tuple(dict(d[key]) for key in _ENTRY_DICTS) + (type(module),)
 
 
 # The dictionaries of nn.Module that register_forward_hook / register_forward_pre_hook write.
@@ -264,7 +264,9 @@ class ReplicaSet:
         self.replica_modules: List[List[nn.Module]] = [self.modules]
         self.replica_dicts: List[List[tuple]] = [[]]
         for k in range(1, n):
-            mods = [m.__class__.__new__(m.__class__) for m in self.modules]
+            # The root's own class, past any __new__: a torch.fx GraphModule's __new__ makes a class
+            # per instance, and the forward lives on the root's (so a recompile() reaches replicas).
+            mods = [object.__new__(type(m)) for m in self.modules]
             dicts = []
             for j, m in enumerate(self.modules):
                 own = self.replica_tensors[k]

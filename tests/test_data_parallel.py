@@ -349,6 +349,11 @@ class WithBuffer(nn.Module):
         return self.act(self.lin(x)) + sum(self._buffers.values(), torch.zeros(()))  # whatever buffers it has
 
 
+class _TanhTimesThree(nn.Tanh):
+    def forward(self, x):
+        return 3 * torch.tanh(x)
+
+
 @pytest.mark.parametrize("change,rebuilds", [
     # Structure (NOTE [Replica dictionaries]): a different object, name, order or shape rebuilds.
     (lambda m: setattr(m.lin, "bias", nn.Parameter(m.lin.bias.detach().clone())), True),  # equal values, new object
@@ -357,6 +362,7 @@ class WithBuffer(nn.Module):
     (lambda m: setattr(m, "act", nn.Tanh()), True),
     (lambda m: m.lin._parameters.update({"weight": m.lin._parameters.pop("weight")}), True),  # another order
     (lambda m: m._buffers.update({"offset": m._buffers.pop("shift")}), True),  # the same object, another name
+    (lambda m: setattr(m.act, "__class__", _TanhTimesThree), True),  # another class: another forward
     (lambda m: setattr(m.lin.weight, "data", torch.zeros(3, 4, dtype=torch.float32)), True),  # another dtype
     (lambda m: setattr(m.lin.weight, "data", torch.zeros(4, 4, dtype=torch.float64)), True),  # another shape
     (lambda m: m.shift.requires_grad_(), True),  # a buffer's requires_grad is structure
@@ -398,6 +404,92 @@ def test_what_rebuilds_the_replicas_and_what_does_not(change, rebuilds):
         out.pow(2).sum().backward()
         reference(x).pow(2).sum().backward()
         assert_same_grads(reference, wrapped)
+
+
+def test_an_ordered_dict_of_children_reordered_rebuilds_the_replicas():
+    """Modules unpickled from torch < 2.0 hold OrderedDicts, whose move_to_end() order is not their
+    storage order: the structure check compares the order they iterate in (a reordered Sequential
+    runs its layers in the new order in every replica)."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    seq._modules = collections.OrderedDict(seq._modules)
+    wrapped = dpfast.DataParallel(seq, device_ids=CPU4)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    wrapped(x)
+    seq._modules.move_to_end("0")  # now Tanh, Linear, Linear
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), seq(x), rtol=1e-12, atol=1e-12)
+    assert wrapped.stats()["replica_builds"] == 2
+    for _ in range(3):  # and built in that order, no rebuild at every call
+        wrapped(x)
+    assert wrapped.stats()["replica_builds"] == 2
+
+
+class _KeyThatReplacesTheDict(str):
+    """A parameter name whose == replaces its module's _parameters dictionary, once."""
+    __hash__ = str.__hash__
+    module = None
+
+    def __eq__(self, other):
+        module, type(self).module = type(self).module, None
+        if module is not None:
+            module.__dict__["_parameters"] = dict(module.__dict__["_parameters"])
+        return str.__eq__(self, other)
+
+
+class _SumOfParameters(nn.Module):
+    def __init__(self):
+        super().__init__()
+        for i in range(8):
+            self.register_parameter(f"w{i}", nn.Parameter(torch.full((1,), float(i), dtype=torch.float64)))
+
+    def forward(self, x):
+        return x * sum(self._parameters.values())
+
+
+def test_the_structure_check_survives_python_code_that_replaces_the_dictionary_it_walks():
+    """The check compares names by == where they are not the same object: Python code, which may
+    replace the very dictionary being walked (it is held, not borrowed)."""
+    model = _SumOfParameters()
+    wrapped = dpfast.DataParallel(model, device_ids=CPU4)
+    x = torch.ones(8, 1, dtype=torch.float64)
+    wrapped(x)
+    items = list(model._parameters.items())
+    model._parameters.clear()
+    for i, (name, p) in enumerate(items):  # the same names and objects; one name an equal str of another object
+        model._parameters[_KeyThatReplacesTheDict(name) if i == 0 else name] = p
+    _KeyThatReplacesTheDict.module = model
+    torch.testing.assert_close(wrapped(x), x * 28.0)
+    assert wrapped.stats()["replica_builds"] == 1
+
+
+@pytest.mark.parametrize("where", ["root", "submodule"])
+def test_torch_fx_graph_modules_run_in_every_replica(where):
+    """torch.fx.symbolic_trace (and torchvision's create_feature_extractor, built on it) gives each
+    GraphModule a class of its own that holds its forward: replicas share the root's class."""
+    torch.manual_seed(0)
+    reference = mlp().double()
+    traced = torch.fx.symbolic_trace(copy.deepcopy(reference))
+    model = traced if where == "root" else nn.Sequential(traced)
+    wrapped = dpfast.DataParallel(model, device_ids=CPU4)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    out = wrapped(x)
+    torch.testing.assert_close(out, reference(x), rtol=1e-12, atol=1e-12)
+    out.pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    for (name, p), q in zip(reference.named_parameters(), traced.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    # A graph edited and recompiled on the root reaches the replicas (its class's forward).
+    for node in traced.graph.nodes:
+        if node.op == "call_module" and isinstance(traced.get_submodule(node.target), nn.Tanh):
+            with traced.graph.inserting_after(node):
+                doubled = traced.graph.call_function(torch.mul, (node, 2.0))
+            node.replace_all_uses_with(doubled)
+            doubled.args = (node, 2.0)
+    traced.recompile()
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), traced(x), rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(traced(x), reference(x))
 
 
 class Tempered(nn.Module):
