@@ -8,7 +8,7 @@ import contextlib
 import itertools
 import warnings
 import weakref
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
@@ -141,7 +141,10 @@ class _Runtime:
         self.pool.close()
 
 
-class DataParallel(nn.DataParallel):
+_Module = TypeVar("_Module", bound=nn.Module)
+
+
+class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: DataParallel[MyNet] in annotations
     r"""Implements data parallelism at the module level, as
     :class:`torch.nn.DataParallel` does, as a drop-in replacement.
 
@@ -230,6 +233,7 @@ class DataParallel(nn.DataParallel):
         output = _devices.parse_output_device(output_device, self.devices)
         self.output_device = output.index if output.type == "cuda" else output
         self.output_device_obj = output
+        self._output_device_given = self.output_device  # nn.DataParallel reads output_device at each forward
         self.src_device_obj = self.devices[0]
         self.device_type = self.devices[0].type
         if len(self.devices) == 1:  # as nn.DataParallel: one device runs the module itself, moved there
@@ -264,6 +268,10 @@ class DataParallel(nn.DataParallel):
             raise ValueError(f"dpfast.DataParallel: device_ids: expected the devices the wrapper was made with, "
                              f"{built}, but it was changed to {self.device_ids!r}: make a new wrapper for other "
                              f"devices (its replicas, threads and buckets are built for these)")
+        given = self.__dict__.get("_output_device_given", self.output_device)
+        if self.output_device is not given and self.output_device != given:  # changed since: used, as there
+            output = _devices.parse_output_device(self.output_device, self.devices)
+            self.output_device_obj, self._output_device_given = output, self.output_device
         if _overrides_a_step(type(self)):
             return self._forward_through_overrides(inputs, kwargs)
         n = len(self.devices)

@@ -597,6 +597,27 @@ def test_drop_in_for_nn_dataparallel_checks():
     assert isinstance(wrapped.module, nn.Sequential)
     wrapped = wrapped.double()  # moving after wrapping, as DataParallel(model).cuda() does
     assert wrapped(torch.randn(4, 6, dtype=torch.float64)).dtype == torch.float64
+    # Generic as nn.DataParallel is (annotations such as DataParallel[MyNet] are evaluated at runtime).
+    assert dpfast.DataParallel[nn.Sequential] is not None
+
+
+def test_output_device_changed_after_construction_is_read_at_the_next_forward():
+    """nn.DataParallel reads output_device at every forward: a new value is used there (and
+    checked), not silently ignored."""
+    wrapped = dpfast.DataParallel(mlp().double(), device_ids=CPU4)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    wrapped.output_device = -1  # the CPU, given another way: used as it is
+    assert wrapped(x).device == torch.device("cpu")
+    wrapped.output_device = "bogus-device"
+    with pytest.raises(ValueError, match=r"output_device: expected a device such as 'cpu' or 'cuda:0', but got "
+                                         r"'bogus-device'"):
+        wrapped(x)
+    if not torch.cuda.is_available():
+        wrapped.output_device = 0
+        with pytest.raises(ValueError, match=r"output_device: expected an available device, but got cuda:0"):
+            wrapped(x)
+    wrapped.output_device = torch.device("cpu")  # and the wrapper still works
+    torch.testing.assert_close(wrapped(x), wrapped.module(x))
 
 
 def test_one_device_and_no_device_run_the_module_directly():
