@@ -224,8 +224,14 @@ std::vector<at::Tensor> scatter(const at::Tensor& tensor, const std::vector<Lane
   // counter of their own, as the copies on other devices have: a replica that writes its chunk in
   // place (`x /= 255` in forward) must not invalidate what another replica saved from its chunk.
   // A source that requires grad keeps views: autograd then checks in-place writes to them.
+  // Under vmap (torch.autograd.functional.jacobian(vectorize=True) and is_grads_batched use the
+  // legacy one, torch.func the other) the source is a batched wrapper, for which alias() has no
+  // batching rule: views there too.
+  const c10::DispatchKeySet keys = tensor.key_set();
+  const bool functorch_wrapped = keys.has(c10::DispatchKey::Batched) || keys.has(c10::DispatchKey::FuncTorchBatched) ||
+                                 keys.has(c10::DispatchKey::FuncTorchGradWrapper);
   auto on_source_device = [&](const at::Tensor& piece) {
-    if (!viewed || tensor.requires_grad()) {
+    if (!viewed || tensor.requires_grad() || functorch_wrapped) {
       viewed = true;
       return piece;
     }

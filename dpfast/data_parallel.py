@@ -410,6 +410,7 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         workers (DPFAST_PARALLEL_BACKWARD); otherwise autograd walks them one after the other."""
         if (len(active) < 2 or runtime.cross is not None or not torch.is_grad_enabled()
                 or any(d.type != "cpu" for d in devices) or runtime.reducer is None or runtime.reducer.no_routing
+                or runtime.replicas.forward_hooks_seen
                 or not parallel_backward.wanted(len(active))):
             return None
         replica_tensors = [runtime.replicas.replica_tensors[k] for k in active]

@@ -286,6 +286,8 @@ class ReplicaSet:
                            for m in self.modules]
         # Modules whose replicas' dictionaries _refresh_one makes, not _C.refresh_replica_dicts.
         self.refresh_in_python = [bool(keys) or rnn for keys, rnn in zip(self.alias_keys, self.is_rnn)]
+        # Whether a forward hook was on any module at the last refresh (NOTE [Parallel backward]).
+        self.forward_hooks_seen = False
         self.versions: Optional[list] = None  # per group, at the last broadcast (trust_version_counters)
         self.versions_replicas = 0
         self.build_count += 1
@@ -319,15 +321,20 @@ class ReplicaSet:
         return not _C.entries_unchanged(self.modules, self.entries) or self.meta_watch.changed(self.tensors)
 
     def refresh_attributes(self, num_replicas: int) -> None:
+        hooked = False
         for k in range(1, num_replicas):
             # NOTE [Replica dictionaries]: the common case in C++; the modules it leaves, here.
             for j in _C.refresh_replica_dicts(self.modules, self.replica_modules[k], self.replica_dicts[k],
                                               self.refresh_in_python):
-                self._refresh_one(k, j)
+                hooked |= self._refresh_one(k, j)
+        if num_replicas > 1:
+            self.forward_hooks_seen = hooked
 
-    def _refresh_one(self, k: int, j: int) -> None:
+    def _refresh_one(self, k: int, j: int) -> bool:
         """Replica k's module j: a shallow copy of the root module's __dict__ with the replica's own
-        three dictionaries (what _C.refresh_replica_dicts does for the others)."""
+        three dictionaries (what _C.refresh_replica_dicts does for the others). Returns whether a
+        forward hook (not a pre-hook) is registered on the module or was installed on the replica:
+        one that may keep the replica's activations (NOTE [Parallel backward])."""
         m, replica = self.modules[j], self.replica_modules[k][j]
         params, buffers, children, hooks = self.replica_dicts[k][j]
         d = m.__dict__.copy()
@@ -341,6 +348,7 @@ class ReplicaSet:
         # per replica, forever (nn.DataParallel: per replica and call). Never mutated, but
         # replaced: another thread's forward may be iterating the previous one.
         # The *_with_kwargs and *_always_called dictionaries only name hooks of these two.
+        forward_hooks = bool(d["_forward_hooks"] or hooks["_forward_hooks"])  # before a replica's are reset
         if not (d["_forward_hooks"] or d["_forward_pre_hooks"]
                 or hooks["_forward_hooks"] or hooks["_forward_pre_hooks"]):
             d.update(hooks)  # no hooks anywhere (the common case)
@@ -359,6 +367,7 @@ class ReplicaSet:
         if self.is_rnn[j]:  # in place before the swap: another thread's forward may be running it
             d["flatten_parameters"] = _keep_layout
         object.__setattr__(replica, "__dict__", d)
+        return forward_hooks
 
     def _current_versions(self, g: int, num_replicas: int) -> list:
         members = self.groups[g][1]

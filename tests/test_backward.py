@@ -513,3 +513,57 @@ def test_a_retained_routed_graph_then_an_unrouted_forward_in_one_backward():
         xg = x2.clone().requires_grad_()  # not routed: its input's gradient is wanted
         (out.pow(2).sum() + model(xg).sum()).backward()
     assert_same_grads(reference, wrapped.module)
+
+
+class _SavesActivations(nn.Module):
+    """Grad-CAM's pattern: a forward hook keeps each replica's activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_a_forward_hook_that_keeps_activations_leaves_them_reachable_by_autograd_grad():
+    """torch.autograd.grad with respect to activations that a forward hook kept from each replica
+    (Grad-CAM, captum's Layer methods) reaches every replica's: with a forward hook on the module
+    the replicas' graphs stay connected to the gathered output (not routed through the workers)."""
+    torch.manual_seed(0)
+    reference = _SavesActivations().double()
+    module = _SavesActivations().double()
+    module.load_state_dict(reference.state_dict())
+    kept = []
+    module.body.register_forward_hook(lambda m, i, o: kept.append(o))
+    wrapped = dpfast.DataParallel(module, device_ids=CPU3)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    for _ in range(2):  # the first call, and one with the replicas already built
+        kept.clear()
+        out = wrapped(x)
+        assert not routed(out)
+        grads = torch.autograd.grad(out[:, 1].sum(), kept)
+        acts = reference.body(x)
+        expected = torch.autograd.grad(reference.head(acts)[:, 1].sum(), acts)[0]
+        assert len(grads) == 3
+        order = sorted(range(3), key=lambda k: kept[k].data_ptr())  # threads append in any order
+        torch.testing.assert_close(torch.cat([grads[k] for k in order]), expected, rtol=1e-12, atol=1e-12)
+    kept.clear()
+    module.body._forward_hooks.clear()  # without the hook, routed again
+    assert routed(wrapped(x))
+
+
+def test_vectorized_jacobian_through_the_wrapper():
+    """torch.func's vmap in the gradient (jacobian(vectorize=True), is_grads_batched): the scatter
+    in the gather's backward gives views of a batched gradient, which alias() has no rule for."""
+    reference, wrapped = reference_and_wrapped()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    expected = torch.autograd.functional.jacobian(reference, x)
+    got = torch.autograd.functional.jacobian(wrapped, x, vectorize=True)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    x.requires_grad_()
+    out = wrapped(x)
+    eye = torch.eye(out.numel(), dtype=torch.float64).view(-1, *out.shape)
+    (batched,) = torch.autograd.grad(out, x, eye, is_grads_batched=True)
+    torch.testing.assert_close(batched.view(*out.shape, *x.shape), expected, rtol=1e-12, atol=1e-12)
