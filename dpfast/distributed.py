@@ -9,7 +9,8 @@ backward goes on. Nothing home-made crosses the network.
 
 NOTE [Cross-process gradients]
 - Parameters start identical: rank 0's parameters and buffers are broadcast
-  at construction; every rank then applies the same averaged gradients.
+  when the wrapper's runtime is built (its first forward, or no_sync()); every
+  rank then applies the same averaged gradients.
   Buffers (BatchNorm statistics) are re-broadcast from rank 0 before every
   training forward, as DDP's ``broadcast_buffers=True`` does.
 - Mean-loss semantics: the result equals one process training on the
@@ -27,7 +28,10 @@ NOTE [Cross-process gradients]
   backward, followed by one small all-reduce of which parameters received a
   gradient anywhere (a parameter unused here but used elsewhere still gets
   the others' gradient, and ranks stay identical).
-- Every rank must run the same number of backward passes (as with DDP). A
+- Every rank must run the same number of training forwards (train mode, grad
+  enabled: each broadcasts buffers and all-reduces batch sizes) and backward
+  passes (as with DDP's broadcast_buffers=True); eval and no_grad forwards
+  issue none. A
   rank that dies makes the others fail with torch.distributed's error once
   the process group's timeout (``init_process_group(timeout=...)``, 10
   minutes by default for gloo, NCCL's own watchdog for NCCL) expires, or
