@@ -282,7 +282,7 @@ class ReplicaSet:
         # RNNBase._replicate_for_data_parallel does for nn.DataParallel.
         self.index_of = index_of
         self.alias_keys = [[key for key, value in m.__dict__.items()
-                            if key not in ("_parameters", "_buffers", "_modules") and self._holds_own_tensor(value)]
+                            if key not in _ENTRY_DICTS and self._holds_own_tensor(value)]
                            for m in self.modules]
         # Modules whose replicas' dictionaries _refresh_one makes, not _C.refresh_replica_dicts.
         self.refresh_in_python = [bool(keys) or rnn for keys, rnn in zip(self.alias_keys, self.is_rnn)]

@@ -43,24 +43,32 @@ from bench import workloads
 CONFIGS = [("cnn", "tiny", 128), ("cnn", "small", 16), ("mlp", "small", 128), ("transformer", "tiny", 64)]
 
 
-def step_ms(model, chunks, steps: int, warmup: int = 3) -> float:
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    batch = sum(len(y) for _, y in chunks)
+def median_ms(step, steps: int, warmup: int = 3) -> float:
+    """The median time of step() over `steps` calls after `warmup` untimed ones, in ms."""
     times = []
     for s in range(warmup + steps):
         start = time.perf_counter()
-        optimizer.zero_grad()
-        loss = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in chunks) / batch
-        loss.backward()
-        optimizer.step()
+        step()
         if s >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
 
+def step_ms(model, chunks, steps: int, warmup: int = 3) -> float:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    batch = sum(len(y) for _, y in chunks)
+
+    def step():
+        optimizer.zero_grad()
+        loss = sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in chunks) / batch
+        loss.backward()
+        optimizer.step()
+    return median_ms(step, steps, warmup)
+
+
 class ThreadsFloor:
     """N persistent threads, thread k running forward and backward of models[k] on chunk k with
-    one intra-op thread; step_ms's model and chunks interface, for the floor column."""
+    one intra-op thread, then the optimizer step on models[0]: the floor column."""
 
     def __init__(self, models, chunks):
         self.models, self.chunks = models, chunks
@@ -81,9 +89,8 @@ class ThreadsFloor:
     def step_ms(self, steps: int, warmup: int = 3) -> float:
         optimizer = torch.optim.SGD(self.models[0].parameters(), lr=1e-3)
         self.batch = sum(len(y) for _, y in self.chunks)
-        times = []
-        for s in range(warmup + steps):
-            start = time.perf_counter()
+
+        def step():
             for model in self.models:
                 model.zero_grad()
             for go in self.go:
@@ -92,9 +99,7 @@ class ThreadsFloor:
                 done.wait()
                 done.clear()
             optimizer.step()
-            if s >= warmup:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
+        return median_ms(step, steps, warmup)
 
 
 @contextlib.contextmanager
