@@ -145,6 +145,11 @@ def wanted(num_lanes: int) -> bool:
     return num_lanes > 1 and torch.get_num_threads() == 1
 
 
+# A private leaf, the node's only input (it never receives a gradient: the node returns None for
+# it), shared by every routed forward.
+_ANCHOR = torch.empty(0, requires_grad=True)
+
+
 def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: List[str], replicas: int,
           threads: int, pool, reducer) -> Optional[Dict[int, torch.Tensor]]:
     """outputs[k], replica_tensors[k] (parameters and buffers) and where[k] of the replicas that ran,
@@ -173,6 +178,5 @@ def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: 
     # (an output may be a parameter, which outlives every graph).
     plan.sentinel = torch.empty(0)
     reducer.note_routed(weakref.ref(plan.sentinel))
-    anchor = torch.empty(0, requires_grad=True)  # a private leaf: the node's only input
-    stand_ins = ReplicaBackward.apply(plan, anchor)
+    stand_ins = ReplicaBackward.apply(plan, _ANCHOR)
     return {id(t): s for t, s in zip(tensors, stand_ins)}

@@ -94,6 +94,9 @@ def _undo_after_backward(undo, outputs) -> None:
     undo()
 
 
+_NO_PHASE = contextlib.nullcontext()  # reusable: one for every block that no timer reports
+
+
 def _weak_phase(wrapper: "DataParallel"):
     """wrapper._phase through a weak reference: the runtime (kept by the wrapper's finalizer)
     must not keep the wrapper alive."""
@@ -101,7 +104,7 @@ def _weak_phase(wrapper: "DataParallel"):
 
     def phase(name: str):
         w = ref()
-        return w._phase(name) if w is not None else contextlib.nullcontext()
+        return w._phase(name) if w is not None else _NO_PHASE
 
     return phase
 
@@ -121,6 +124,7 @@ class _Runtime:
         self.module = wrapper.module
         self.streams = lane_streams.make_lane_streams(wrapper.devices)  # replicas' compute
         self.comm_streams = lane_streams.make_lane_streams(wrapper.devices)  # gradient reductions
+        self.cpu_lanes = all(d.type == "cpu" for d in wrapper.devices)
         with torch.inference_mode(False):  # buffers made under inference_mode could not train later
             self.replicas = ReplicaSet(wrapper.module, wrapper.devices, self.streams,
                                        trust_version_counters=wrapper.trust_version_counters,
@@ -409,7 +413,7 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         """NOTE [Parallel backward]: on CPU lanes, the replicas' parts of the backward run on their
         workers (DPFAST_PARALLEL_BACKWARD); otherwise autograd walks them one after the other."""
         if (len(active) < 2 or runtime.cross is not None or not torch.is_grad_enabled()
-                or any(d.type != "cpu" for d in devices) or runtime.reducer is None or runtime.reducer.no_routing
+                or not runtime.cpu_lanes or runtime.reducer is None or runtime.reducer.no_routing
                 or runtime.replicas.forward_hooks_seen
                 or not parallel_backward.wanted(len(active))):
             return None
@@ -552,11 +556,12 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         """``with self._phase(name)``: reports the block to ``self.phase_timer`` when one is
         set (the benchmark's), else does nothing."""
         timer = self.__dict__.get("phase_timer")
-        return timer.phase(name) if timer is not None else contextlib.nullcontext()
+        return timer.phase(name) if timer is not None else _NO_PHASE
 
     def _ensure_runtime(self) -> _Runtime:
         runtime = self.__dict__.get("_runtime")
-        if runtime is not None and runtime.module is not self.module:
+        # _modules, not self.module: nn.Module's __getattr__ costs more than the rest, 3 times a step.
+        if runtime is not None and runtime.module is not self._modules.get("module"):
             # The wrapped module itself was replaced: gradients accumulated under no_sync() belong
             # to the old one's parameters (often the new one's too): reduce them first.
             if runtime.reducer is not None and runtime.reducer.has_pending():

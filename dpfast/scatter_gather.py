@@ -132,9 +132,13 @@ class Gather(torch.autograd.Function):
         # Backward runs on the current streams (autograd's stream semantics). The pieces for other
         # devices are copied on those devices' current streams, but autograd orders their consumers
         # after this node's stream only: make it wait for the copies.
-        grads = Scatter.apply(ctx.devices, ctx.chunk_sizes, ctx.dim, [], grad)
-        for device in {g.device for g in grads if g.device != grad.device}:
-            _current_streams_wait(device, [grad.device])
+        if torch.is_grad_enabled():  # create_graph=True: the pieces carry a graph back to grad
+            grads = Scatter.apply(ctx.devices, ctx.chunk_sizes, ctx.dim, [], grad)
+        else:  # the engine's scatter alone: a node's apply costs more than the scatter on CPU lanes
+            grads = _C.scatter(grad, ctx.devices, ctx.chunk_sizes, ctx.dim, [])
+        if grad.device.type == "cuda":
+            for device in {g.device for g in grads if g.device != grad.device}:
+                _current_streams_wait(device, [grad.device])
         return (None, None, None, None) + tuple(grads)
 
 

@@ -134,16 +134,31 @@ def test_scatter_pieces_on_the_source_device_have_their_own_version_counters(dev
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_coalesce_round_trip(device):
-    tensors = [torch.randn(3, 4, device=device), torch.randn(5, device=device), torch.randn(0, device=device),
-               torch.randn(2, 2, 2, device=device).transpose(0, 2)]  # a non-contiguous one
-    total = sum(t.numel() for t in tensors)
-    flat = torch.empty(total + 3, device=device)
-    _C.coalesce_into(tensors, flat)
-    assert torch.equal(flat[:total], torch.cat([t.reshape(-1) for t in tensors]))
-    back = [torch.empty_like(t) for t in tensors]
-    _C.uncoalesce_from(flat, back)
-    for a, b in zip(back, tensors):
-        assert torch.equal(a, b)
+    base = torch.randn(20, device=device)
+    contiguous = [torch.randn(3, 4, device=device), torch.randn(5, device=device), torch.randn(0, device=device),
+                  base[7:13].view(2, 3)]  # a view at an offset: the CPU's byte copies start there
+    lists = [contiguous, contiguous + [torch.randn(2, 2, 2, device=device).transpose(0, 2)]]  # one non-contiguous
+    for tensors in lists:
+        total = sum(t.numel() for t in tensors)
+        flat = torch.full((total + 3,), -1.0, device=device)
+        _C.coalesce_into(tensors, flat)
+        assert torch.equal(flat[:total], torch.cat([t.reshape(-1) for t in tensors]))
+        assert torch.equal(flat[total:], torch.full((3,), -1.0, device=device))  # nothing written past them
+        back = [torch.empty_like(t) for t in tensors]
+        _C.uncoalesce_from(flat, back)
+        for a, b in zip(back, tensors):
+            assert torch.equal(a, b)
+    # A lazily conjugated or negated tensor's bytes are not its values: coalesced as its values.
+    z = torch.randn(4, dtype=torch.complex64, device=device)
+    lazy = [z.conj(), torch.randn(3, dtype=torch.complex64, device=device)]
+    flat = torch.empty(7, dtype=torch.complex64, device=device)
+    _C.coalesce_into(lazy, flat)
+    assert torch.equal(flat, torch.cat([t.resolve_conj().reshape(-1) for t in lazy]))
+    negated = [torch._neg_view(torch.randn(4, device=device)), torch.randn(2, device=device)]
+    assert negated[0].is_neg() and negated[0].is_contiguous() and lazy[0].is_conj() and lazy[0].is_contiguous()
+    flat = torch.empty(6, device=device)
+    _C.coalesce_into(negated, flat)
+    assert torch.equal(flat, torch.cat([t.resolve_neg().reshape(-1) for t in negated]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
