@@ -35,9 +35,10 @@ The node is used only where the result is the same as autograd's own walk:
   methods), which could not reach them through the node (the stand-ins are detached).
 Its backward runs only for a backward of everything: ``torch.autograd.grad``
 and ``backward(inputs=...)`` never reach it (its only input is a private leaf),
-and see replica 0's share, as the README says of them. The replicas' graphs are
-kept (retain_graph) as long as this node keeps them: the caller's
-``retain_graph`` decides, through the node's saved tensors.
+and see replica 0's share, as the README says of them. Each replica's pass keeps
+its graph exactly when the caller's backward keeps its own (retain_graph or
+create_graph); otherwise it frees each node's saved tensors as it goes, as
+autograd does for replica 0, and the node's saved outputs go after its backward.
 
 Each replica's part is a graph task of its own, so a parameter used by two
 forwards of one backward is marked once per part (autograd's walk sums first
@@ -54,6 +55,8 @@ import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
+from torch.autograd.graph import _engine_run_backward
+from torch.overrides import has_torch_function
 
 from . import _C
 from .scatter_gather import iter_tensors
@@ -110,11 +113,12 @@ class ReplicaBackward(torch.autograd.Function):
         plan: _Plan = ctx.plan
         tensors = ctx.saved_tensors[:-1]  # the last: the sentinel
         create_graph = torch.is_grad_enabled()
+        keep_graph = _caller_keeps_graph()
         fns, wheres, workers = [], [], []
         for lane, ((start, end), where) in enumerate(zip(plan.bounds, plan.where), start=1):
             pairs = [(t, g) for t, g in zip(tensors[start:end], grads[start:end]) if g is not None]
             if pairs:
-                fns.append(_sub_backward([t for t, _ in pairs], [g for _, g in pairs], create_graph))
+                fns.append(_sub_backward([t for t, _ in pairs], [g for _, g in pairs], create_graph, keep_graph))
                 wheres.append(where)
                 workers.append(lane)  # the worker that ran this replica's forward
         if fns:
@@ -123,9 +127,30 @@ class ReplicaBackward(torch.autograd.Function):
         return None, None
 
 
-def _sub_backward(tensors, grads, create_graph: bool):
+def _caller_keeps_graph() -> bool:
+    """Whether the backward running now keeps its graph (retain_graph or create_graph). Where
+    torch cannot say, True: the replicas' graphs then go with the node's saved tensors."""
+    keeps = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keeps is None else bool(keeps())
+
+
+def _sub_backward(tensors, grads, create_graph: bool, keep_graph: bool = True):
+    """A replica's part of the backward, for its worker. It keeps the replica's graph where the
+    caller's backward keeps its own; otherwise it frees each node's saved tensors as it goes, as
+    autograd does for replica 0: the replicas' activations do not all wait for the end of backward
+    (peak memory), and freeing them all at once there held up the step's end."""
+    tensors, grads = tuple(tensors), tuple(grads)
+    if has_torch_function(tensors + grads):  # a subclass may handle backward itself
+        def run():
+            torch.autograd.backward(tensors, grads, retain_graph=keep_graph, create_graph=create_graph)
+        return run
+
     def run():
-        torch.autograd.backward(tensors, grads, retain_graph=True, create_graph=create_graph)
+        # The engine's entry, as torch.autograd.backward calls it, without that function's argument
+        # checks and _make_grads: these gradients are the gather's backward's pieces, of the outputs'
+        # shapes and dtypes by construction.
+        _engine_run_backward(tensors, grads, keep_graph, create_graph, (), allow_unreachable=True,
+                             accumulate_grad=True)
     return run
 
 

@@ -359,6 +359,26 @@ def test_replicas_graphs_are_freed_by_backward_unless_retained():
     assert sum(ref() is not None for ref in model.activations) == 0
 
 
+class KeepsOutput(KeepsActivation):
+    def forward(self, x):
+        self.last_output = super().forward(x)  # each replica's module holds its output, so its graph
+        return self.last_output
+
+
+@pytest.mark.parametrize("retain", [False, True])
+def test_a_replicas_pass_frees_its_saved_tensors_unless_the_callers_backward_keeps_its_graph(retain):
+    """As autograd does for replica 0 (the root module's graph): a module that holds its output holds
+    the nodes, not the activations they saved, after a backward that keeps no graph."""
+    model = KeepsOutput()
+    wrapped = dpfast.DataParallel(model, device_ids=CPU3)
+    out = wrapped(torch.randn(9, 4, dtype=torch.float64))
+    assert routed(out)
+    out.sum().backward(retain_graph=retain)
+    del out
+    gc.collect()
+    assert sum(ref() is not None for ref in model.activations) == (3 if retain else 0)
+
+
 class TiedAcrossCheckpoint(nn.Module):
     def __init__(self):
         super().__init__()
