@@ -138,6 +138,21 @@ class _Runtime:
         if self.cross is not None:  # every process starts from rank 0's parameters and buffers
             self.cross.broadcast_from_rank0(list(self.module.parameters()) + list(self.module.buffers()))
         self.pool = WorkerPool(len(wrapper.devices) - 1)
+        self.devices = list(wrapper.devices)
+        self._wheres: dict = {}
+
+    def where(self, k: int, rows: Optional[int] = None, backward: bool = False) -> str:
+        """How an error inside replica k names it: made once per replica and chunk size (formatting a
+        device at every step cost more than the rest of the hand-off)."""
+        key = (k, rows, backward)
+        text = self._wheres.get(key)
+        if text is None:
+            text = f"in replica {k} on device {self.devices[k]}" + (
+                " (backward)" if backward else f" (a batch chunk of {rows} rows)" if rows is not None else "")
+            if len(self._wheres) > 4096:  # batch sizes that keep changing
+                self._wheres.clear()
+            self._wheres[key] = text
+        return text
 
     def close(self) -> None:
         # The reducer goes when nothing holds it any more (NOTE [Reducer lifetime]): a graph of a
@@ -418,7 +433,7 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
                 or not parallel_backward.wanted(len(active))):
             return None
         replica_tensors = [runtime.replicas.replica_tensors[k] for k in active]
-        wheres = [f"in replica {k} on device {self.devices[k]} (backward)" for k in active]
+        wheres = [runtime.where(k, backward=True) for k in active]
         return parallel_backward.route(outputs, replica_tensors, wheres, active[-1] + 1, cpu_lane_threads(devices),
                                        runtime.pool, runtime.reducer)
 
@@ -485,9 +500,7 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
 
         fns = [job(r, a, k, s) for r, a, k, s in zip(replicas, inputs, kwargs, streams)]
         sizes = chunk_sizes or [None] * len(replicas)
-        wheres = [f"in replica {k} on device {self.devices[k]}" +
-                  (f" (a batch chunk of {size} rows)" if size is not None else "")
-                  for k, size in zip(replica_indices, sizes)]
+        wheres = [runtime.where(k, size) for k, size in zip(replica_indices, sizes)]
         threads = cpu_lane_threads([self.devices[k] for k in replica_indices])  # NOTE [CPU threads]
         if own_call or not runtime.streams:
             return runtime.pool.run(fns, wheres, threads)

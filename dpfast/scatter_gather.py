@@ -14,6 +14,7 @@ import collections
 import collections.abc
 import copy
 import dataclasses
+import itertools
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -67,11 +68,43 @@ def iter_tensors(obj: Any, path: str):
             yield from iter_tensors(value, f"{path}.{name}")
 
 
+def _tensors(obj: Any):
+    """iter_tensors without the paths, which only an error message needs."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+    elif _is_dataclass_instance(obj):
+        for _, value in _dataclass_items(obj):
+            yield from _tensors(value)
+
+
 def find_batch_size(inputs: tuple, kwargs: dict, dim: int, num_replicas: Optional[int] = None) -> Optional[int]:
     """The common size along ``dim`` of every input tensor that has a batch
     dimension, or None when there is none. Raises on disagreement, except for
     tensors of ``num_replicas`` rows next to a batch of another size: those
     carry one row per replica (see ``scatter``)."""
+    distinct = set()  # at every call: first without the paths, which only an error names
+    for tensor in itertools.chain(_tensors(inputs), _tensors(kwargs)):
+        rank = tensor.dim()
+        if rank == 0:
+            continue
+        if not -rank <= dim < rank:
+            break
+        distinct.add(tensor.size(dim))
+    else:
+        if len(distinct) <= 1:
+            return distinct.pop() if distinct else None
+        if len(distinct) == 2 and num_replicas in distinct:
+            return (distinct - {num_replicas}).pop()
+    return _find_batch_size_naming_paths(inputs, kwargs, dim, num_replicas)
+
+
+def _find_batch_size_naming_paths(inputs: tuple, kwargs: dict, dim: int, num_replicas: Optional[int]) -> Optional[int]:
     sizes = []
     for path, tensor in list(iter_tensors(inputs, "inputs")) + list(iter_tensors(kwargs, "kwargs")):
         if tensor.dim() == 0:
