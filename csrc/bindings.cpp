@@ -8,6 +8,7 @@
 
 #include "comm.h"
 #include "grad_ready.h"
+#include "handoff.h"
 #include "plan.h"
 
 namespace py = pybind11;
@@ -294,6 +295,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("graph_reaches_only", &dpfast::graph_reaches_only, "roots"_a, "allowed"_a,
         "Whether autograd's walk back from roots meets no leaf but those in allowed",
         py::call_guard<py::gil_scoped_release>());
+  // NOTE [Spinning hand-offs] (csrc/handoff.h): the waits release the GIL; set and release do
+  // not need to (they never block for long).
+  py::class_<dpfast::SpinEvent>(m, "SpinEvent", "Set once, waited for by any number of threads (csrc/handoff.h)")
+      .def(py::init<>())
+      .def("set", &dpfast::SpinEvent::set)
+      .def("is_set", &dpfast::SpinEvent::is_set)
+      .def("wait", &dpfast::SpinEvent::wait, "spin_us"_a, "timeout_s"_a = -1.0,
+           "Spins up to spin_us, then sleeps; True once set, False after timeout_s (< 0: none)",
+           py::call_guard<py::gil_scoped_release>());
+  py::class_<dpfast::SpinSemaphore>(m, "SpinSemaphore", "A counting semaphore whose waits spin first (csrc/handoff.h)")
+      .def(py::init<>())
+      .def("release", &dpfast::SpinSemaphore::release)
+      .def("acquire", &dpfast::SpinSemaphore::acquire, "spin_us"_a, "timeout_s"_a = -1.0,
+           "Spins up to spin_us, then sleeps; True once one was taken, False after timeout_s (< 0: none)",
+           py::call_guard<py::gil_scoped_release>())
+      // A worker's "this job is done, wait for the next": the event is set after the GIL is
+      // released, so the thread it wakes finds the GIL free instead of sleeping on it.
+      .def(
+          "set_then_acquire",
+          [](dpfast::SpinSemaphore& self, dpfast::SpinEvent* done, int64_t spin_us) {
+            if (done != nullptr) done->set();
+            self.acquire(spin_us, -1.0);
+          },
+          "done"_a, "spin_us"_a, "Sets done (None: nothing), then acquire(spin_us)",
+          py::call_guard<py::gil_scoped_release>());
   using dpfast::GradReadiness;
   py::class_<GradReadiness, std::shared_ptr<GradReadiness>>(m, "GradReadiness",
                                                             "Counts completed gradient buckets (csrc/grad_ready.h)")

@@ -7,21 +7,23 @@ into the worker: grad mode, inference mode, autocast (enabled flag *and*
 dtype, per device type) and the lane's CUDA stream. An exception in a replica
 is re-raised in the caller, naming the replica and its device, after every
 other replica of the call has finished, so the wrapper is ready for the next
-call.
+call. Jobs and their completions are handed over through the engine's spinning
+event and semaphore (NOTE [Spinning hand-offs] in csrc/handoff.h,
+DPFAST_SPIN_US).
 """
 
 from __future__ import annotations
 
-import _thread
+import collections
 import contextlib
 import os
-import queue
 import threading
 from typing import Any, Callable, List, Optional
 
 import torch
 from torch._utils import ExceptionWrapper, KeyErrorMessage
 
+from . import _C
 from . import streams as lane_streams
 
 _AUTOCAST_DEVICE_TYPES = ("cuda", "cpu")
@@ -82,43 +84,85 @@ def restore_default_threads(jobs: List["_Job"]) -> None:
         torch.set_num_threads(torch.get_num_threads())
 
 
+def spin_us() -> int:
+    """DPFAST_SPIN_US: how long a waiting thread polls before it sleeps (NOTE [Spinning hand-offs]
+    in csrc/handoff.h). Read when a pool starts."""
+    text = os.environ.get("DPFAST_SPIN_US", "").strip()
+    if not text:
+        return DEFAULT_SPIN_US
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"dpfast.DataParallel: DPFAST_SPIN_US: expected a whole number of microseconds >= 0, "
+                         f"but got {text!r}")
+    return value
+
+
+# Covers the waits inside a step (a replica's forward or backward against another's, the caller's
+# work between forward and backward) on the machines measured; a thread idle for longer sleeps.
+DEFAULT_SPIN_US = 1000
+
+
 class _Done:
     """A job's completion: set() once, by the thread that ran it; wait() from any thread, any
-    number of times. A lock made held and released by set(): a step makes three of these, and a
-    threading.Event (a Condition and two locks) cost about 50 us a step of the caller's time on a
-    2-core CPU, where this costs a few."""
-    __slots__ = ("_lock",)
+    number of times. The wait spins before it sleeps, and returns to Python every 0.1 s so that
+    Ctrl-C reaches a caller waiting for a replica that hangs."""
+    __slots__ = ("_event", "_spin_us")
 
-    def __init__(self):
-        self._lock = _thread.allocate_lock()
-        self._lock.acquire()
+    def __init__(self, spin: int):
+        self._event = _C.SpinEvent()
+        self._spin_us = spin
 
     def set(self) -> None:
-        self._lock.release()
+        self._event.set()
 
     def wait(self) -> None:
-        with self._lock:
+        while not self._event.wait(self._spin_us, 0.1):
             pass
+
+
+class _Inbox:
+    """A worker's jobs, in order; get() spins before it sleeps."""
+    __slots__ = ("_jobs", "_ready", "_spin_us")
+
+    def __init__(self, spin: int):
+        self._jobs: collections.deque = collections.deque()
+        self._ready = _C.SpinSemaphore()
+        self._spin_us = spin
+
+    def put(self, job: Optional["_Job"]) -> None:
+        self._jobs.append(job)
+        self._ready.release()
+
+    def get(self, done: Optional[_Done] = None) -> Optional["_Job"]:
+        """Sets ``done`` (the last job's), then waits for the next job, without the GIL in between:
+        the caller it wakes finds the GIL free instead of sleeping on it (NOTE [Spinning hand-offs])."""
+        self._ready.set_then_acquire(None if done is None else done._event, self._spin_us)
+        return self._jobs.popleft()
 
 
 class _Job:
     __slots__ = ("fn", "where", "threads", "set_threads", "done", "result", "error")
 
-    def __init__(self, fn: Callable[[], Any], where: str, threads: Optional[int] = None):
+    def __init__(self, fn: Callable[[], Any], where: str, threads: Optional[int] = None, spin: int = 0):
         self.fn, self.where, self.threads = fn, where, threads
         self.set_threads = False
-        self.done = _Done()
+        self.done = _Done(spin)
         self.result: Any = None
         self.error: Optional[BaseException] = None
 
-    def run(self) -> None:
+    def run(self, signal: bool = True) -> None:
+        """``signal``: set ``done`` at the end (a worker sets it itself, as late as it can)."""
         try:
             self.result = self.fn()
         except BaseException as error:  # KeyboardInterrupt inside a replica's forward included
             self.error = error
         finally:
             self.fn = None  # drop references to the replica's inputs
-            self.done.set()
+            if signal:
+                self.done.set()
 
     def reraise(self) -> None:
         """Raises the replica's exception in the caller, its type kept, naming the replica and
@@ -151,16 +195,18 @@ def _same_type_with_message(error: BaseException, message: str) -> BaseException
         return error
 
 
-def _worker_loop(jobs: "queue.SimpleQueue[Optional[_Job]]") -> None:
+def _worker_loop(jobs: _Inbox) -> None:
+    done = None
     while True:
-        job = jobs.get()
+        job = jobs.get(done)
+        done = None
         if job is None:
             return
         if job.threads is not None and torch.get_num_threads() != job.threads:
             torch.set_num_threads(job.threads)  # this thread's own intra-op pool (OpenMP, MKL)
             job.set_threads = True
-        job.run()
-        job = None  # the caller owns the result; keep nothing alive until the next call
+        job.run(signal=False)
+        done, job = job.done, None  # the caller owns the result; keep nothing alive until the next call
 
 
 class WorkerPool:
@@ -174,13 +220,14 @@ class WorkerPool:
         # A forked child (a DataLoader worker, say) has none of its parent's threads: the pool
         # remembers whose threads it holds and starts its own in a new process.
         self._pid = os.getpid()
-        self._queues: List["queue.SimpleQueue[Optional[_Job]]"] = []
+        self._spin_us = spin_us()
+        self._queues: List[_Inbox] = []
         self._threads: List[threading.Thread] = []
         self._submitted: List[_Job] = []
         self._closing = threading.Lock()
         name = self._name
         for k in range(self._num_workers):
-            q: "queue.SimpleQueue[Optional[_Job]]" = queue.SimpleQueue()
+            q = _Inbox(self._spin_us)
             t = threading.Thread(target=_worker_loop, args=(q,), name=f"{name}-{k + 1}", daemon=True)
             t.start()
             self._queues.append(q)
@@ -198,7 +245,8 @@ class WorkerPool:
             self._start()
         if len(fns) - 1 > len(self._queues):
             raise RuntimeError(f"dpfast: expected at most {len(self._queues) + 1} replicas, but got {len(fns)}")
-        jobs = [_Job(fn, where, worker_threads if k else None) for k, (fn, where) in enumerate(zip(fns, wheres))]
+        jobs = [_Job(fn, where, worker_threads if k else None, self._spin_us)
+                for k, (fn, where) in enumerate(zip(fns, wheres))]
         for k, job in enumerate(jobs[1:]):
             self._queues[k].put(job)
         jobs[0].run()
@@ -217,7 +265,7 @@ class WorkerPool:
         each runs at once on the calling thread."""
         if self._pid != os.getpid():
             self._start()
-        jobs = [_Job(fn, where, worker_threads) for fn, where in zip(fns, wheres)]
+        jobs = [_Job(fn, where, worker_threads, self._spin_us) for fn, where in zip(fns, wheres)]
         with self._closing:  # not behind close()'s stop marks, whatever thread runs close()
             queued = max(workers, default=0) <= len(self._queues)
             if queued:

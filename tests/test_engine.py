@@ -240,3 +240,34 @@ def test_the_extension_shares_the_process_libstdcxx():
     assert "libstdc++.so" in dynamic  # loaded from the process, not carried inside
     with pytest.raises(RuntimeError, match=r"expected root in \[0, 2\), but got 12345"):
         _C.reduce_add_([torch.zeros(2), torch.zeros(2)], 12345)
+
+
+def test_spinning_hand_offs_wait_set_and_time_out():
+    """NOTE [Spinning hand-offs]: the workers' event and semaphore, spinning or not."""
+    import threading
+    import time
+
+    for spin_us in (0, 2000):
+        event = _C.SpinEvent()
+        assert not event.is_set() and not event.wait(spin_us, 0.01)  # times out, unset
+        threading.Timer(0.02, event.set).start()
+        assert event.wait(spin_us, 5.0) and event.is_set()
+        assert event.wait(spin_us, 0.0)  # stays set
+
+        semaphore = _C.SpinSemaphore()
+        assert not semaphore.acquire(spin_us, 0.01)
+        semaphore.release()
+        semaphore.release()
+        assert semaphore.acquire(spin_us, 0.01) and semaphore.acquire(spin_us, 0.01)  # one per release
+        assert not semaphore.acquire(spin_us, 0.01)
+
+        # A worker's "done, next": the event is set before the thread blocks on the semaphore.
+        done, taken = _C.SpinEvent(), []
+        worker = threading.Thread(target=lambda: taken.append(semaphore.set_then_acquire(done, spin_us)))
+        worker.start()
+        assert done.wait(spin_us, 5.0)
+        time.sleep(0.01)
+        assert worker.is_alive() and not taken  # still waiting for the next job
+        semaphore.release()
+        worker.join(5.0)
+        assert not worker.is_alive() and taken == [None]

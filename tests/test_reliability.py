@@ -429,6 +429,22 @@ def test_backward_failure_in_a_replica_leaves_correct_gradients_for_the_next_ste
 
 @pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
                     reason="needs Python's default SIGINT handler")
+@pytest.mark.parametrize("spin", ["0", "5000"])
+def test_spin_setting_is_checked_and_any_value_trains_exactly(spin, monkeypatch):
+    """DPFAST_SPIN_US (NOTE [Spinning hand-offs] in csrc/handoff.h): a bad value is named at the
+    first forward, which starts nothing; 0 (sleep at once) and a long spin both train exactly."""
+    monkeypatch.setenv("DPFAST_SPIN_US", "-3")
+    reference, wrapper = make_pair()
+    with pytest.raises(ValueError, match=r"DPFAST_SPIN_US: expected a whole number of microseconds >= 0, but got "
+                                         r"'-3'"):
+        wrapper(torch.randn(8, 6, dtype=torch.float64))
+    monkeypatch.setenv("DPFAST_SPIN_US", spin)
+    trainer = Trainer(reference, wrapper, batch=8)
+    for _ in range(3):
+        trainer.step()
+    trainer.assert_in_step()
+
+
 def test_ctrl_c_while_waiting_for_the_replicas():
     """A real SIGINT reaches the caller while it waits for a slow replica: KeyboardInterrupt, and
     the next steps are correct (the slow replica finishes its abandoned job first)."""

@@ -1,0 +1,127 @@
+// The hand-offs between the caller's thread and the replicas' workers (dpfast/workers.py): a
+// one-shot event (a job is done) and a counting semaphore (a job is queued), whose waits spin for
+// a while before they sleep. No Python types; bindings.cpp releases the GIL around the waits.
+//
+// NOTE [Spinning hand-offs]
+// A step hands work between threads four times (forward out and back, backward out and back). A
+// thread that sleeps on a lock for the milliseconds of a forward or a backward is slow to wake:
+// on a 2-core VM, 40-100 us from set() to the waiter running, where both threads polling take a
+// few. So a waiter first spins (checking the flag, a pause between checks, yielding its core to
+// any other runnable thread every few checks) for up to `spin_us`, then sleeps on a condition
+// variable. The caller's waits also return every `timeout_s` so that Python can run signal
+// handlers (Ctrl-C during a hung replica). DPFAST_SPIN_US sets the spin (0: sleep at once).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace dpfast {
+
+namespace detail {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
+// Polls ready() for up to spin_us; true once it returned true.
+template <typename Ready>
+bool spin_until(Ready ready, int64_t spin_us) {
+  if (ready()) return true;
+  if (spin_us <= 0) return false;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
+  for (uint32_t i = 1;; ++i) {
+    if (ready()) return true;
+    if (i % 64 == 0) {
+      if (std::chrono::steady_clock::now() >= deadline) return ready();
+      std::this_thread::yield();  // a spinning waiter gives way where its core is wanted
+    } else {
+      cpu_relax();
+    }
+  }
+}
+
+inline std::chrono::nanoseconds seconds(double timeout_s) {
+  return std::chrono::nanoseconds(static_cast<int64_t>(timeout_s * 1e9));
+}
+
+}  // namespace detail
+
+// Set once, waited for by any number of threads.
+class SpinEvent {
+ public:
+  void set() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      set_.store(true, std::memory_order_release);
+    }
+    cv_.notify_all();
+  }
+
+  bool is_set() const { return set_.load(std::memory_order_acquire); }
+
+  // True once set; false if timeout_s (< 0: no limit) passed first.
+  bool wait(int64_t spin_us, double timeout_s) {
+    if (detail::spin_until([this] { return is_set(); }, spin_us)) return true;
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (timeout_s < 0) {
+      cv_.wait(lock, [this] { return is_set(); });
+      return true;
+    }
+    return cv_.wait_for(lock, detail::seconds(timeout_s), [this] { return is_set(); });
+  }
+
+ private:
+  std::atomic<bool> set_{false};
+  std::mutex mutex_;
+  std::condition_variable cv_;
+};
+
+// release() adds one; acquire() takes one, waiting while there is none.
+class SpinSemaphore {
+ public:
+  void release() {
+    count_.fetch_add(1, std::memory_order_release);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);  // a waiter checks under it before it sleeps
+    }
+    cv_.notify_one();
+  }
+
+  // True once one was taken; false if timeout_s (< 0: no limit) passed first.
+  bool acquire(int64_t spin_us, double timeout_s) {
+    if (detail::spin_until([this] { return try_take(); }, spin_us)) return true;
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (timeout_s < 0) {
+      cv_.wait(lock, [this] { return try_take(); });
+      return true;
+    }
+    return cv_.wait_for(lock, detail::seconds(timeout_s), [this] { return try_take(); });
+  }
+
+ private:
+  bool try_take() {
+    int64_t count = count_.load(std::memory_order_acquire);
+    while (count > 0) {
+      if (count_.compare_exchange_weak(count, count - 1, std::memory_order_acq_rel)) return true;
+    }
+    return false;
+  }
+
+  std::atomic<int64_t> count_{0};
+  std::mutex mutex_;
+  std::condition_variable cv_;
+};
+
+}  // namespace dpfast
