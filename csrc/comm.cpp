@@ -4,6 +4,7 @@
 #include "comm.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
@@ -364,16 +365,32 @@ int64_t check_coalesce(const char* op, const std::vector<at::Tensor>& tensors, c
 }  // namespace
 
 namespace {
-// Dense, contiguous, with no lazy conjugate or negation bit, and no tensor subclass's keys: bytes
-// that mean what they say.
-bool all_plain_contiguous(const std::vector<at::Tensor>& tensors) {
+// Dense, contiguous memory whose bytes mean what they say: no lazy conjugate or negation bit, no
+// tensor subclass's or transform's keys, no ZeroTensor (which has no memory).
+bool plain_contiguous(const at::Tensor& t) {
+  static const c10::DispatchKeySet not_plain({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                              c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::Batched,
+                                              c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Functionalize,
+                                              c10::DispatchKey::ZeroTensor});
+  return t.layout() == at::kStrided && t.is_contiguous() && !t.is_conj() && !t.is_neg() &&
+         !t.key_set().has_any(not_plain) && (t.numel() == 0 || t.const_data_ptr() != nullptr);
+}
+
+// Where coalesce_into may copy bytes itself: CPU tensors and flat buffer all plain, no source
+// overlapping the part of `flat` it fills (cat_out raises there), and little enough to copy on one
+// thread, or one thread to copy with (cat_out spreads a large copy over the intra-op threads).
+bool byte_copy_applies(const std::vector<at::Tensor>& tensors, const at::Tensor& flat, int64_t total) {
+  const int64_t bytes = total * static_cast<int64_t>(flat.element_size());
+  if (!flat.is_cpu() || !plain_contiguous(flat) || (bytes > (int64_t{1} << 20) && at::get_num_threads() > 1)) {
+    return false;
+  }
+  const char* begin = static_cast<const char*>(flat.const_data_ptr());
+  const char* end = begin + bytes;
   for (const auto& t : tensors) {
-    if (t.layout() != at::kStrided || !t.is_contiguous() || t.is_conj() || t.is_neg() ||
-        t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
-                                                 c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::Batched,
-                                                 c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Functionalize}))) {
-      return false;
-    }
+    if (!plain_contiguous(t)) return false;
+    const char* data = static_cast<const char*>(t.const_data_ptr());
+    const int64_t size = t.numel() * static_cast<int64_t>(t.element_size());
+    if (size > 0 && data < end && begin < data + size) return false;
   }
   return true;
 }
@@ -383,7 +400,7 @@ void coalesce_into(const std::vector<at::Tensor>& tensors, const at::Tensor& fla
   const int64_t total = check_coalesce("coalesce_into", tensors, flat);
   if (tensors.empty() || total == 0) return;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  if (flat.is_cpu() && all_plain_contiguous(tensors)) {
+  if (byte_copy_applies(tensors, flat, total)) {
     // One memcpy per tensor, no ATen call: the replicas' parameter sync at every step on CPU lanes.
     char* out = static_cast<char*>(flat.data_ptr());
     for (const auto& t : tensors) {

@@ -31,16 +31,19 @@ inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   _mm_pause();
 #elif defined(__aarch64__)
-  asm volatile("yield" ::: "memory");
+  asm volatile("isb" ::: "memory");  // paces a spin where "yield" does nothing on many cores
 #endif
 }
+
+// At most 10 s of spinning, whatever the caller asks: steady_clock's now() + spin_us must not overflow.
+inline int64_t bounded_spin_us(int64_t spin_us) { return spin_us < 10000000 ? spin_us : 10000000; }
 
 // Polls ready() for up to spin_us; true once it returned true.
 template <typename Ready>
 bool spin_until(Ready ready, int64_t spin_us) {
   if (ready()) return true;
   if (spin_us <= 0) return false;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(bounded_spin_us(spin_us));
   for (uint32_t i = 1;; ++i) {
     if (ready()) return true;
     if (i % 64 == 0) {
@@ -51,6 +54,9 @@ bool spin_until(Ready ready, int64_t spin_us) {
     }
   }
 }
+
+// A wait's limit; false where there is none (< 0, or too long or NaN to count in nanoseconds).
+inline bool limited(double timeout_s) { return timeout_s >= 0 && timeout_s < 1e6; }
 
 inline std::chrono::nanoseconds seconds(double timeout_s) {
   return std::chrono::nanoseconds(static_cast<int64_t>(timeout_s * 1e9));
@@ -71,11 +77,11 @@ class SpinEvent {
 
   bool is_set() const { return set_.load(std::memory_order_acquire); }
 
-  // True once set; false if timeout_s (< 0: no limit) passed first.
+  // True once set; false if timeout_s (< 0, NaN or 1e6 and more: no limit) passed first.
   bool wait(int64_t spin_us, double timeout_s) {
     if (detail::spin_until([this] { return is_set(); }, spin_us)) return true;
     std::unique_lock<std::mutex> lock(mutex_);
-    if (timeout_s < 0) {
+    if (!detail::limited(timeout_s)) {
       cv_.wait(lock, [this] { return is_set(); });
       return true;
     }
@@ -99,11 +105,13 @@ class SpinSemaphore {
     cv_.notify_one();
   }
 
-  // True once one was taken; false if timeout_s (< 0: no limit) passed first.
+  // True once one was taken; false if timeout_s (as for SpinEvent::wait) passed first. A release
+  // may come before its item is visible to the taker (dpfast/workers.py's _Inbox takes items first
+  // and waits here only when there is none), so a count above the items is harmless.
   bool acquire(int64_t spin_us, double timeout_s) {
     if (detail::spin_until([this] { return try_take(); }, spin_us)) return true;
     std::unique_lock<std::mutex> lock(mutex_);
-    if (timeout_s < 0) {
+    if (!detail::limited(timeout_s)) {
       cv_.wait(lock, [this] { return try_take(); });
       return true;
     }

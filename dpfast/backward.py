@@ -8,7 +8,8 @@ ran side by side on the workers.
 
 So, on CPU lanes, the outputs of replicas 1..n-1 reach the gather through one
 autograd node, ``ReplicaBackward``, that owns their graphs: its backward hands
-each replica's part (``torch.autograd.backward`` on that replica's outputs) to
+each replica's part (a backward of that replica's outputs, entered as
+``torch.autograd.backward`` enters the engine) to
 the replica's worker thread and returns at once, and the caller's thread goes
 on with replica 0's graph (the root module's own, left connected). It also
 queues the reducer's end-of-backward callback on the caller's graph task; that
@@ -36,8 +37,9 @@ The node is used only where the result is the same as autograd's own walk:
 Its backward runs only for a backward of everything: ``torch.autograd.grad``
 and ``backward(inputs=...)`` never reach it (its only input is a private leaf),
 and see replica 0's share, as the README says of them. Each replica's pass keeps
-its graph exactly when the caller's backward keeps its own (retain_graph or
-create_graph); otherwise it frees each node's saved tensors as it goes, as
+its graph exactly when the caller's backward keeps its own (its retain_graph,
+which defaults to create_graph), and where another forward of the same window
+may share its nodes; otherwise it frees each node's saved tensors as it goes, as
 autograd does for replica 0, and the node's saved outputs go after its backward.
 
 Each replica's part is a graph task of its own, so a parameter used by two
@@ -55,7 +57,6 @@ import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
-from torch.autograd.graph import _engine_run_backward
 from torch.overrides import has_torch_function
 
 from . import _C
@@ -113,7 +114,9 @@ class ReplicaBackward(torch.autograd.Function):
         plan: _Plan = ctx.plan
         tensors = ctx.saved_tensors[:-1]  # the last: the sentinel
         create_graph = torch.is_grad_enabled()
-        keep_graph = _caller_keeps_graph()
+        # Two forwards of one window may share a replica's nodes (state kept on the module): the
+        # first pass must not free what the second still walks.
+        keep_graph = _caller_keeps_graph() or len(plan.window) > 1
         fns, wheres, workers = [], [], []
         for lane, ((start, end), where) in enumerate(zip(plan.bounds, plan.where), start=1):
             pairs = [(t, g) for t, g in zip(tensors[start:end], grads[start:end]) if g is not None]
@@ -125,6 +128,11 @@ class ReplicaBackward(torch.autograd.Function):
             plan.reducer.run_replica_backward(plan.pool, fns, wheres, workers, plan.replicas, plan.threads,
                                               plan.window)
         return None, None
+
+
+# torch.autograd.backward's own entry into the engine (private; where a torch lacks it, the
+# public function is used).
+_engine_run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None)
 
 
 def _caller_keeps_graph() -> bool:
@@ -140,7 +148,7 @@ def _sub_backward(tensors, grads, create_graph: bool, keep_graph: bool = True):
     autograd does for replica 0: the replicas' activations do not all wait for the end of backward
     (peak memory), and freeing them all at once there held up the step's end."""
     tensors, grads = tuple(tensors), tuple(grads)
-    if has_torch_function(tensors + grads):  # a subclass may handle backward itself
+    if _engine_run_backward is None or has_torch_function(tensors + grads):  # a subclass may handle backward itself
         def run():
             torch.autograd.backward(tensors, grads, retain_graph=keep_graph, create_graph=create_graph)
         return run
@@ -172,7 +180,7 @@ def wanted(num_lanes: int) -> bool:
 
 # A private leaf, the node's only input (it never receives a gradient: the node returns None for
 # it), shared by every routed forward.
-_ANCHOR = torch.empty(0, requires_grad=True)
+_ANCHOR = torch.empty(0, device="cpu", requires_grad=True)  # whatever torch.set_default_device says
 
 
 def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: List[str], replicas: int,

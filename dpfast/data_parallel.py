@@ -21,7 +21,7 @@ from .buffers import BatchNormAverager
 from .criterion import ReplicaOutputs
 from .reducer import GradReducer, own_hook_ids
 from .replicas import ReplicaSet, check_on_device
-from .workers import WorkerPool, capture_thread_state, cpu_lane_threads, thread_state
+from .workers import WorkerPool, capture_thread_state, cpu_lane_threads, spin_us, thread_state
 
 
 def _make_reducer(*args, **kwargs) -> GradReducer:
@@ -121,6 +121,7 @@ class _Runtime:
     the gradient reducer, the workers and the lanes' streams."""
 
     def __init__(self, wrapper: "DataParallel"):
+        spin_us(len(wrapper.devices))  # a bad DPFAST_SPIN_US is named before anything is built
         self.module = wrapper.module
         self.streams = lane_streams.make_lane_streams(wrapper.devices)  # replicas' compute
         self.comm_streams = lane_streams.make_lane_streams(wrapper.devices)  # gradient reductions

@@ -84,25 +84,36 @@ def restore_default_threads(jobs: List["_Job"]) -> None:
         torch.set_num_threads(torch.get_num_threads())
 
 
-def spin_us() -> int:
-    """DPFAST_SPIN_US: how long a waiting thread polls before it sleeps (NOTE [Spinning hand-offs]
-    in csrc/handoff.h). Read when a pool starts."""
+def spin_us(num_threads: int) -> int:
+    """DPFAST_SPIN_US: how long a thread waiting for a hand-off polls before it sleeps (NOTE
+    [Spinning hand-offs] in csrc/handoff.h), for a pool whose caller and workers are
+    ``num_threads`` threads. Read when a pool starts."""
     text = os.environ.get("DPFAST_SPIN_US", "").strip()
     if not text:
-        return DEFAULT_SPIN_US
+        # Where the threads outnumber the cores this process may use, a spinning waiter would take
+        # a core from a thread with work to do: sleep at once there.
+        return DEFAULT_SPIN_US if num_threads <= _usable_cores() else 0
     try:
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise ValueError(f"dpfast.DataParallel: DPFAST_SPIN_US: expected a whole number of microseconds >= 0, "
-                         f"but got {text!r}")
+    if not 0 <= value <= MAX_SPIN_US:
+        raise ValueError(f"dpfast.DataParallel: DPFAST_SPIN_US: expected a whole number of microseconds from 0 to "
+                         f"{MAX_SPIN_US}, but got {text!r}")
     return value
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 # Covers the waits inside a step (a replica's forward or backward against another's, the caller's
 # work between forward and backward) on the machines measured; a thread idle for longer sleeps.
 DEFAULT_SPIN_US = 1000
+MAX_SPIN_US = 1_000_000
 
 
 class _Done:
@@ -124,7 +135,9 @@ class _Done:
 
 
 class _Inbox:
-    """A worker's jobs, in order; get() spins before it sleeps."""
+    """A worker's jobs, in order. get() takes a queued job first and waits for the semaphore only
+    when there is none, so a put() cut short between its two steps (a KeyboardInterrupt) leaves a
+    count above the jobs, which costs a spurious wake-up, never a job the worker does not see."""
     __slots__ = ("_jobs", "_ready", "_spin_us")
 
     def __init__(self, spin: int):
@@ -137,10 +150,16 @@ class _Inbox:
         self._ready.release()
 
     def get(self, done: Optional[_Done] = None) -> Optional["_Job"]:
-        """Sets ``done`` (the last job's), then waits for the next job, without the GIL in between:
-        the caller it wakes finds the GIL free instead of sleeping on it (NOTE [Spinning hand-offs])."""
-        self._ready.set_then_acquire(None if done is None else done._event, self._spin_us)
-        return self._jobs.popleft()
+        """Sets ``done`` (the last job's), then takes the next job. Where it has to wait, the set
+        comes after the GIL is released, in the same call as the wait: the caller it wakes finds
+        the GIL free instead of sleeping on it (NOTE [Spinning hand-offs])."""
+        while True:
+            if self._jobs:
+                if done is not None:
+                    done.set()
+                return self._jobs.popleft()
+            self._ready.set_then_acquire(None if done is None else done._event, self._spin_us)
+            done = None
 
 
 class _Job:
@@ -202,11 +221,18 @@ def _worker_loop(jobs: _Inbox) -> None:
         done = None
         if job is None:
             return
-        if job.threads is not None and torch.get_num_threads() != job.threads:
-            torch.set_num_threads(job.threads)  # this thread's own intra-op pool (OpenMP, MKL)
-            job.set_threads = True
-        job.run(signal=False)
+        try:
+            if job.threads is not None and torch.get_num_threads() != job.threads:
+                torch.set_num_threads(job.threads)  # this thread's own intra-op pool (OpenMP, MKL)
+                job.set_threads = True
+        except BaseException as error:  # the caller gets it as the replica's error, and waits no longer
+            job.fn, job.error = None, error
+        else:
+            job.run(signal=False)
         done, job = job.done, None  # the caller owns the result; keep nothing alive until the next call
+
+
+_FORKED_AWAY: List[_Inbox] = []  # see WorkerPool._start
 
 
 class WorkerPool:
@@ -219,8 +245,14 @@ class WorkerPool:
     def _start(self) -> None:
         # A forked child (a DataLoader worker, say) has none of its parent's threads: the pool
         # remembers whose threads it holds and starts its own in a new process.
+        spin = spin_us(self._num_workers + 1)  # before anything changes: a bad setting leaves the pool as it was
+        if getattr(self, "_pid", None) not in (None, os.getpid()):
+            # The parent's inboxes stay alive in the child: a condition variable that a thread
+            # which did not survive the fork waited on must never be destroyed (glibc would wait
+            # for it).
+            _FORKED_AWAY.extend(self._queues)
         self._pid = os.getpid()
-        self._spin_us = spin_us()
+        self._spin_us = spin
         self._queues: List[_Inbox] = []
         self._threads: List[threading.Thread] = []
         self._submitted: List[_Job] = []

@@ -154,6 +154,13 @@ def test_coalesce_round_trip(device):
     flat = torch.empty(7, dtype=torch.complex64, device=device)
     _C.coalesce_into(lazy, flat)
     assert torch.equal(flat, torch.cat([t.resolve_conj().reshape(-1) for t in lazy]))
+    zeros = [torch._efficientzerotensor(3, device=device), torch.ones(2, device=device)]  # no memory behind it
+    flat = torch.full((5,), 7.0, device=device)
+    _C.coalesce_into(zeros, flat)
+    assert torch.equal(flat, torch.tensor([0.0, 0, 0, 1, 1], device=device))
+    flat = torch.arange(6.0, device=device)
+    with pytest.raises(RuntimeError):  # a source that overlaps what it would overwrite: refused, as cat_out does
+        _C.coalesce_into([flat[1:4]], flat)
     negated = [torch._neg_view(torch.randn(4, device=device)), torch.randn(2, device=device)]
     assert negated[0].is_neg() and negated[0].is_contiguous() and lazy[0].is_conj() and lazy[0].is_contiguous()
     flat = torch.empty(6, device=device)

@@ -427,17 +427,17 @@ def test_backward_failure_in_a_replica_leaves_correct_gradients_for_the_next_ste
     assert live_tensors() == tensors
 
 
-@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
-                    reason="needs Python's default SIGINT handler")
 @pytest.mark.parametrize("spin", ["0", "5000"])
 def test_spin_setting_is_checked_and_any_value_trains_exactly(spin, monkeypatch):
     """DPFAST_SPIN_US (NOTE [Spinning hand-offs] in csrc/handoff.h): a bad value is named at the
     first forward, which starts nothing; 0 (sleep at once) and a long spin both train exactly."""
-    monkeypatch.setenv("DPFAST_SPIN_US", "-3")
     reference, wrapper = make_pair()
-    with pytest.raises(ValueError, match=r"DPFAST_SPIN_US: expected a whole number of microseconds >= 0, but got "
-                                         r"'-3'"):
-        wrapper(torch.randn(8, 6, dtype=torch.float64))
+    for bad in ["-3", "1e3", "1000001"]:
+        monkeypatch.setenv("DPFAST_SPIN_US", bad)
+        with pytest.raises(ValueError, match=r"DPFAST_SPIN_US: expected a whole number of microseconds from 0 to "
+                                             rf"1000000, but got '{bad}'"):
+            wrapper(torch.randn(8, 6, dtype=torch.float64))
+        assert wrapper.__dict__.get("_runtime") is None  # nothing built
     monkeypatch.setenv("DPFAST_SPIN_US", spin)
     trainer = Trainer(reference, wrapper, batch=8)
     for _ in range(3):
@@ -445,6 +445,27 @@ def test_spin_setting_is_checked_and_any_value_trains_exactly(spin, monkeypatch)
     trainer.assert_in_step()
 
 
+def test_a_job_queued_without_its_wake_up_still_runs_before_the_next():
+    """A KeyboardInterrupt between a put()'s two steps (queue the job, wake the worker) leaves a
+    job the semaphore does not count: the worker takes queued jobs first, so both run, in order,
+    and the pool goes on."""
+    from dpfast.workers import WorkerPool, _Job
+
+    pool = WorkerPool(1)
+    try:
+        ran = []
+        stray = _Job(lambda: ran.append("stray"), "in a stray job", spin=0)
+        pool._queues[0]._jobs.append(stray)  # queued, no release()
+        assert pool.run([lambda: ran.append("caller"), lambda: ran.append("worker")], ["a", "b"]) == [None, None]
+        stray.done.wait()
+        assert ran.index("stray") < ran.index("worker") and "caller" in ran
+        assert pool.run([lambda: 1, lambda: 2], ["a", "b"]) == [1, 2]  # and it goes on
+    finally:
+        pool.close()
+
+
+@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
+                    reason="needs Python's default SIGINT handler")
 def test_ctrl_c_while_waiting_for_the_replicas():
     """A real SIGINT reaches the caller while it waits for a slow replica: KeyboardInterrupt, and
     the next steps are correct (the slow replica finishes its abandoned job first)."""
