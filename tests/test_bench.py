@@ -196,6 +196,18 @@ def test_gpu_numerics_tool_runs_on_cpu_replicas_and_finds_dpfast_equal_to_the_sa
     assert all(error < 1e-6 for error in errors), lines
 
 
+def test_step_calls_tool_times_the_engine_calls_and_the_hand_offs():
+    result = subprocess.run([sys.executable, "tools/step_calls.py", "--workload", "mlp:tiny:16", "--replicas", "2",
+                             "--steps", "5"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": REPO, "DPFAST_SPIN_US": "0"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line[:48].strip(): line[48:].split() for line in result.stdout.splitlines()[2:]}
+    # Calls every step makes once per replica set: the parameter sync and the bucket reductions.
+    assert float(rows["replicas._C.coalesce_into"][0]) >= 1 and float(rows["reducer._C.reduce_add_"][0]) >= 1
+    assert all(float(median_us) > 0 for _, median_us in rows.values())
+    assert "DPFAST_SPIN_US 0" in result.stdout
+
+
 @pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
 def test_exact_float32_turns_tf32_off_and_restores_it_whichever_api_the_process_used(api):
     code = f"""
