@@ -62,6 +62,20 @@ inline std::chrono::nanoseconds seconds(double timeout_s) {
   return std::chrono::nanoseconds(static_cast<int64_t>(timeout_s * 1e9));
 }
 
+// The waits of both classes below: spin on ready() for up to spin_us, then sleep on cv (whose
+// notifier changes what ready() reads under mutex) until ready() or timeout_s (as limited()
+// reads it) passes. True once ready() returned true.
+template <typename Ready>
+bool wait_until(std::mutex& mutex, std::condition_variable& cv, Ready ready, int64_t spin_us, double timeout_s) {
+  if (spin_until(ready, spin_us)) return true;
+  std::unique_lock<std::mutex> lock(mutex);
+  if (!limited(timeout_s)) {
+    cv.wait(lock, ready);
+    return true;
+  }
+  return cv.wait_for(lock, seconds(timeout_s), ready);
+}
+
 }  // namespace detail
 
 // Set once, waited for by any number of threads.
@@ -79,13 +93,7 @@ class SpinEvent {
 
   // True once set; false if timeout_s (< 0, NaN or 1e6 and more: no limit) passed first.
   bool wait(int64_t spin_us, double timeout_s) {
-    if (detail::spin_until([this] { return is_set(); }, spin_us)) return true;
-    std::unique_lock<std::mutex> lock(mutex_);
-    if (!detail::limited(timeout_s)) {
-      cv_.wait(lock, [this] { return is_set(); });
-      return true;
-    }
-    return cv_.wait_for(lock, detail::seconds(timeout_s), [this] { return is_set(); });
+    return detail::wait_until(mutex_, cv_, [this] { return is_set(); }, spin_us, timeout_s);
   }
 
  private:
@@ -109,13 +117,7 @@ class SpinSemaphore {
   // may come before its item is visible to the taker (dpfast/workers.py's _Inbox takes items first
   // and waits here only when there is none), so a count above the items is harmless.
   bool acquire(int64_t spin_us, double timeout_s) {
-    if (detail::spin_until([this] { return try_take(); }, spin_us)) return true;
-    std::unique_lock<std::mutex> lock(mutex_);
-    if (!detail::limited(timeout_s)) {
-      cv_.wait(lock, [this] { return try_take(); });
-      return true;
-    }
-    return cv_.wait_for(lock, detail::seconds(timeout_s), [this] { return try_take(); });
+    return detail::wait_until(mutex_, cv_, [this] { return try_take(); }, spin_us, timeout_s);
   }
 
  private:
