@@ -196,7 +196,7 @@ def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: 
         if not _plain_structure(outputs[k]):
             return None
         seen = {}
-        for _, t in iter_tensors(outputs[k], ""):
+        for _, t in iter_tensors(outputs[k], None):
             if t.requires_grad:
                 seen.setdefault(id(t), t)
         tensors = list(seen.values())

@@ -45,7 +45,7 @@ def _hold_through_backward(outputs: Any, runtime: _Runtime) -> Any:
         # Not with gather=False: those nodes are the module's own, and a module that keeps its output
         # would make a cycle the collector cannot see through C++ (the README says so).
         return outputs
-    nodes = {id(t.grad_fn): t.grad_fn for _, t in scatter_gather.iter_tensors(outputs, "") if t.grad_fn is not None}
+    nodes = {id(t.grad_fn): t.grad_fn for _, t in scatter_gather.iter_tensors(outputs, None) if t.grad_fn is not None}
     for node in nodes.values():
         node.metadata["dpfast"] = (runtime, runtime.reducer)  # the reducer of these replicas, should it be replaced
     return outputs
@@ -84,7 +84,7 @@ def _run_then_put_back(undo, run) -> Any:
 
 
 def _undo_after_backward(undo, outputs) -> None:
-    for _, t in scatter_gather.iter_tensors(outputs, ""):
+    for _, t in scatter_gather.iter_tensors(outputs, None):
         if t.requires_grad and t.grad_fn is not None:
             def queue(grad):
                 torch.autograd.Variable._execution_engine.queue_callback(undo)
@@ -513,7 +513,7 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
     def gather(self, outputs: List[Any], output_device, devices=None, streams=None, scalar_weights=None,
                stand_ins=None) -> Any:
         if devices is None:  # called as nn.DataParallel's step (an override's super() call, say)
-            devices = [next((t.device for _, t in scatter_gather.iter_tensors(out, "")), self.devices[k])
+            devices = [next((t.device for _, t in scatter_gather.iter_tensors(out, None)), self.devices[k])
                        for k, out in enumerate(outputs)]
             return _hold_through_backward(
                 scatter_gather.gather(outputs, _devices.to_device(output_device, "output_device"), self.dim, devices),

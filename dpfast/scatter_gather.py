@@ -53,34 +53,20 @@ def _rebuild_dict(template: dict, items) -> dict:
     return type(template)(items)
 
 
-def iter_tensors(obj: Any, path: str):
-    """(path, tensor) for every tensor in a nested structure, in a stable order."""
+def iter_tensors(obj: Any, path: Optional[str]):
+    """(path, tensor) for every tensor in a nested structure, in a stable order. With path None,
+    every path is None: the walk without the strings, which only error messages read."""
     if isinstance(obj, torch.Tensor):
         yield path, obj
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            yield from iter_tensors(value, f"{path}[{key!r}]")
+            yield from iter_tensors(value, None if path is None else f"{path}[{key!r}]")
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj):
-            yield from iter_tensors(value, f"{path}[{i}]")
+            yield from iter_tensors(value, None if path is None else f"{path}[{i}]")
     elif _is_dataclass_instance(obj):
         for name, value in _dataclass_items(obj):
-            yield from iter_tensors(value, f"{path}.{name}")
-
-
-def _tensors(obj: Any):
-    """iter_tensors without the paths, which only an error message needs."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _tensors(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from _tensors(value)
-    elif _is_dataclass_instance(obj):
-        for _, value in _dataclass_items(obj):
-            yield from _tensors(value)
+            yield from iter_tensors(value, None if path is None else f"{path}.{name}")
 
 
 def find_batch_size(inputs: tuple, kwargs: dict, dim: int, num_replicas: Optional[int] = None) -> Optional[int]:
@@ -89,7 +75,7 @@ def find_batch_size(inputs: tuple, kwargs: dict, dim: int, num_replicas: Optiona
     tensors of ``num_replicas`` rows next to a batch of another size: those
     carry one row per replica (see ``scatter``)."""
     distinct = set()  # at every call: first without the paths, which only an error names
-    for tensor in itertools.chain(_tensors(inputs), _tensors(kwargs)):
+    for _, tensor in itertools.chain(iter_tensors(inputs, None), iter_tensors(kwargs, None)):
         rank = tensor.dim()
         if rank == 0:
             continue

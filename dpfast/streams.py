@@ -65,6 +65,6 @@ def callers_wait_for(streams, outputs=None) -> None:
         if outputs is not None:
             from .scatter_gather import iter_tensors
 
-            for _, tensor in iter_tensors(outputs[k], ""):
+            for _, tensor in iter_tensors(outputs[k], None):
                 if tensor.is_cuda:
                     tensor.record_stream(current)
