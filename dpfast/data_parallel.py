@@ -662,3 +662,33 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         for key, value in self.__getstate__().items():
             new.__dict__[key] = copy.deepcopy(value, memo)
         return new
+
+
+def data_parallel(module: nn.Module, inputs: Any, device_ids: Optional[Sequence[Any]] = None,
+                  output_device: Any = None, dim: int = 0, module_kwargs: Optional[dict] = None) -> Any:
+    r"""The functional form, as :func:`torch.nn.parallel.data_parallel`: evaluates
+    ``module(*inputs, **module_kwargs)`` over the devices in ``device_ids``, the batch split along
+    ``dim``, the outputs gathered on ``output_device``.
+
+    ``inputs`` is a tensor or a tuple of arguments. The module must already live on
+    ``device_ids[0]`` (it is never moved). As there, nothing is kept between calls: every call
+    builds its replicas and workers again, so a training loop should hold a
+    :class:`DataParallel` instead, which keeps them. Gradients of a backward through the outputs
+    reach the module's ``.grad`` summed over the replicas, as there. Without CUDA and with no
+    device named (or only CUDA ones), the module runs directly, as DataParallel does.
+    """
+    if not isinstance(inputs, tuple):
+        inputs = (inputs,) if inputs is not None else ()
+    if module_kwargs is None:
+        module_kwargs = {}
+    elif not isinstance(module_kwargs, dict):
+        raise TypeError(f"dpfast.data_parallel: module_kwargs: expected a dict or None, but got "
+                        f"{type(module_kwargs).__name__}")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"dpfast.data_parallel: module: expected a torch.nn.Module, but got {type(module).__name__}")
+    devices = _devices.parse_device_ids(device_ids)
+    if not devices:
+        return module(*inputs, **module_kwargs)
+    # Checked before the wrapper is made: with one device it would move the module there.
+    check_on_device(itertools.chain(module.parameters(), module.buffers()), devices[0])
+    return DataParallel(module, device_ids, output_device, dim)(*inputs, **module_kwargs)

@@ -1569,3 +1569,42 @@ def test_replication_marks_stay_through_a_checkpoints_recomputation_in_backward(
         grads.append([p.grad.clone() for p in wrapped.module.parameters()])
     for with_checkpoint, without in zip(grads[1], grads[0]):
         torch.testing.assert_close(with_checkpoint, without, rtol=1e-12, atol=1e-12)
+
+
+def test_the_functional_form_matches_the_module_and_keeps_nothing_between_calls():
+    """dpfast.data_parallel, as torch.nn.parallel.data_parallel: inputs as a tensor or a tuple,
+    module_kwargs, grads summed into the module's .grad, no threads left behind, and the module
+    checked (never moved) against device_ids[0]."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(5, 3)
+
+        def forward(self, x, scale=1.0):
+            return self.linear(x) * scale
+
+    torch.manual_seed(0)
+    reference = Scaled().double()
+    module = copy.deepcopy(reference)
+    x = torch.randint(-3, 4, (10, 5)).double()
+    gc.collect()
+    threads = threading.active_count()
+    for inputs in (x, (x,)):
+        module.zero_grad()
+        reference.zero_grad()
+        out = dpfast.data_parallel(module, inputs, CPU4, module_kwargs={"scale": 2.0})
+        expected = reference(x, scale=2.0)
+        assert torch.equal(out, expected)
+        out.sum().backward()
+        expected.sum().backward()
+        for p, q in zip(reference.parameters(), module.parameters()):
+            assert torch.equal(q.grad, p.grad)
+    del out
+    gc.collect()
+    assert threading.active_count() == threads  # every call's workers are gone
+    assert torch.equal(dpfast.data_parallel(module, x, ["cpu"]), reference(x))
+    with pytest.raises(TypeError, match=r"module_kwargs: expected a dict or None, but got list"):
+        dpfast.data_parallel(module, x, CPU4, module_kwargs=[{}])
+    with pytest.raises(RuntimeError, match=r"module must have its parameters and buffers on device cpu"):
+        dpfast.data_parallel(Scaled().to("meta"), x, CPU4)
+    assert callable(dpfast.data_parallel) and "data_parallel" in dpfast.__all__
