@@ -19,9 +19,10 @@ same C++ hooks, which launch each complete bucket's reduction from whichever
 thread completes it.
 
 Whether to use it (``wanted``): DPFAST_PARALLEL_BACKWARD=1 always, 0 never, auto
-(the default) when the caller runs one intra-op thread (torch.set_num_threads(1)
-or OMP_NUM_THREADS=1): there the workers bring cores that autograd's walk
-leaves idle; with more, the passes in turn already span the cores.
+(the default) with more than one lane. From the node's backward to the
+end-of-backward callback the caller runs replica 0's part on its share of the
+intra-op threads, as each worker runs its replica's on its own share (NOTE
+[CPU threads] in workers.py): the passes side by side use the cores once.
 
 The node is used only where the result is the same as autograd's own walk:
 - replica k's graph reaches no leaf but replica k's own parameters
@@ -82,9 +83,10 @@ class _Plan:
     """Replicas 1..n-1's outputs that require grad, flattened, and where each replica's start."""
 
     def __init__(self, per_replica: List[List[torch.Tensor]], where: List[str], replicas: int, threads: int,
-                 pool, reducer):
+                 caller_threads: int, pool, reducer):
         self.replicas = replicas  # 1 + the highest replica index that ran
         self.threads = threads  # each worker's intra-op threads (NOTE [CPU threads])
+        self.caller_threads = caller_threads  # the caller's, for replica 0's part
         self.tensors = [t for ts in per_replica for t in ts]
         self.bounds = []
         start = 0
@@ -126,7 +128,7 @@ class ReplicaBackward(torch.autograd.Function):
                 workers.append(lane)  # the worker that ran this replica's forward
         if fns:
             plan.reducer.run_replica_backward(plan.pool, fns, wheres, workers, plan.replicas, plan.threads,
-                                              plan.window)
+                                              plan.window, plan.caller_threads)
         return None, None
 
 
@@ -163,19 +165,20 @@ def _sub_backward(tensors, grads, create_graph: bool, keep_graph: bool = True):
 
 
 def wanted(num_lanes: int) -> bool:
-    """DPFAST_PARALLEL_BACKWARD: "1" always, "0" never, "auto" (the default) when the caller runs
-    one intra-op thread. Measured on 2 cores (bench/results/20261127-cpu-parallel-backward.txt):
-    with one intra-op thread, steps with the replicas' backward passes side by side take 0.64-0.84x
-    the time of the same steps with the passes in turn; with two threads they take 1.16-1.32x
-    (each pass in turn already spans the cores, and the caller's intra-op team contends with the
-    workers), but for a small-op model with 4 replicas (0.85x)."""
+    """DPFAST_PARALLEL_BACKWARD: "1" always, "0" never, "auto" (the default) with more than one
+    lane. Side by side, the caller runs replica 0's part on its share of the intra-op threads
+    (NOTE [CPU threads]), as each worker runs its own. Measured on 2 cores
+    (bench/results/20261127-cpu-parallel-backward.txt): with one intra-op thread, steps with the
+    replicas' backward passes side by side take 0.64-0.84x the time of the same steps with the
+    passes in turn; with two threads and the caller keeping both while the workers ran, they took
+    1.16-1.32x (three threads on two cores), which the caller's share removes."""
     setting = os.environ.get("DPFAST_PARALLEL_BACKWARD", "auto").strip().lower()
     if setting in ("1", "0"):
         return setting == "1"
     if setting not in ("auto", ""):
         raise ValueError(f"dpfast.DataParallel: DPFAST_PARALLEL_BACKWARD: expected '1', '0' or 'auto', but got "
                          f"{setting!r}")
-    return num_lanes > 1 and torch.get_num_threads() == 1
+    return num_lanes > 1
 
 
 # A private leaf, the node's only input (it never receives a gradient: the node returns None for
@@ -184,11 +187,12 @@ _ANCHOR = torch.empty(0, device="cpu", requires_grad=True)  # whatever torch.set
 
 
 def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: List[str], replicas: int,
-          threads: int, pool, reducer) -> Optional[Dict[int, torch.Tensor]]:
+          threads: int, caller_threads: int, pool, reducer) -> Optional[Dict[int, torch.Tensor]]:
     """outputs[k], replica_tensors[k] (parameters and buffers) and where[k] of the replicas that ran,
     replica 0 first; ``replicas``: 1 + the highest index among them; ``threads``: each worker's
-    intra-op threads. Returns {id(output tensor): its stand-in} for the gather, or None where the
-    outputs go to autograd as they are."""
+    intra-op threads, ``caller_threads``: the caller's for replica 0's part. Returns
+    {id(output tensor): its stand-in} for the gather, or None where the outputs go to autograd as
+    they are."""
     if len(outputs) < 2 or not _plain_structure(outputs[0]):
         return None
     per_replica = []
@@ -205,7 +209,7 @@ def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: 
         per_replica.append(tensors)
     if not any(per_replica):
         return None
-    plan = _Plan(per_replica, where[1:], replicas, threads, pool, reducer)
+    plan = _Plan(per_replica, where[1:], replicas, threads, caller_threads, pool, reducer)
     tensors = plan.tensors
     # A tensor of its own, saved with the outputs: alive exactly as long as the graph may still run
     # (an output may be a parameter, which outlives every graph).

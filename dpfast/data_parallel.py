@@ -21,7 +21,7 @@ from .buffers import BatchNormAverager
 from .criterion import ReplicaOutputs
 from .reducer import GradReducer, own_hook_ids
 from .replicas import ReplicaSet, check_on_device
-from .workers import WorkerPool, capture_thread_state, cpu_lane_threads, spin_us, thread_state
+from .workers import WorkerPool, caller_lane_threads, capture_thread_state, cpu_lane_threads, spin_us, thread_state
 
 
 def _make_reducer(*args, **kwargs) -> GradReducer:
@@ -436,7 +436,7 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         replica_tensors = [runtime.replicas.replica_tensors[k] for k in active]
         wheres = [runtime.where(k, backward=True) for k in active]
         return parallel_backward.route(outputs, replica_tensors, wheres, active[-1] + 1, cpu_lane_threads(devices),
-                                       runtime.pool, runtime.reducer)
+                                       caller_lane_threads(devices), runtime.pool, runtime.reducer)
 
     # The four steps take nn.DataParallel's arguments (a subclass may override any of them, or call
     # them from its own forward); dpfast's forward also passes what it already knows.
@@ -502,11 +502,12 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         fns = [job(r, a, k, s) for r, a, k, s in zip(replicas, inputs, kwargs, streams)]
         sizes = chunk_sizes or [None] * len(replicas)
         wheres = [runtime.where(k, size) for k, size in zip(replica_indices, sizes)]
-        threads = cpu_lane_threads([self.devices[k] for k in replica_indices])  # NOTE [CPU threads]
+        lanes = [self.devices[k] for k in replica_indices]
+        threads, own_threads = cpu_lane_threads(lanes), caller_lane_threads(lanes)  # NOTE [CPU threads]
         if own_call or not runtime.streams:
-            return runtime.pool.run(fns, wheres, threads)
+            return runtime.pool.run(fns, wheres, threads, own_threads)
         lane_streams.wait_for_callers(streams)  # NOTE [Stream ordering]
-        outputs = runtime.pool.run(fns, wheres, threads)
+        outputs = runtime.pool.run(fns, wheres, threads, own_threads)
         lane_streams.callers_wait_for(streams, outputs)
         return outputs
 

@@ -90,6 +90,7 @@ class GradReducer:
         self._callback_queued = False
         self._callback_task = -1  # the graph task whose end runs _end_of_backward
         self._replica_jobs: list = []  # NOTE [Parallel backward]: replicas' backward on the workers
+        self._caller_threads_to_restore: Optional[int] = None  # NOTE [CPU threads]: set in a routed backward
         self._routed: list = []  # plan_alive() of routed forwards whose graphs may still run
         self._allow_early_launch = True  # False after a gradient came after its bucket's reduction
         self.no_routing = False  # True after backward(create_graph=True) in a routed window (_stop_routing_for_graphs)
@@ -242,13 +243,14 @@ class GradReducer:
         return bool(self._routed)
 
     def run_replica_backward(self, pool, fns: list, wheres: List[str], workers: List[int], replicas: int,
-                             threads: int, window: list) -> None:
+                             threads: int, window: list, caller_threads: Optional[int] = None) -> None:
         """NOTE [Parallel backward]: runs the replicas' parts of this backward on the workers. Its
         end (queued here, on the caller's graph task: the workers' hooks run in graph tasks of their
         own) waits for them. ``replicas`` (1 + the highest replica index of the forward) is told
         to the counter first: a backward of a retained graph has no forward before it, and a bucket
         must not count as complete when the first of the parallel replicas is in. ``window``: the
-        forwards of the window the graph was made in."""
+        forwards of the window the graph was made in. ``caller_threads``: the caller's intra-op
+        threads until the end of this backward (NOTE [CPU threads]), which puts its own back."""
         task = torch._C._current_graph_task_id()
         with self._lock:
             stale = self._callback_queued and self._callback_task != task
@@ -258,6 +260,7 @@ class GradReducer:
             # what it left: its replicas' parts may still be running. Wait for them, then drop it.
             for job in stale_jobs:
                 job.done.wait()
+            self._restore_caller_threads()
             with self._lock:
                 self._discard()
         self._ready.note_replicas(replicas)
@@ -269,6 +272,16 @@ class GradReducer:
         jobs = pool.submit(fns, wheres, workers, threads)
         with self._lock:
             self._replica_jobs.extend(jobs)
+        own = torch.get_num_threads()
+        if caller_threads is not None and own != caller_threads and self._caller_threads_to_restore is None:
+            self._caller_threads_to_restore = own
+            torch.set_num_threads(caller_threads)
+
+    def _restore_caller_threads(self) -> None:
+        """Puts back the caller's intra-op threads that run_replica_backward shared out."""
+        own, self._caller_threads_to_restore = self._caller_threads_to_restore, None
+        if own is not None:
+            torch.set_num_threads(own)
 
     def _wait_for_replica_backward(self) -> None:
         """Waits for the workers' parts of this backward; raises the first error among them. Not
@@ -278,6 +291,7 @@ class GradReducer:
         for job in jobs:
             job.done.wait()
         restore_default_threads(jobs)
+        self._restore_caller_threads()
         for job in jobs:
             if job.error is not None:
                 with self._lock:
@@ -304,6 +318,7 @@ class GradReducer:
                 # backward's end is still to come.
                 self._replica_jobs = []
                 self._discard()
+                self._restore_caller_threads()  # the caller's threads, shared out in that backward
             if self._window_routed or self._older_routed_graph_alive():
                 self._early_launch = False  # see note_routed
             self._ready.note_replicas(num_replicas)

@@ -69,11 +69,26 @@ def _entered_state(state: dict, stream=None):
 def cpu_lane_threads(devices: List[torch.device]) -> Optional[int]:
     """NOTE [CPU threads]: CPU replicas run side by side, forward and backward, each on a thread of
     its own, and every one of those threads has an intra-op pool as large as the caller's: N of
-    them oversubscribe the cores N times. The workers get an equal share of the caller's threads
-    (the caller's own pool is the user's setting, and stays as it is). None: not all CPU lanes."""
+    them oversubscribe the cores N times. The threads are shared out instead: each worker gets an
+    equal share of the caller's intra-op threads, and the caller runs its own replica (replica 0's
+    forward in parallel_apply, its part of a routed backward from the routing node to the
+    end-of-backward callback) on what the workers' shares leave (caller_lane_threads), then goes
+    back to its own count: the loss, the optimizer step and the rest of the user's code keep every
+    thread. With two threads and two replicas, the caller keeping both ran its replica's share 1.5x
+    slower than on one (three threads on two cores). None: not all CPU lanes."""
     if any(d.type != "cpu" for d in devices):
         return None
     return max(1, torch.get_num_threads() // max(1, len(devices)))
+
+
+def caller_lane_threads(devices: List[torch.device]) -> Optional[int]:
+    """NOTE [CPU threads]: the caller's intra-op threads while its replica runs beside the workers:
+    what the workers' shares (cpu_lane_threads) leave of its own, at least one. None: not all CPU
+    lanes."""
+    share = cpu_lane_threads(devices)
+    if share is None:
+        return None
+    return max(1, torch.get_num_threads() - (len(devices) - 1) * share)
 
 
 def restore_default_threads(jobs: List["_Job"]) -> None:
@@ -269,10 +284,11 @@ class WorkerPool:
     def threads(self) -> List[threading.Thread]:
         return list(self._threads)
 
-    def run(self, fns: List[Callable[[], Any]], wheres: List[str], worker_threads: Optional[int] = None
-            ) -> List[Any]:
+    def run(self, fns: List[Callable[[], Any]], wheres: List[str], worker_threads: Optional[int] = None,
+            caller_threads: Optional[int] = None) -> List[Any]:
         """fns[0] on the calling thread, fns[k] on worker k; results in order. ``worker_threads``:
-        the workers' intra-op threads (NOTE [CPU threads]); the caller's are left alone."""
+        the workers' intra-op threads, ``caller_threads``: the caller's while fns[0] runs (NOTE
+        [CPU threads]); None leaves them as they are."""
         if self._pid != os.getpid():
             self._start()
         if len(fns) - 1 > len(self._queues):
@@ -281,7 +297,15 @@ class WorkerPool:
                 for k, (fn, where) in enumerate(zip(fns, wheres))]
         for k, job in enumerate(jobs[1:]):
             self._queues[k].put(job)
-        jobs[0].run()
+        own = None if caller_threads is None else torch.get_num_threads()
+        if own is None or own == caller_threads:
+            jobs[0].run()
+        else:
+            torch.set_num_threads(caller_threads)
+            try:
+                jobs[0].run()
+            finally:
+                torch.set_num_threads(own)
         for job in jobs[1:]:
             job.done.wait()
         restore_default_threads(jobs)

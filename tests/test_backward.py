@@ -449,7 +449,7 @@ def test_a_second_gradient_before_its_bucket_completes_is_exact_and_early(sequen
 
 
 @pytest.mark.parametrize("setting,threads,lanes,expected", [
-    ("auto", 1, 2, True), ("auto", 2, 2, False), ("auto", 2, 4, False), ("auto", 1, 1, False),
+    ("auto", 1, 2, True), ("auto", 2, 2, True), ("auto", 8, 4, True), ("auto", 1, 1, False), ("auto", 4, 1, False),
     ("1", 8, 2, True), ("0", 1, 4, False), (" AUTO ", 1, 3, True),
 ])
 def test_when_the_backward_passes_run_side_by_side(setting, threads, lanes, expected, monkeypatch):

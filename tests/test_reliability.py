@@ -27,6 +27,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 import time
 import weakref
 from pathlib import Path
@@ -934,35 +935,87 @@ def test_replicas_rebuilt_between_forward_and_backward_still_reduce_the_first_fo
     torch.testing.assert_close(wrapped.module.weight.grad, reference.weight.grad, rtol=1e-12, atol=1e-12)
 
 
+class _RecordThreadsInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, seen, x):
+        ctx.seen = seen
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.seen[threading.current_thread().name] = torch.get_num_threads()
+        return None, grad
+
+
 class RecordsIntraOpThreads(nn.Module):
     def __init__(self):
         super().__init__()
         self.linear = nn.Linear(4, 2)
         self.seen = {}  # {thread name: torch.get_num_threads() there}, shared by the replicas
+        self.seen_in_backward = {}
 
     def forward(self, x):
         self.seen[threading.current_thread().name] = torch.get_num_threads()
-        return self.linear(x)
+        return _RecordThreadsInBackward.apply(self.seen_in_backward, self.linear(x))
 
 
-def test_cpu_workers_take_a_share_of_the_callers_threads_and_leave_the_rest_alone():
-    """NOTE [CPU threads]: 4 CPU replicas under 8 intra-op threads: each worker gets 2. The
-    caller's count, and the default of a thread started later, stay 8."""
+@pytest.mark.parametrize("threads,replicas,caller,workers", [(8, 4, 2, [2, 2, 2]), (7, 2, 4, [3]), (1, 3, 1, [1, 1])])
+def test_cpu_replicas_share_out_the_callers_threads_and_give_them_back(threads, replicas, caller, workers,
+                                                                       monkeypatch):
+    """NOTE [CPU threads]: each worker gets an equal share of the caller's intra-op threads, and the
+    caller runs replica 0 (forward, and its part of the routed backward) on what is left; after the
+    backward the caller's count, and the default of a thread started later, are its own again."""
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "auto")
     before = torch.get_num_threads()
-    torch.set_num_threads(8)
+    torch.set_num_threads(threads)
     try:
         model = RecordsIntraOpThreads()
-        wrapper = dpfast.DataParallel(model, device_ids=["cpu"] * 4)
-        wrapper(torch.randn(8, 4)).sum().backward()
-        caller = threading.current_thread().name
-        assert model.seen.pop(caller) == 8
-        assert sorted(model.seen.values()) == [2, 2, 2]
-        assert torch.get_num_threads() == 8
+        wrapper = dpfast.DataParallel(model, device_ids=["cpu"] * replicas)
+        caller_name = threading.current_thread().name
+        for _ in range(2):
+            out = wrapper(torch.randn(8, 4))
+            assert torch.get_num_threads() == threads  # the loss runs on every thread
+            out.sum().backward()
+            assert torch.get_num_threads() == threads
+            for seen in (model.seen, model.seen_in_backward):
+                assert seen.pop(caller_name) == caller
+                assert sorted(seen.values()) == workers
+                seen.clear()
         later = []
         thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
         thread.start()
         thread.join()
-        assert later == [8]
+        assert later == [threads]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_backward_that_raises_gives_the_callers_threads_back_at_the_next_forward(monkeypatch):
+    """NOTE [CPU threads]: a backward that raises in replica 0's part never reaches its end, where
+    the caller's threads go back; the next forward puts them back first, so the shares stay those of
+    the caller's own count."""
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        model = RecordsIntraOpThreads()
+        wrapper = dpfast.DataParallel(model, device_ids=["cpu"] * 2)
+        caller_name = threading.current_thread().name
+
+        def fail_in_the_caller(grad):
+            if threading.current_thread().name == caller_name:
+                raise RuntimeError("replica 0's backward failed")
+        out = wrapper(torch.randn(8, 4))
+        model.linear.weight.register_hook(fail_in_the_caller)  # the root's weight: replica 0's graph
+        with pytest.raises(RuntimeError, match="replica 0's backward failed"):
+            out.sum().backward()
+        model.linear.weight._backward_hooks.clear()
+        model.seen.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the hook warning, for the hook gone by now
+            wrapper(torch.randn(8, 4)).sum().backward()
+        assert torch.get_num_threads() == 4
+        assert model.seen.pop(caller_name) == 2 and list(model.seen.values()) == [2]
     finally:
         torch.set_num_threads(before)
 
