@@ -19,10 +19,12 @@ same C++ hooks, which launch each complete bucket's reduction from whichever
 thread completes it.
 
 Whether to use it (``wanted``): DPFAST_PARALLEL_BACKWARD=1 always, 0 never, auto
-(the default) with more than one lane. From the node's backward to the
-end-of-backward callback the caller runs replica 0's part on its share of the
-intra-op threads, as each worker runs its replica's on its own share (NOTE
-[CPU threads] in workers.py): the passes side by side use the cores once.
+(the default) when the caller runs one intra-op thread (torch.set_num_threads(1)
+or OMP_NUM_THREADS=1), or when idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE):
+there the workers bring cores that autograd's walk leaves idle, and from the
+node's backward to the end-of-backward callback the caller runs replica 0's
+part on its share of the intra-op threads (NOTE [CPU threads] in workers.py).
+Otherwise the passes in turn already span the cores.
 
 The node is used only where the result is the same as autograd's own walk:
 - replica k's graph reaches no leaf but replica k's own parameters
@@ -62,6 +64,7 @@ from torch.overrides import has_torch_function
 
 from . import _C
 from .scatter_gather import iter_tensors
+from .workers import idle_threads_sleep
 
 _PLAIN = (str, bytes, int, float, bool, complex, type(None))
 
@@ -165,20 +168,22 @@ def _sub_backward(tensors, grads, create_graph: bool, keep_graph: bool = True):
 
 
 def wanted(num_lanes: int) -> bool:
-    """DPFAST_PARALLEL_BACKWARD: "1" always, "0" never, "auto" (the default) with more than one
-    lane. Side by side, the caller runs replica 0's part on its share of the intra-op threads
-    (NOTE [CPU threads]), as each worker runs its own. Measured on 2 cores
-    (bench/results/20261127-cpu-parallel-backward.txt): with one intra-op thread, steps with the
-    replicas' backward passes side by side take 0.64-0.84x the time of the same steps with the
-    passes in turn; with two threads and the caller keeping both while the workers ran, they took
-    1.16-1.32x (three threads on two cores), which the caller's share removes."""
+    """DPFAST_PARALLEL_BACKWARD: "1" always, "0" never, "auto" (the default) when the caller runs
+    one intra-op thread, or its idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE: the caller then
+    runs replica 0's part on its share of the threads, NOTE [CPU threads]). Measured on 2 cores
+    (bench/results/20261127-cpu-parallel-backward.txt, 20261127-cpu-omp-wait-policy.txt): with one
+    intra-op thread, steps with the replicas' backward passes side by side take 0.64-0.84x the time
+    of the same steps with the passes in turn. With two threads under the default wait policy they
+    take 1.16-1.32x (each pass in turn already spans the cores, and the caller's intra-op team,
+    working or spinning, contends with the workers); under PASSIVE, with the caller on its share,
+    the whole step took 0.93-1.12x the bare module's time (two runs), against 1.49-1.65x in turn."""
     setting = os.environ.get("DPFAST_PARALLEL_BACKWARD", "auto").strip().lower()
     if setting in ("1", "0"):
         return setting == "1"
     if setting not in ("auto", ""):
         raise ValueError(f"dpfast.DataParallel: DPFAST_PARALLEL_BACKWARD: expected '1', '0' or 'auto', but got "
                          f"{setting!r}")
-    return num_lanes > 1
+    return num_lanes > 1 and (torch.get_num_threads() == 1 or idle_threads_sleep())
 
 
 # A private leaf, the node's only input (it never receives a gradient: the node returns None for

@@ -69,24 +69,36 @@ def _entered_state(state: dict, stream=None):
 def cpu_lane_threads(devices: List[torch.device]) -> Optional[int]:
     """NOTE [CPU threads]: CPU replicas run side by side, forward and backward, each on a thread of
     its own, and every one of those threads has an intra-op pool as large as the caller's: N of
-    them oversubscribe the cores N times. The threads are shared out instead: each worker gets an
-    equal share of the caller's intra-op threads, and the caller runs its own replica (replica 0's
-    forward in parallel_apply, its part of a routed backward from the routing node to the
-    end-of-backward callback) on what the workers' shares leave (caller_lane_threads), then goes
-    back to its own count: the loss, the optimizer step and the rest of the user's code keep every
-    thread. With two threads and two replicas, the caller keeping both ran its replica's share 1.5x
-    slower than on one (three threads on two cores). None: not all CPU lanes."""
+    them oversubscribe the cores N times. Each worker gets an equal share of the caller's intra-op
+    threads instead. The caller's own count stays as the user set it, except where idle OpenMP
+    threads sleep (caller_lane_threads). None: not all CPU lanes."""
     if any(d.type != "cpu" for d in devices):
         return None
     return max(1, torch.get_num_threads() // max(1, len(devices)))
 
 
+# OMP_WAIT_POLICY as the process started: the OpenMP runtime reads it once, when torch loads it.
+_IDLE_THREADS_SLEEP = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
+def idle_threads_sleep() -> bool:
+    """Whether the OpenMP runtime's idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE) rather than
+    spin first (the default: libgomp polls for about 10 ms after each parallel region)."""
+    return _IDLE_THREADS_SLEEP
+
+
 def caller_lane_threads(devices: List[torch.device]) -> Optional[int]:
-    """NOTE [CPU threads]: the caller's intra-op threads while its replica runs beside the workers:
-    what the workers' shares (cpu_lane_threads) leave of its own, at least one. None: not all CPU
-    lanes."""
+    """NOTE [CPU threads]: the caller's intra-op threads while its replica runs beside the workers'
+    (replica 0's forward in parallel_apply, its part of a routed backward up to the end-of-backward
+    callback): what the workers' shares leave of its own count, at least one; it goes back to its
+    own count afterwards, so the loss, the optimizer step and the user's code keep every thread.
+    Only where idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE): under the default policy the
+    caller's idle team spins for milliseconds after each region the user's code ran on all threads,
+    on the cores the replicas need, and a caller on its share made the step 1.29-1.36x slower than one keeping
+    its count (bench/results/20261127-cpu-omp-wait-policy.txt). None: leave the caller's count as
+    it is (so also where the lanes are not all CPU)."""
     share = cpu_lane_threads(devices)
-    if share is None:
+    if share is None or not _IDLE_THREADS_SLEEP:
         return None
     return max(1, torch.get_num_threads() - (len(devices) - 1) * share)
 

@@ -448,13 +448,16 @@ def test_a_second_gradient_before_its_bucket_completes_is_exact_and_early(sequen
     assert wrapped.stats()["early_reductions"] == wrapped.stats()["reductions"] == 2
 
 
-@pytest.mark.parametrize("setting,threads,lanes,expected", [
-    ("auto", 1, 2, True), ("auto", 2, 2, True), ("auto", 8, 4, True), ("auto", 1, 1, False), ("auto", 4, 1, False),
-    ("1", 8, 2, True), ("0", 1, 4, False), (" AUTO ", 1, 3, True),
+@pytest.mark.parametrize("setting,threads,lanes,passive,expected", [
+    ("auto", 1, 2, False, True), ("auto", 2, 2, False, False), ("auto", 2, 4, False, False),
+    ("auto", 1, 1, False, False), ("auto", 2, 2, True, True), ("auto", 8, 4, True, True), ("auto", 4, 1, True, False),
+    ("1", 8, 2, False, True), ("0", 1, 4, True, False), (" AUTO ", 1, 3, False, True),
 ])
-def test_when_the_backward_passes_run_side_by_side(setting, threads, lanes, expected, monkeypatch):
-    from dpfast import backward
+def test_when_the_backward_passes_run_side_by_side(setting, threads, lanes, passive, expected, monkeypatch):
+    """passive: OMP_WAIT_POLICY=PASSIVE as the process started (idle OpenMP threads sleep)."""
+    from dpfast import backward, workers
 
+    monkeypatch.setattr(workers, "_IDLE_THREADS_SLEEP", passive)
     monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", setting)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     assert backward.wanted(lanes) is expected

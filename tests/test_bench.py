@@ -208,6 +208,28 @@ def test_step_calls_tool_times_the_engine_calls_and_the_hand_offs():
     assert "DPFAST_SPIN_US 0" in result.stdout
 
 
+@pytest.mark.parametrize("policy,expected", [("", "spin first (default policy)"), ("passive", "sleep (OMP_WAIT_POLICY=PASSIVE)")])
+def test_info_prints_the_build_and_how_cpu_replicas_will_use_the_threads(policy, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    result = subprocess.run([sys.executable, "-m", "dpfast.info"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env={**env, "PYTHONPATH": REPO})
+    assert result.returncode == 0, result.stderr
+    assert "dpfast._C" in result.stdout and f"idle OpenMP threads {expected}" in result.stdout
+
+
+def test_omp_wait_policy_tool_runs_both_policies_in_processes_of_their_own():
+    result = subprocess.run([sys.executable, "tools/omp_wait_policy.py", "--configs", "mlp:tiny:16", "--rounds", "1",
+                             "--steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": REPO, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    # Each child checked that dpfast saw its policy (the parent's own setting is not passed on).
+    assert [row[:2] for row in rows] == [["mlp:tiny:16", "default"], ["mlp:tiny:16", "passive"]]
+    assert all(float(value) > 0 for row in rows for value in row[2:])
+
+
 @pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
 def test_exact_float32_turns_tf32_off_and_restores_it_whichever_api_the_process_used(api):
     code = f"""

@@ -962,9 +962,13 @@ class RecordsIntraOpThreads(nn.Module):
 @pytest.mark.parametrize("threads,replicas,caller,workers", [(8, 4, 2, [2, 2, 2]), (7, 2, 4, [3]), (1, 3, 1, [1, 1])])
 def test_cpu_replicas_share_out_the_callers_threads_and_give_them_back(threads, replicas, caller, workers,
                                                                        monkeypatch):
-    """NOTE [CPU threads]: each worker gets an equal share of the caller's intra-op threads, and the
-    caller runs replica 0 (forward, and its part of the routed backward) on what is left; after the
-    backward the caller's count, and the default of a thread started later, are its own again."""
+    """NOTE [CPU threads]: where idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE), each worker
+    gets an equal share of the caller's intra-op threads, and the caller runs replica 0 (forward,
+    and its part of the routed backward) on what is left; after the backward the caller's count,
+    and the default of a thread started later, are its own again."""
+    from dpfast import workers as dp_workers
+
+    monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", True)
     monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "auto")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -990,10 +994,35 @@ def test_cpu_replicas_share_out_the_callers_threads_and_give_them_back(threads, 
         torch.set_num_threads(before)
 
 
+def test_under_the_default_wait_policy_the_caller_keeps_its_threads_and_walks_the_graphs(monkeypatch):
+    """NOTE [CPU threads]: where idle OpenMP threads spin (OMP_WAIT_POLICY unset), the workers take a
+    share of the caller's 8 threads (2 each of 4 replicas) and the caller keeps its 8, forward and
+    backward, where autograd walks every replica's graph on the caller's thread (auto)."""
+    from dpfast import workers as dp_workers
+
+    monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", False)
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "auto")
+    before = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        model = RecordsIntraOpThreads()
+        wrapper = dpfast.DataParallel(model, device_ids=["cpu"] * 4)
+        wrapper(torch.randn(8, 4)).sum().backward()
+        caller_name = threading.current_thread().name
+        assert model.seen.pop(caller_name) == 8 and sorted(model.seen.values()) == [2, 2, 2]
+        assert model.seen_in_backward == {caller_name: 8}
+        assert torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_backward_that_raises_gives_the_callers_threads_back_at_the_next_forward(monkeypatch):
     """NOTE [CPU threads]: a backward that raises in replica 0's part never reaches its end, where
     the caller's threads go back; the next forward puts them back first, so the shares stay those of
     the caller's own count."""
+    from dpfast import workers as dp_workers
+
+    monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", True)
     monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "1")
     before = torch.get_num_threads()
     torch.set_num_threads(4)
