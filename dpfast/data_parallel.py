@@ -21,7 +21,8 @@ from .buffers import BatchNormAverager
 from .criterion import ReplicaOutputs
 from .reducer import GradReducer, own_hook_ids
 from .replicas import ReplicaSet, check_on_device
-from .workers import WorkerPool, caller_lane_threads, capture_thread_state, cpu_lane_threads, spin_us, thread_state
+from .workers import (WorkerPool, caller_lane_threads, capture_thread_state, cpu_lane_threads,
+                      give_back_caller_threads, spin_us, thread_state)
 
 
 def _make_reducer(*args, **kwargs) -> GradReducer:
@@ -503,6 +504,8 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         sizes = chunk_sizes or [None] * len(replicas)
         wheres = [runtime.where(k, size) for k, size in zip(replica_indices, sizes)]
         lanes = [self.devices[k] for k in replica_indices]
+        if runtime.cpu_lanes and torch._C._current_graph_task_id() == -1:
+            give_back_caller_threads()  # a backward that shared them out raised before its end
         threads, own_threads = cpu_lane_threads(lanes), caller_lane_threads(lanes)  # NOTE [CPU threads]
         if own_call or not runtime.streams:
             return runtime.pool.run(fns, wheres, threads, own_threads)

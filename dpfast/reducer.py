@@ -46,7 +46,7 @@ import torch
 from . import _C, streams as lane_streams
 from .devices import link_model
 from .replicas import flat_alias
-from .workers import restore_default_threads
+from .workers import give_back_caller_threads, restore_default_threads, share_out_caller_threads
 
 _MB = 1024 * 1024
 ROOT_NONE, ROOT_IN_VIEW, ROOT_HELD = 0, 1, 2  # GradReadiness.root_states()
@@ -90,7 +90,6 @@ class GradReducer:
         self._callback_queued = False
         self._callback_task = -1  # the graph task whose end runs _end_of_backward
         self._replica_jobs: list = []  # NOTE [Parallel backward]: replicas' backward on the workers
-        self._caller_threads_to_restore: Optional[int] = None  # NOTE [CPU threads]: set in a routed backward
         self._routed: list = []  # plan_alive() of routed forwards whose graphs may still run
         self._allow_early_launch = True  # False after a gradient came after its bucket's reduction
         self.no_routing = False  # True after backward(create_graph=True) in a routed window (_stop_routing_for_graphs)
@@ -260,7 +259,6 @@ class GradReducer:
             # what it left: its replicas' parts may still be running. Wait for them, then drop it.
             for job in stale_jobs:
                 job.done.wait()
-            self._restore_caller_threads()
             with self._lock:
                 self._discard()
         self._ready.note_replicas(replicas)
@@ -272,16 +270,7 @@ class GradReducer:
         jobs = pool.submit(fns, wheres, workers, threads)
         with self._lock:
             self._replica_jobs.extend(jobs)
-        own = torch.get_num_threads()
-        if caller_threads is not None and own != caller_threads and self._caller_threads_to_restore is None:
-            self._caller_threads_to_restore = own
-            torch.set_num_threads(caller_threads)
-
-    def _restore_caller_threads(self) -> None:
-        """Puts back the caller's intra-op threads that run_replica_backward shared out."""
-        own, self._caller_threads_to_restore = self._caller_threads_to_restore, None
-        if own is not None:
-            torch.set_num_threads(own)
+        share_out_caller_threads(caller_threads)
 
     def _wait_for_replica_backward(self) -> None:
         """Waits for the workers' parts of this backward; raises the first error among them. Not
@@ -291,7 +280,7 @@ class GradReducer:
         for job in jobs:
             job.done.wait()
         restore_default_threads(jobs)
-        self._restore_caller_threads()
+        give_back_caller_threads()
         for job in jobs:
             if job.error is not None:
                 with self._lock:
@@ -318,7 +307,6 @@ class GradReducer:
                 # backward's end is still to come.
                 self._replica_jobs = []
                 self._discard()
-                self._restore_caller_threads()  # the caller's threads, shared out in that backward
             if self._window_routed or self._older_routed_graph_alive():
                 self._early_launch = False  # see note_routed
             self._ready.note_replicas(num_replicas)

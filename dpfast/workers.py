@@ -77,7 +77,8 @@ def cpu_lane_threads(devices: List[torch.device]) -> Optional[int]:
     return max(1, torch.get_num_threads() // max(1, len(devices)))
 
 
-# OMP_WAIT_POLICY as the process started: the OpenMP runtime reads it once, when torch loads it.
+# OMP_WAIT_POLICY as dpfast finds it when imported. The OpenMP runtime reads it once, when torch
+# loads it: set after `import torch`, it changes nothing there, and this reads it wrong.
 _IDLE_THREADS_SLEEP = os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 
@@ -91,7 +92,9 @@ def caller_lane_threads(devices: List[torch.device]) -> Optional[int]:
     """NOTE [CPU threads]: the caller's intra-op threads while its replica runs beside the workers'
     (replica 0's forward in parallel_apply, its part of a routed backward up to the end-of-backward
     callback): what the workers' shares leave of its own count, at least one; it goes back to its
-    own count afterwards, so the loss, the optimizer step and the user's code keep every thread.
+    own count afterwards, so the loss, the optimizer step and the user's code keep every thread
+    (in backward, the nodes that run after the routing node, another model's in the same loss
+    included, run on the share; a backward that raises gives it back at the next forward).
     Only where idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE): under the default policy the
     caller's idle team spins for milliseconds after each region the user's code ran on all threads,
     on the cores the replicas need, and a caller on its share made the step 1.29-1.36x slower than one keeping
@@ -101,6 +104,32 @@ def caller_lane_threads(devices: List[torch.device]) -> Optional[int]:
     if share is None or not _IDLE_THREADS_SLEEP:
         return None
     return max(1, torch.get_num_threads() - (len(devices) - 1) * share)
+
+
+# NOTE [CPU threads]: the caller's own count while a routed backward runs replica 0's part on its
+# share, per thread (one backward may run several wrappers' nodes; each reducer has its own end).
+_SHARED_OUT = threading.local()
+
+
+def share_out_caller_threads(count: Optional[int]) -> None:
+    """From a routed backward's node: the calling thread runs on ``count`` intra-op threads until
+    give_back_caller_threads(), never on more than it had. The first share of a backward holds."""
+    if count is None or getattr(_SHARED_OUT, "own", None) is not None:
+        return
+    own = torch.get_num_threads()
+    if count < own:
+        _SHARED_OUT.own = own
+        torch.set_num_threads(count)
+
+
+def give_back_caller_threads() -> None:
+    """The calling thread's own count again: at the end of a backward (whichever reducer's end comes
+    first: the graph has run by then), or at the next forward outside a backward where a backward
+    raised before its end."""
+    own = getattr(_SHARED_OUT, "own", None)
+    if own is not None:
+        _SHARED_OUT.own = None
+        torch.set_num_threads(own)
 
 
 def restore_default_threads(jobs: List["_Job"]) -> None:

@@ -1018,8 +1018,8 @@ def test_under_the_default_wait_policy_the_caller_keeps_its_threads_and_walks_th
 
 def test_a_backward_that_raises_gives_the_callers_threads_back_at_the_next_forward(monkeypatch):
     """NOTE [CPU threads]: a backward that raises in replica 0's part never reaches its end, where
-    the caller's threads go back; the next forward puts them back first, so the shares stay those of
-    the caller's own count."""
+    the caller's threads go back; the next forward of any wrapper (the functional form makes a new
+    one each call) puts them back first, so the shares stay those of the caller's own count."""
     from dpfast import workers as dp_workers
 
     monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", True)
@@ -1028,23 +1028,48 @@ def test_a_backward_that_raises_gives_the_callers_threads_back_at_the_next_forwa
     torch.set_num_threads(4)
     try:
         model = RecordsIntraOpThreads()
-        wrapper = dpfast.DataParallel(model, device_ids=["cpu"] * 2)
         caller_name = threading.current_thread().name
 
         def fail_in_the_caller(grad):
             if threading.current_thread().name == caller_name:
                 raise RuntimeError("replica 0's backward failed")
-        out = wrapper(torch.randn(8, 4))
-        model.linear.weight.register_hook(fail_in_the_caller)  # the root's weight: replica 0's graph
+        out = dpfast.data_parallel(model, torch.randn(8, 4), ["cpu"] * 2)
+        hook = model.linear.weight.register_hook(fail_in_the_caller)  # the root's weight: replica 0's graph
         with pytest.raises(RuntimeError, match="replica 0's backward failed"):
             out.sum().backward()
-        model.linear.weight._backward_hooks.clear()
+        hook.remove()
         model.seen.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the hook warning, for the hook gone by now
-            wrapper(torch.randn(8, 4)).sum().backward()
+            dpfast.data_parallel(model, torch.randn(8, 4), ["cpu"] * 2).sum().backward()
         assert torch.get_num_threads() == 4
         assert model.seen.pop(caller_name) == 2 and list(model.seen.values()) == [2]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_two_wrappers_in_one_backward_give_the_callers_threads_back(monkeypatch):
+    """NOTE [CPU threads]: two wrappers' routed nodes in one backward (each reducer with an end of
+    its own) share the caller's threads once and give back its own count, not the other's share;
+    a count the user lowered between forward and backward is never raised."""
+    from dpfast import workers as dp_workers
+
+    monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", True)
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "auto")
+    before = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        first = dpfast.DataParallel(RecordsIntraOpThreads(), device_ids=["cpu"] * 2)
+        second = dpfast.DataParallel(RecordsIntraOpThreads(), device_ids=["cpu"] * 4)
+        (first(torch.randn(8, 4)).sum() + second(torch.randn(8, 4)).sum()).backward()
+        assert torch.get_num_threads() == 8
+        caller_name = threading.current_thread().name
+        assert {first.module.seen_in_backward[caller_name], second.module.seen_in_backward[caller_name]} <= {2, 4}
+        out = first(torch.randn(8, 4))
+        torch.set_num_threads(1)
+        first.module.seen_in_backward.clear()
+        out.sum().backward()
+        assert first.module.seen_in_backward[caller_name] == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 
