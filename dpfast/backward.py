@@ -64,7 +64,7 @@ from torch.overrides import has_torch_function
 
 from . import _C
 from .scatter_gather import iter_tensors
-from .workers import idle_threads_sleep
+from .workers import caller_shares
 
 _PLAIN = (str, bytes, int, float, bool, complex, type(None))
 
@@ -169,8 +169,9 @@ def _sub_backward(tensors, grads, create_graph: bool, keep_graph: bool = True):
 
 def wanted(num_lanes: int) -> bool:
     """DPFAST_PARALLEL_BACKWARD: "1" always, "0" never, "auto" (the default) when the caller runs
-    one intra-op thread, or its idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE: the caller then
-    runs replica 0's part on its share of the threads, NOTE [CPU threads]). Measured on 2 cores
+    one intra-op thread, or runs replica 0's part on its share of the threads (caller_shares: idle
+    OpenMP threads sleep, OMP_WAIT_POLICY=PASSIVE, or libgomp's pause sends them away; NOTE [CPU
+    threads]). Measured on 2 cores
     (bench/results/20261127-cpu-parallel-backward.txt, 20261127-cpu-omp-wait-policy.txt): with one
     intra-op thread, steps with the replicas' backward passes side by side take 0.64-0.84x the time
     of the same steps with the passes in turn. With two threads under the default wait policy they
@@ -183,7 +184,7 @@ def wanted(num_lanes: int) -> bool:
     if setting not in ("auto", ""):
         raise ValueError(f"dpfast.DataParallel: DPFAST_PARALLEL_BACKWARD: expected '1', '0' or 'auto', but got "
                          f"{setting!r}")
-    return num_lanes > 1 and (torch.get_num_threads() == 1 or idle_threads_sleep())
+    return num_lanes > 1 and (torch.get_num_threads() == 1 or caller_shares(num_lanes))
 
 
 # A private leaf, the node's only input (it never receives a gradient: the node returns None for

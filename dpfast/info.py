@@ -10,7 +10,7 @@ def collect() -> dict:
     import torch
 
     from . import _C
-    from .workers import idle_threads_sleep
+    from .workers import _omp_pause, idle_threads_sleep
 
     info = {
         "python": platform.python_version(),
@@ -22,6 +22,7 @@ def collect() -> dict:
         "peer_access": [],
         "intra_op_threads": torch.get_num_threads(),
         "omp_idle_threads_sleep": idle_threads_sleep(),  # OMP_WAIT_POLICY=PASSIVE (NOTE [CPU threads])
+        "omp_pause": _omp_pause() is not None,  # libgomp's omp_pause_resource_all, unless DPFAST_OMP_PAUSE=0
     }
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
@@ -40,10 +41,14 @@ def main() -> int:
     print(f"torch               {info['torch']} (CUDA {info['torch_cuda']})")
     print(f"dpfast._C           {'CUDA' if info['dpfast_cuda_built'] else 'CPU-only'} build")
     print(f"CUDA available      {info['cuda_available']}")
-    print(f"intra-op threads    {info['intra_op_threads']}; idle OpenMP threads "
-          + ("sleep (OMP_WAIT_POLICY=PASSIVE): CPU replicas share out the caller's threads"
-             if info["omp_idle_threads_sleep"] else
-             "spin first (default policy): for CPU replicas, torch.set_num_threads(1) or OMP_WAIT_POLICY=PASSIVE"))
+    if info["omp_idle_threads_sleep"]:
+        sharing = "sleep (OMP_WAIT_POLICY=PASSIVE): CPU replicas share out the caller's threads"
+    elif info["omp_pause"]:
+        sharing = ("spin first (default policy); CPU replicas share out the caller's threads and pause its idle "
+                   "team where each replica gets one thread (DPFAST_OMP_PAUSE=0: never)")
+    else:
+        sharing = "spin first (default policy): for CPU replicas, torch.set_num_threads(1) or OMP_WAIT_POLICY=PASSIVE"
+    print(f"intra-op threads    {info['intra_op_threads']}; idle OpenMP threads {sharing}")
     if not info["devices"]:
         print("visible GPUs        none (CPU replicas: device_ids=['cpu'] * N)")
     for d in info["devices"]:

@@ -88,6 +88,64 @@ def idle_threads_sleep() -> bool:
     return _IDLE_THREADS_SLEEP
 
 
+_NOT_LOOKED_UP = object()
+_pause_team = _NOT_LOOKED_UP
+
+
+def _omp_pause() -> Optional[Callable[[int], int]]:
+    """omp_pause_resource_all of the libgomp torch runs on (pip's torch on Linux), or None: another
+    OpenMP runtime (whose pause may reach other threads' teams), no OpenMP, or DPFAST_OMP_PAUSE=0.
+    Looked up once."""
+    global _pause_team
+    if _pause_team is not _NOT_LOOKED_UP:
+        return _pause_team
+    setting = os.environ.get("DPFAST_OMP_PAUSE", "1").strip()
+    if setting not in ("0", "1"):
+        raise ValueError(f"dpfast.DataParallel: DPFAST_OMP_PAUSE: expected '1' or '0', but got {setting!r}")
+    _pause_team = None
+    if setting == "0" or "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        with open("/proc/self/maps") as maps:  # auditwheel renames it (libgomp-<hash>.so.1): find it by what is mapped
+            paths = sorted({line.split()[-1] for line in maps if "/libgomp" in line and ".so" in line})
+    except OSError:
+        return None
+    if len(paths) != 1:  # none, or two runtimes: which one torch uses is not known
+        return None
+    try:
+        import ctypes
+
+        pause = ctypes.CDLL(paths[0], mode=os.RTLD_NOLOAD | os.RTLD_LAZY).omp_pause_resource_all
+    except (OSError, AttributeError):  # not loaded after all, or older than OpenMP 5.0
+        return None
+    pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+    _pause_team = pause
+    return pause
+
+
+def caller_shares(num_lanes: int) -> bool:
+    """NOTE [CPU threads]: whether the caller runs its replica on its share of the threads beside
+    num_lanes - 1 workers: where idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE), or where every
+    replica gets one thread (no more threads than lanes) and libgomp's pause can send the caller's
+    idle team away while its replica runs (its threads spin for ~10 ms otherwise; with larger shares
+    the caller's replica needs a team, which the pause would end, and workers with teams of their
+    own make libgomp's threads outnumber the cores, where it throttles the spinning by itself)."""
+    if _IDLE_THREADS_SLEEP:
+        return True
+    return torch.get_num_threads() <= num_lanes and _omp_pause() is not None
+
+
+def quiet_caller_team() -> None:
+    """Right after the caller took its share: under the default wait policy, ends its idle OpenMP
+    team's threads (omp_pause_resource_all(omp_pause_soft), which libgomp applies to the calling
+    thread's team: 0.1-0.2 ms, and the user's next region on every thread starts them again, 0.3-1.5
+    ms on the 2-core VM), so that they do not spin on the cores the replicas run on."""
+    if not _IDLE_THREADS_SLEEP:
+        pause = _omp_pause()
+        if pause is not None:
+            pause(1)  # omp_pause_soft
+
+
 def caller_lane_threads(devices: List[torch.device]) -> Optional[int]:
     """NOTE [CPU threads]: the caller's intra-op threads while its replica runs beside the workers'
     (replica 0's forward in parallel_apply, its part of a routed backward up to the end-of-backward
@@ -95,13 +153,12 @@ def caller_lane_threads(devices: List[torch.device]) -> Optional[int]:
     own count afterwards, so the loss, the optimizer step and the user's code keep every thread
     (in backward, the nodes that run after the routing node, another model's in the same loss
     included, run on the share; a backward that raises gives it back at the next forward).
-    Only where idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE): under the default policy the
-    caller's idle team spins for milliseconds after each region the user's code ran on all threads,
-    on the cores the replicas need, and a caller on its share made the step 1.29-1.36x slower than one keeping
-    its count (bench/results/20261127-cpu-omp-wait-policy.txt). None: leave the caller's count as
-    it is (so also where the lanes are not all CPU)."""
+    Only where caller_shares(): under libgomp's default policy, with its idle team left spinning,
+    a caller on its share made the step 1.29-1.36x slower than one keeping its count
+    (bench/results/20261127-cpu-omp-wait-policy.txt). None: leave the caller's count as it is (so
+    also where the lanes are not all CPU)."""
     share = cpu_lane_threads(devices)
-    if share is None or not _IDLE_THREADS_SLEEP:
+    if share is None or not caller_shares(len(devices)):
         return None
     return max(1, torch.get_num_threads() - (len(devices) - 1) * share)
 
@@ -120,6 +177,7 @@ def share_out_caller_threads(count: Optional[int]) -> None:
     if count < own:
         _SHARED_OUT.own = own
         torch.set_num_threads(count)
+        quiet_caller_team()
 
 
 def give_back_caller_threads() -> None:
@@ -343,6 +401,7 @@ class WorkerPool:
             jobs[0].run()
         else:
             torch.set_num_threads(caller_threads)
+            quiet_caller_team()
             try:
                 jobs[0].run()
             finally:

@@ -448,16 +448,20 @@ def test_a_second_gradient_before_its_bucket_completes_is_exact_and_early(sequen
     assert wrapped.stats()["early_reductions"] == wrapped.stats()["reductions"] == 2
 
 
-@pytest.mark.parametrize("setting,threads,lanes,passive,expected", [
-    ("auto", 1, 2, False, True), ("auto", 2, 2, False, False), ("auto", 2, 4, False, False),
-    ("auto", 1, 1, False, False), ("auto", 2, 2, True, True), ("auto", 8, 4, True, True), ("auto", 4, 1, True, False),
-    ("1", 8, 2, False, True), ("0", 1, 4, True, False), (" AUTO ", 1, 3, False, True),
+@pytest.mark.parametrize("setting,threads,lanes,passive,pause,expected", [
+    ("auto", 1, 2, False, False, True), ("auto", 2, 2, False, False, False), ("auto", 2, 4, False, False, False),
+    ("auto", 1, 1, False, False, False), ("auto", 2, 2, True, False, True), ("auto", 8, 4, True, False, True),
+    ("auto", 4, 1, True, False, False), ("auto", 2, 2, False, True, True), ("auto", 3, 2, False, True, False),
+    ("auto", 4, 2, False, True, False), ("1", 8, 2, False, False, True), ("0", 1, 4, True, True, False),
+    (" AUTO ", 1, 3, False, False, True),
 ])
-def test_when_the_backward_passes_run_side_by_side(setting, threads, lanes, passive, expected, monkeypatch):
-    """passive: OMP_WAIT_POLICY=PASSIVE as the process started (idle OpenMP threads sleep)."""
+def test_when_the_backward_passes_run_side_by_side(setting, threads, lanes, passive, pause, expected, monkeypatch):
+    """passive: OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep); pause: libgomp's
+    omp_pause_resource_all found (used where the workers get one thread each)."""
     from dpfast import backward, workers
 
     monkeypatch.setattr(workers, "_IDLE_THREADS_SLEEP", passive)
+    monkeypatch.setattr(workers, "_pause_team", (lambda kind: 0) if pause else None)
     monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", setting)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     assert backward.wanted(lanes) is expected

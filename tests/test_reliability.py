@@ -994,6 +994,64 @@ def test_cpu_replicas_share_out_the_callers_threads_and_give_them_back(threads, 
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("pause_setting", ["1", "0"])
+def test_under_the_default_wait_policy_the_callers_idle_team_is_paused_where_it_shares(pause_setting, monkeypatch):
+    """NOTE [CPU threads]: under the default wait policy, with one thread per worker (2 threads, 2
+    replicas), the caller runs replica 0 on its share and pauses its idle OpenMP team each time it
+    takes it (forward, and the routed backward), through libgomp's omp_pause_resource_all where
+    torch runs on libgomp; DPFAST_OMP_PAUSE=0 turns that off, and the caller keeps its count.
+    Training stays exact either way."""
+    from dpfast import workers as dp_workers
+
+    monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", False)
+    monkeypatch.setattr(dp_workers, "_pause_team", dp_workers._NOT_LOOKED_UP)  # looked up again, with the setting
+    monkeypatch.setenv("DPFAST_OMP_PAUSE", pause_setting)
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "auto")
+    real = dp_workers._omp_pause()
+    if pause_setting == "1" and real is None:
+        pytest.skip("torch here does not run on libgomp (or its omp_pause_resource_all is missing)")
+    calls = []
+    if real is not None:
+        def counted(kind):
+            calls.append(kind)
+            return real(kind)  # the real pause: the caller's team is started again by its next region
+        monkeypatch.setattr(dp_workers, "_pause_team", counted)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        reference = nn.Linear(6, 3).double()  # integer-valued inputs: the gradients sum exactly
+        model = RecordsIntraOpThreads()
+        model.linear = copy.deepcopy(reference)
+        wrapper = dpfast.DataParallel(model, device_ids=["cpu"] * 2)
+        caller_name = threading.current_thread().name
+        for _ in range(2):
+            x = torch.randint(-3, 4, (10, 6)).double()
+            reference.zero_grad()
+            wrapper.zero_grad()
+            wrapper(x).sum().backward()
+            reference(x).sum().backward()
+            for p, q in zip(reference.parameters(), model.linear.parameters()):
+                assert torch.equal(p.grad, q.grad)
+            assert torch.get_num_threads() == 2
+        sharing = pause_setting == "1"
+        assert model.seen[caller_name] == (1 if sharing else 2)
+        assert model.seen_in_backward[caller_name] == (1 if sharing else 2)
+        assert calls == ([1] * 4 if sharing else [])  # omp_pause_soft, forward and backward of both steps
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_bad_omp_pause_setting_names_the_variable(monkeypatch):
+    from dpfast import workers as dp_workers
+
+    monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", False)
+    monkeypatch.setattr(dp_workers, "_pause_team", dp_workers._NOT_LOOKED_UP)
+    monkeypatch.setenv("DPFAST_OMP_PAUSE", "yes")
+    with pytest.raises(ValueError, match=r"DPFAST_OMP_PAUSE: expected '1' or '0', but got 'yes'"):
+        dp_workers._omp_pause()
+
+
 def test_under_the_default_wait_policy_the_caller_keeps_its_threads_and_walks_the_graphs(monkeypatch):
     """NOTE [CPU threads]: where idle OpenMP threads spin (OMP_WAIT_POLICY unset), the workers take a
     share of the caller's 8 threads (2 each of 4 replicas) and the caller keeps its 8, forward and

@@ -10,9 +10,11 @@ OMP_WAIT_POLICY=PASSIVE makes idle threads sleep at once; it is read when the Op
 loads, so each policy runs in processes of its own, alternated round by round.
 
 Each child process times, interleaved: the bare module on the full batch, dpfast's default
-(DataParallel(device_ids=["cpu"] * N), torch's intra-op threads, the replicas' backward passes side
-by side on shares of them), and dpfast with torch.set_num_threads(1) around its steps (the
-README's other advice). The table gives medians over rounds, and dpfast's ratios to the bare module
+(DataParallel(device_ids=["cpu"] * N) on torch's intra-op threads: under PASSIVE, and under the
+default policy where every replica gets one thread and libgomp's omp_pause_resource_all is found,
+the caller runs replica 0 on its share and the backward passes run side by side, NOTE [CPU threads]),
+dpfast without the pause (as DPFAST_OMP_PAUSE=0: the caller keeps its threads under the default
+policy), and dpfast with torch.set_num_threads(1) around its steps (the README's other advice). The table gives medians over rounds, and dpfast's ratios to the bare module
 under the same policy and under the default policy (what a user runs without dpfast).
 
     PYTHONPATH=. python tools/omp_wait_policy.py [--configs vgg:tiny:8 ...] [--replicas 2] [--rounds 6] [--steps 12]
@@ -28,6 +30,7 @@ import subprocess
 import sys
 
 POLICIES = ("default", "passive")
+COLUMNS = ("bare", "dpfast", "no_pause", "one_thread")
 
 
 def child(configs, replicas: int, steps: int) -> None:
@@ -45,7 +48,14 @@ def child(configs, replicas: int, steps: int) -> None:
         bare = workload.build(0)
         wrapped = dpfast.DataParallel(workload.build(0), device_ids=["cpu"] * replicas)
         result = {"config": config, "idle_threads_sleep": dpfast.workers.idle_threads_sleep(),
+                  "pause_found": dpfast.workers._omp_pause() is not None,
                   "bare": step_ms(bare, [(x, y)], steps), "dpfast": step_ms(wrapped, [(x, y)], steps)}
+        pause = dpfast.workers._pause_team
+        dpfast.workers._pause_team = None  # as DPFAST_OMP_PAUSE=0
+        try:
+            result["no_pause"] = step_ms(wrapped, [(x, y)], steps)
+        finally:
+            dpfast.workers._pause_team = pause
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -82,25 +92,28 @@ def main() -> None:
         return
     import torch
     times = {}  # (config, policy, column) -> [ms per round]
+    pause_found = False
     for _ in range(args.rounds):
         for policy in POLICIES:
             for result in run_child(policy, args.configs, args.replicas, args.steps):
                 if result["idle_threads_sleep"] != (policy == "passive"):  # what dpfast read in the child
                     raise RuntimeError(f"a {policy} child process found idle_threads_sleep() "
                                        f"{result['idle_threads_sleep']}")
-                for column in ("bare", "dpfast", "one_thread"):
+                pause_found = result["pause_found"]
+                for column in COLUMNS:
                     times.setdefault((result["config"], policy, column), []).append(result[column])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, {args.replicas} CPU replicas; "
-          f"medians of {args.rounds} rounds (a process per policy and round) of {args.steps} steps, ms per step")
-    print(f"{'workload':<22}{'policy':>9}{'bare':>8}{'dpfast':>8}{'1 thread':>10}{'dpfast/bare':>13}"
-          f"{'1 thread/bare':>15}{'dpfast/bare(default)':>22}")
+          f"medians of {args.rounds} rounds (a process per policy and round) of {args.steps} steps, ms per step; "
+          f"libgomp's omp_pause_resource_all {'found' if pause_found else 'not found'}")
+    print(f"{'workload':<22}{'policy':>9}{'bare':>8}{'dpfast':>8}{'no pause':>10}{'1 thread':>10}{'dpfast/bare':>13}"
+          f"{'no pause/bare':>15}{'1 thread/bare':>15}{'dpfast/bare(default)':>22}")
     for config in args.configs:
         default_bare = statistics.median(times[(config, "default", "bare")])
         for policy in POLICIES:
-            ms = {c: statistics.median(times[(config, policy, c)]) for c in ("bare", "dpfast", "one_thread")}
-            print(f"{config:<22}{policy:>9}{ms['bare']:>8.2f}{ms['dpfast']:>8.2f}{ms['one_thread']:>10.2f}"
-                  f"{ms['dpfast'] / ms['bare']:>13.2f}{ms['one_thread'] / ms['bare']:>15.2f}"
-                  f"{ms['dpfast'] / default_bare:>22.2f}", flush=True)
+            ms = {c: statistics.median(times[(config, policy, c)]) for c in COLUMNS}
+            print(f"{config:<22}{policy:>9}{ms['bare']:>8.2f}{ms['dpfast']:>8.2f}{ms['no_pause']:>10.2f}"
+                  f"{ms['one_thread']:>10.2f}{ms['dpfast'] / ms['bare']:>13.2f}{ms['no_pause'] / ms['bare']:>15.2f}"
+                  f"{ms['one_thread'] / ms['bare']:>15.2f}{ms['dpfast'] / default_bare:>22.2f}", flush=True)
 
 
 if __name__ == "__main__":
