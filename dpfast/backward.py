@@ -20,9 +20,10 @@ thread completes it.
 
 Whether to use it (``wanted``): DPFAST_PARALLEL_BACKWARD=1 always, 0 never, auto
 (the default) when the caller runs one intra-op thread (torch.set_num_threads(1)
-or OMP_NUM_THREADS=1), or when idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE):
-there the workers bring cores that autograd's walk leaves idle, and from the
-node's backward to the end-of-backward callback the caller runs replica 0's
+or OMP_NUM_THREADS=1), or shares its threads (workers.caller_shares: idle OpenMP
+threads sleep, OMP_WAIT_POLICY=PASSIVE, or one thread per replica and libgomp's
+pause): there the workers bring cores that autograd's walk leaves idle, and from
+the node's backward to the end-of-backward callback the caller runs replica 0's
 part on its share of the intra-op threads (NOTE [CPU threads] in workers.py).
 Otherwise the passes in turn already span the cores.
 

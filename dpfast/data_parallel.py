@@ -22,7 +22,7 @@ from .criterion import ReplicaOutputs
 from .reducer import GradReducer, own_hook_ids
 from .replicas import ReplicaSet, check_on_device
 from .workers import (WorkerPool, caller_lane_threads, capture_thread_state, cpu_lane_threads,
-                      give_back_caller_threads, spin_us, thread_state)
+                      give_back_caller_threads, omp_pause_setting, spin_us, thread_state)
 
 
 def _make_reducer(*args, **kwargs) -> GradReducer:
@@ -123,6 +123,7 @@ class _Runtime:
 
     def __init__(self, wrapper: "DataParallel"):
         spin_us(len(wrapper.devices))  # a bad DPFAST_SPIN_US is named before anything is built
+        omp_pause_setting()  # and a bad DPFAST_OMP_PAUSE
         self.module = wrapper.module
         self.streams = lane_streams.make_lane_streams(wrapper.devices)  # replicas' compute
         self.comm_streams = lane_streams.make_lane_streams(wrapper.devices)  # gradient reductions

@@ -45,7 +45,7 @@ def main() -> int:
         sharing = "sleep (OMP_WAIT_POLICY=PASSIVE): CPU replicas share out the caller's threads"
     elif info["omp_pause"]:
         sharing = ("spin first (default policy); CPU replicas share out the caller's threads and pause its idle "
-                   "team where each replica gets one thread (DPFAST_OMP_PAUSE=0: never)")
+                   "team where each replica gets one thread and the caller has more (DPFAST_OMP_PAUSE=0: never)")
     else:
         sharing = "spin first (default policy): for CPU replicas, torch.set_num_threads(1) or OMP_WAIT_POLICY=PASSIVE"
     print(f"intra-op threads    {info['intra_op_threads']}; idle OpenMP threads {sharing}")

@@ -221,7 +221,7 @@ class GradReducer:
     def _queue_end_of_backward(self) -> None:
         self._callback_queued = True
         self._callback_task = torch._C._current_graph_task_id()
-        torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        torch.autograd.Variable._execution_engine.queue_callback(_EndOfBackward(self))
 
     def note_routed(self, plan_alive) -> None:
         """NOTE [Parallel backward]: a forward's replicas' graphs will run as backward passes of
@@ -605,6 +605,27 @@ class _NoGrad:
 
     def __exit__(self, *exc_info) -> None:
         torch._C._set_grad_enabled(self.prev)
+
+
+class _EndOfBackward:
+    """The reducer's end-of-backward callback. A backward that raises never calls it, and drops it
+    with its graph task, on the thread that ran the backward, as the error propagates: the caller's
+    threads that a routed backward shared out go back then (NOTE [CPU threads]), before the user's
+    code sees the error."""
+
+    __slots__ = ("reducer",)
+
+    def __init__(self, reducer: "GradReducer"):
+        self.reducer = reducer
+
+    def __call__(self) -> None:
+        self.reducer._end_of_backward()
+
+    def __del__(self) -> None:
+        try:
+            give_back_caller_threads()  # this thread's, if it still holds a share
+        except Exception:  # interpreter shutdown
+            pass
 
 
 def own_hook_ids() -> set:

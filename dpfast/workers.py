@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import sys
 import threading
 from typing import Any, Callable, List, Optional
 
@@ -70,8 +71,9 @@ def cpu_lane_threads(devices: List[torch.device]) -> Optional[int]:
     """NOTE [CPU threads]: CPU replicas run side by side, forward and backward, each on a thread of
     its own, and every one of those threads has an intra-op pool as large as the caller's: N of
     them oversubscribe the cores N times. Each worker gets an equal share of the caller's intra-op
-    threads instead. The caller's own count stays as the user set it, except where idle OpenMP
-    threads sleep (caller_lane_threads). None: not all CPU lanes."""
+    threads instead. The caller's own count stays as the user set it, except where it shares
+    (caller_shares: idle OpenMP threads sleep, or its idle team can be paused; caller_lane_threads).
+    None: not all CPU lanes."""
     if any(d.type != "cpu" for d in devices):
         return None
     return max(1, torch.get_num_threads() // max(1, len(devices)))
@@ -92,31 +94,45 @@ _NOT_LOOKED_UP = object()
 _pause_team = _NOT_LOOKED_UP
 
 
+def omp_pause_setting() -> bool:
+    """DPFAST_OMP_PAUSE: "1" (the default, also when empty) lets the caller pause its idle OpenMP
+    team (quiet_caller_team), "0" never. Checked when a wrapper builds its runtime; read once, at
+    the first lookup."""
+    setting = os.environ.get("DPFAST_OMP_PAUSE", "").strip() or "1"
+    if setting not in ("0", "1"):
+        raise ValueError(f"dpfast.DataParallel: DPFAST_OMP_PAUSE: expected '1' or '0', but got {setting!r}")
+    return setting == "1"
+
+
 def _omp_pause() -> Optional[Callable[[int], int]]:
-    """omp_pause_resource_all of the libgomp torch runs on (pip's torch on Linux), or None: another
-    OpenMP runtime (whose pause may reach other threads' teams), no OpenMP, or DPFAST_OMP_PAUSE=0.
-    Looked up once."""
+    """omp_pause_resource_all as torch's own CPU library binds it, where that is libgomp's (pip's
+    torch on Linux), or None: another OpenMP runtime (whose pause may reach other threads' teams),
+    none, not Linux, or DPFAST_OMP_PAUSE=0. Looked up once."""
     global _pause_team
     if _pause_team is not _NOT_LOOKED_UP:
         return _pause_team
-    setting = os.environ.get("DPFAST_OMP_PAUSE", "1").strip()
-    if setting not in ("0", "1"):
-        raise ValueError(f"dpfast.DataParallel: DPFAST_OMP_PAUSE: expected '1' or '0', but got {setting!r}")
     _pause_team = None
-    if setting == "0" or "OpenMP" not in torch.__config__.parallel_info():
-        return None
-    try:
-        with open("/proc/self/maps") as maps:  # auditwheel renames it (libgomp-<hash>.so.1): find it by what is mapped
-            paths = sorted({line.split()[-1] for line in maps if "/libgomp" in line and ".so" in line})
-    except OSError:
-        return None
-    if len(paths) != 1:  # none, or two runtimes: which one torch uses is not known
+    if not omp_pause_setting() or sys.platform != "linux" or "OpenMP not found" in torch.__config__.parallel_info():
         return None
     try:
         import ctypes
 
-        pause = ctypes.CDLL(paths[0], mode=os.RTLD_NOLOAD | os.RTLD_LAZY).omp_pause_resource_all
-    except (OSError, AttributeError):  # not loaded after all, or older than OpenMP 5.0
+        # dlsym on torch's library searches it and what it was linked with: the runtime torch calls
+        # (auditwheel may have renamed it, libgomp-<hash>.so.1), whatever else the process loaded.
+        libtorch_cpu = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+        pause = ctypes.CDLL(libtorch_cpu, mode=os.RTLD_NOLOAD | os.RTLD_LAZY).omp_pause_resource_all
+
+        class _DlInfo(ctypes.Structure):
+            _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                        ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+        info = _DlInfo()
+        dladdr = ctypes.CDLL(None).dladdr
+        dladdr.argtypes, dladdr.restype = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)], ctypes.c_int
+        if not dladdr(ctypes.cast(pause, ctypes.c_void_p), ctypes.byref(info)) or not info.dli_fname:
+            return None
+        if "libgomp" not in os.path.basename(info.dli_fname.decode(errors="replace")):
+            return None  # libomp, Intel's libiomp5: their pause is not known to stay with the calling thread
+    except (OSError, AttributeError):  # no such library, or a runtime older than OpenMP 5.0
         return None
     pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
     _pause_team = pause
@@ -400,9 +416,9 @@ class WorkerPool:
         if own is None or own == caller_threads:
             jobs[0].run()
         else:
-            torch.set_num_threads(caller_threads)
-            quiet_caller_team()
             try:
+                torch.set_num_threads(caller_threads)
+                quiet_caller_team()
                 jobs[0].run()
             finally:
                 torch.set_num_threads(own)

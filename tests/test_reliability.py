@@ -1043,13 +1043,18 @@ def test_under_the_default_wait_policy_the_callers_idle_team_is_paused_where_it_
 
 
 def test_a_bad_omp_pause_setting_names_the_variable(monkeypatch):
+    """Named when a wrapper builds its runtime, whether or not its caller would pause; empty is the
+    default."""
     from dpfast import workers as dp_workers
 
-    monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", False)
-    monkeypatch.setattr(dp_workers, "_pause_team", dp_workers._NOT_LOOKED_UP)
+    monkeypatch.setenv("DPFAST_OMP_PAUSE", "")
+    assert dp_workers.omp_pause_setting() is True
     monkeypatch.setenv("DPFAST_OMP_PAUSE", "yes")
+    wrapper = dpfast.DataParallel(nn.Linear(4, 2), device_ids=["cpu"] * 2)
     with pytest.raises(ValueError, match=r"DPFAST_OMP_PAUSE: expected '1' or '0', but got 'yes'"):
-        dp_workers._omp_pause()
+        wrapper(torch.randn(4, 4))
+    monkeypatch.setenv("DPFAST_OMP_PAUSE", "0")
+    assert wrapper(torch.randn(4, 4)).shape == (4, 2)  # and the wrapper works once it is set right
 
 
 def test_under_the_default_wait_policy_the_caller_keeps_its_threads_and_walks_the_graphs(monkeypatch):
@@ -1076,8 +1081,9 @@ def test_under_the_default_wait_policy_the_caller_keeps_its_threads_and_walks_th
 
 def test_a_backward_that_raises_gives_the_callers_threads_back_at_the_next_forward(monkeypatch):
     """NOTE [CPU threads]: a backward that raises in replica 0's part never reaches its end, where
-    the caller's threads go back; the next forward of any wrapper (the functional form makes a new
-    one each call) puts them back first, so the shares stay those of the caller's own count."""
+    the caller's threads go back: they go back as its graph task, with the end-of-backward callback
+    it never ran, is dropped, before the user's code sees the error; and the next forward of any
+    wrapper (the functional form makes a new one each call) would put them back too."""
     from dpfast import workers as dp_workers
 
     monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", True)
@@ -1095,6 +1101,7 @@ def test_a_backward_that_raises_gives_the_callers_threads_back_at_the_next_forwa
         hook = model.linear.weight.register_hook(fail_in_the_caller)  # the root's weight: replica 0's graph
         with pytest.raises(RuntimeError, match="replica 0's backward failed"):
             out.sum().backward()
+        assert torch.get_num_threads() == 4  # back as the error left the backward
         hook.remove()
         model.seen.clear()
         with warnings.catch_warnings():
