@@ -10,7 +10,10 @@ round so that a noisy machine affects them alike:
 - dpfast: DataParallel(device_ids=["cpu"] * N), with the replicas' backward
   passes in turn (DPFAST_PARALLEL_BACKWARD=0: autograd walks their graphs one
   after the other) and side by side (=1, NOTE [Parallel backward]); the
-  default, auto, picks by the thread count;
+  default, auto, picks by the thread count and whether the caller shares its
+  threads (NOTE [CPU threads]: under the default OpenMP wait policy with one
+  thread per replica, the caller runs its replica on one thread and pauses its
+  idle team in both columns; tools/omp_wait_policy.py compares the policies);
 - dpfast with one intra-op thread (torch.set_num_threads(1) around its steps,
   so auto runs the passes side by side): the replicas are the parallelism,
   against the bare module with all the threads;
