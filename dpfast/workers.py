@@ -168,7 +168,7 @@ def caller_lane_threads(devices: List[torch.device]) -> Optional[int]:
     callback): what the workers' shares leave of its own count, at least one; it goes back to its
     own count afterwards, so the loss, the optimizer step and the user's code keep every thread
     (in backward, the nodes that run after the routing node, another model's in the same loss
-    included, run on the share; a backward that raises gives it back at the next forward).
+    included, run on the share; a backward that raises gives it back as the error leaves it).
     Only where caller_shares(): under libgomp's default policy, with its idle team left spinning,
     a caller on its share made the step 1.29-1.36x slower than one keeping its count
     (bench/results/20261127-cpu-omp-wait-policy.txt). None: leave the caller's count as it is (so
@@ -198,8 +198,8 @@ def share_out_caller_threads(count: Optional[int]) -> None:
 
 def give_back_caller_threads() -> None:
     """The calling thread's own count again: at the end of a backward (whichever reducer's end comes
-    first: the graph has run by then), or at the next forward outside a backward where a backward
-    raised before its end."""
+    first: the graph has run by then); where a backward raised, when its graph task drops the end it
+    never ran (reducer._EndOfBackward), and failing that at the next forward outside a backward."""
     own = getattr(_SHARED_OUT, "own", None)
     if own is not None:
         _SHARED_OUT.own = None

@@ -12,6 +12,7 @@ Every subprocess and every fork has a hard timeout.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import faulthandler
@@ -959,6 +960,23 @@ class RecordsIntraOpThreads(nn.Module):
         return _RecordThreadsInBackward.apply(self.seen_in_backward, self.linear(x))
 
 
+@contextlib.contextmanager
+def callers_threads(monkeypatch, threads: int, *, idle_threads_sleep: bool, parallel_backward: str = "auto"):
+    """For the NOTE [CPU threads] tests: the caller on ``threads`` intra-op threads (its own count
+    again afterwards), dpfast reading OMP_WAIT_POLICY as PASSIVE or not, and
+    DPFAST_PARALLEL_BACKWARD."""
+    from dpfast import workers as dp_workers
+
+    monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", idle_threads_sleep)
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", parallel_backward)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads,replicas,caller,workers", [(8, 4, 2, [2, 2, 2]), (7, 2, 4, [3]), (1, 3, 1, [1, 1])])
 def test_cpu_replicas_share_out_the_callers_threads_and_give_them_back(threads, replicas, caller, workers,
                                                                        monkeypatch):
@@ -966,13 +984,7 @@ def test_cpu_replicas_share_out_the_callers_threads_and_give_them_back(threads, 
     gets an equal share of the caller's intra-op threads, and the caller runs replica 0 (forward,
     and its part of the routed backward) on what is left; after the backward the caller's count,
     and the default of a thread started later, are its own again."""
-    from dpfast import workers as dp_workers
-
-    monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", True)
-    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "auto")
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with callers_threads(monkeypatch, threads, idle_threads_sleep=True):
         model = RecordsIntraOpThreads()
         wrapper = dpfast.DataParallel(model, device_ids=["cpu"] * replicas)
         caller_name = threading.current_thread().name
@@ -990,8 +1002,6 @@ def test_cpu_replicas_share_out_the_callers_threads_and_give_them_back(threads, 
         thread.start()
         thread.join()
         assert later == [threads]
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("pause_setting", ["1", "0"])
@@ -1003,10 +1013,8 @@ def test_under_the_default_wait_policy_the_callers_idle_team_is_paused_where_it_
     Training stays exact either way."""
     from dpfast import workers as dp_workers
 
-    monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", False)
     monkeypatch.setattr(dp_workers, "_pause_team", dp_workers._NOT_LOOKED_UP)  # looked up again, with the setting
     monkeypatch.setenv("DPFAST_OMP_PAUSE", pause_setting)
-    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "auto")
     real = dp_workers._omp_pause()
     if pause_setting == "1" and real is None:
         pytest.skip("torch here does not run on libgomp (or its omp_pause_resource_all is missing)")
@@ -1016,9 +1024,7 @@ def test_under_the_default_wait_policy_the_callers_idle_team_is_paused_where_it_
             calls.append(kind)
             return real(kind)  # the real pause: the caller's team is started again by its next region
         monkeypatch.setattr(dp_workers, "_pause_team", counted)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with callers_threads(monkeypatch, 2, idle_threads_sleep=False):
         torch.manual_seed(0)
         reference = nn.Linear(6, 3).double()  # integer-valued inputs: the gradients sum exactly
         model = RecordsIntraOpThreads()
@@ -1038,8 +1044,6 @@ def test_under_the_default_wait_policy_the_callers_idle_team_is_paused_where_it_
         assert model.seen[caller_name] == (1 if sharing else 2)
         assert model.seen_in_backward[caller_name] == (1 if sharing else 2)
         assert calls == ([1] * 4 if sharing else [])  # omp_pause_soft, forward and backward of both steps
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_a_bad_omp_pause_setting_names_the_variable(monkeypatch):
@@ -1061,13 +1065,7 @@ def test_under_the_default_wait_policy_the_caller_keeps_its_threads_and_walks_th
     """NOTE [CPU threads]: where idle OpenMP threads spin (OMP_WAIT_POLICY unset), the workers take a
     share of the caller's 8 threads (2 each of 4 replicas) and the caller keeps its 8, forward and
     backward, where autograd walks every replica's graph on the caller's thread (auto)."""
-    from dpfast import workers as dp_workers
-
-    monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", False)
-    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "auto")
-    before = torch.get_num_threads()
-    torch.set_num_threads(8)
-    try:
+    with callers_threads(monkeypatch, 8, idle_threads_sleep=False):
         model = RecordsIntraOpThreads()
         wrapper = dpfast.DataParallel(model, device_ids=["cpu"] * 4)
         wrapper(torch.randn(8, 4)).sum().backward()
@@ -1075,22 +1073,14 @@ def test_under_the_default_wait_policy_the_caller_keeps_its_threads_and_walks_th
         assert model.seen.pop(caller_name) == 8 and sorted(model.seen.values()) == [2, 2, 2]
         assert model.seen_in_backward == {caller_name: 8}
         assert torch.get_num_threads() == 8
-    finally:
-        torch.set_num_threads(before)
 
 
-def test_a_backward_that_raises_gives_the_callers_threads_back_at_the_next_forward(monkeypatch):
+def test_a_backward_that_raises_gives_the_callers_threads_back(monkeypatch):
     """NOTE [CPU threads]: a backward that raises in replica 0's part never reaches its end, where
     the caller's threads go back: they go back as its graph task, with the end-of-backward callback
     it never ran, is dropped, before the user's code sees the error; and the next forward of any
     wrapper (the functional form makes a new one each call) would put them back too."""
-    from dpfast import workers as dp_workers
-
-    monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", True)
-    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
+    with callers_threads(monkeypatch, 4, idle_threads_sleep=True, parallel_backward="1"):
         model = RecordsIntraOpThreads()
         caller_name = threading.current_thread().name
 
@@ -1109,21 +1099,13 @@ def test_a_backward_that_raises_gives_the_callers_threads_back_at_the_next_forwa
             dpfast.data_parallel(model, torch.randn(8, 4), ["cpu"] * 2).sum().backward()
         assert torch.get_num_threads() == 4
         assert model.seen.pop(caller_name) == 2 and list(model.seen.values()) == [2]
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_two_wrappers_in_one_backward_give_the_callers_threads_back(monkeypatch):
     """NOTE [CPU threads]: two wrappers' routed nodes in one backward (each reducer with an end of
     its own) share the caller's threads once and give back its own count, not the other's share;
     a count the user lowered between forward and backward is never raised."""
-    from dpfast import workers as dp_workers
-
-    monkeypatch.setattr(dp_workers, "_IDLE_THREADS_SLEEP", True)
-    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", "auto")
-    before = torch.get_num_threads()
-    torch.set_num_threads(8)
-    try:
+    with callers_threads(monkeypatch, 8, idle_threads_sleep=True):
         first = dpfast.DataParallel(RecordsIntraOpThreads(), device_ids=["cpu"] * 2)
         second = dpfast.DataParallel(RecordsIntraOpThreads(), device_ids=["cpu"] * 4)
         (first(torch.randn(8, 4)).sum() + second(torch.randn(8, 4)).sum()).backward()
@@ -1135,8 +1117,6 @@ def test_two_wrappers_in_one_backward_give_the_callers_threads_back(monkeypatch)
         first.module.seen_in_backward.clear()
         out.sum().backward()
         assert first.module.seen_in_backward[caller_name] == 1 and torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_backward_failure_then_zero_grad_that_keeps_the_gradient_tensors():
