@@ -208,6 +208,30 @@ def test_step_calls_tool_times_the_engine_calls_and_the_hand_offs():
     assert "DPFAST_SPIN_US 0" in result.stdout
 
 
+def test_step_timeline_tool_marks_every_thread_and_compares_replicas_alone_and_side_by_side():
+    result = subprocess.run([sys.executable, "tools/step_timeline.py", "--workload", "mlp:tiny:16", "--replicas", "2",
+                             "--steps", "12"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    first = lines.index(next(line for line in lines if line.split()[:1] == ["at_us"])) + 1
+    points = [line.split(None, 2) for line in lines[first:lines.index("", first)]]
+    at_us = [int(at) for at, _, _ in points]
+    assert at_us == sorted(at_us) and at_us[0] == 0
+    labels = {(thread, label) for _, thread, label in points}
+    # The caller's phases and both threads' jobs (the worker's forward and its part of the backward)
+    for point in ["replica sync ends", "job handed to a worker", "loss.backward() called", "end of backward ends",
+                  "optimizer step done"]:
+        assert ("MainThread", point) in labels, point
+    assert ("dpfast-replica-1", "job start") in labels and ("dpfast-replica-1", "job end (2)") in labels
+    jobs = [line.split() for line in lines if line.startswith(("MainThread ", "dpfast-replica-1 "))]
+    assert len(jobs) == 3 and all(0 < float(cpu) <= float(wall) * 1.05 for _, _, cpu, wall in jobs), jobs
+    side = [line.split() for line in lines if line.split()[:1] in (["0"], ["1"]) and len(line.split()) == 5]
+    assert [row[1] for row in side] == ["caller", "dpfast-replica-1"]
+    for _, _, alone_us, side_us, ratio in side:
+        assert float(alone_us) > 0 and abs(float(side_us) / float(alone_us) - float(ratio)) < 0.01
+
+
 @pytest.mark.parametrize("policy,expected", [("", "spin first (default policy)"), ("passive", "sleep (OMP_WAIT_POLICY=PASSIVE)")])
 def test_info_prints_the_build_and_how_cpu_replicas_will_use_the_threads(policy, expected):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
