@@ -125,6 +125,7 @@ class _Runtime:
         spin_us(len(wrapper.devices))  # a bad DPFAST_SPIN_US is named before anything is built
         omp_pause_setting()  # and a bad DPFAST_OMP_PAUSE
         self.module = wrapper.module
+        self.owner = weakref.ref(wrapper)
         self.streams = lane_streams.make_lane_streams(wrapper.devices)  # replicas' compute
         self.comm_streams = lane_streams.make_lane_streams(wrapper.devices)  # gradient reductions
         self.cpu_lanes = all(d.type == "cpu" for d in wrapper.devices)
@@ -579,8 +580,13 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
 
     def _ensure_runtime(self) -> _Runtime:
         runtime = self.__dict__.get("_runtime")
+        if runtime is not None and runtime.owner() is not self:
+            # A shallow copy of a wrapper (copy.copy; learn2learn's clone_module, which MAML calls
+            # for every task, copies __dict__ and clones the module): the runtime, its replicas
+            # and threads stay with the wrapper that built them, and this one builds its own.
+            runtime = None
         # _modules, not self.module: nn.Module's __getattr__ costs more than the rest, 3 times a step.
-        if runtime is not None and runtime.module is not self._modules.get("module"):
+        elif runtime is not None and runtime.module is not self._modules.get("module"):
             # The wrapped module itself was replaced: gradients accumulated under no_sync() belong
             # to the old one's parameters (often the new one's too): reduce them first.
             if runtime.reducer is not None and runtime.reducer.has_pending():

@@ -188,6 +188,14 @@ class ReplicaSet:
                                "module itself first, to initialize them, then call the wrapper")
         self.tensors = tensors
         self.is_param = [isinstance(t, nn.Parameter) for t in tensors]
+        # NOTE [Graph-carrying entries]: tensors of the module that lead back to a graph of their
+        # own: a computed tensor put in `_parameters` (MAML's fast weights, `_parameters[k] = p -
+        # lr * g`, as learn2learn and higher do), a plain tensor or buffer that requires grad. The
+        # flat buffers' copies would cut that graph; replicas read the tensor itself (through a
+        # differentiable copy where their device differs), so every replica's gradient reaches it,
+        # as nn.DataParallel's differentiable Broadcast gives. The reducer never sees them.
+        self.live = [i for i, t in enumerate(tensors)
+                     if t.requires_grad and not (self.is_param[i] and t.grad_fn is None)]
         # dtype, shape and device of each; a buffer's requires_grad too (a parameter's is not
         # structure: GANs flip it every step, and sync() follows it in place).
         self.meta_watch = _C.MetaWatch(tensors, [not p for p in self.is_param])
@@ -277,6 +285,13 @@ class ReplicaSet:
                 dicts.append((params, buffers, children, hooks))
             self.replica_modules.append(mods)
             self.replica_dicts.append(dicts)
+        live = set(self.live)
+        # (module, 0 for _parameters or 1 for _buffers, name, tensor index) of every live entry.
+        self.live_slots = [(j, d, name, index_of[id(t)]) for j, m in enumerate(self.modules)
+                           for d, entries in enumerate((m._parameters, m._buffers))
+                           for name, t in entries.items() if t is not None and index_of[id(t)] in live]
+        # live_values[k]: {tensor index: what replica k reads for it}, set by each sync.
+        self.live_values: List[Dict[int, torch.Tensor]] = [{} for _ in range(n)]
         # Plain attributes that hold the module's own tensors (nn.RNNBase's _flat_weights list, a
         # cached reference to a weight): replicas get them mapped to their own tensors, as
         # RNNBase._replicate_for_data_parallel does for nn.DataParallel.
@@ -307,7 +322,7 @@ class ReplicaSet:
         again) a weak reference to the replica's own."""
         if isinstance(value, torch.Tensor):
             i = self.index_of.get(id(value))
-            return value if i is None else self.replica_tensors[k][i]
+            return value if i is None else self.live_values[k].get(i, self.replica_tensors[k][i])
         if isinstance(value, weakref.ReferenceType):
             i = self.index_of.get(id(value()))
             return value if i is None else weakref.ref(self.replica_tensors[k][i])
@@ -404,12 +419,25 @@ class ReplicaSet:
         if self.structure_changed():
             with torch.inference_mode(False):
                 self._build()
+        if self.live_slots:
+            self._attach_live(num_replicas)
         self.refresh_attributes(num_replicas)
         self._follow_requires_grad()
         if num_replicas > 1:
             self._repoint(num_replicas)
             self._broadcast_values(num_replicas)
         return [mods[0] for mods in self.replica_modules[:num_replicas]]
+
+    def _attach_live(self, num_replicas: int) -> None:
+        """NOTE [Graph-carrying entries]: replicas 1..num_replicas-1 read the root's tensor itself
+        on its device, a copy made now, in this call's graph, on another."""
+        for k in range(1, num_replicas):
+            values = self.live_values[k] = {}
+            for i in self.live:
+                t = self.tensors[i]
+                values[i] = t if self.devices[k] == t.device else t.to(self.devices[k])
+            for j, d, name, i in self.live_slots:
+                self.replica_dicts[k][j][d][name] = values[i]
 
     def _repoint(self, num_replicas: int) -> None:
         """Points replica tensors that a forward moved out of their flat buffer back into it.

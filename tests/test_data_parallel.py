@@ -1608,3 +1608,95 @@ def test_the_functional_form_matches_the_module_and_keeps_nothing_between_calls(
     with pytest.raises(RuntimeError, match=r"module must have its parameters and buffers on device cpu"):
         dpfast.data_parallel(Scaled().to("meta"), x, CPU4)
     assert callable(dpfast.data_parallel) and "data_parallel" in dpfast.__all__
+
+
+# -- NOTE [Graph-carrying entries]: computed parameters (MAML's fast weights), buffers that require grad --
+
+
+def _clone_module(module, memo=None):
+    """learn2learn's clone_module, as MAML calls it for every task: a shallow copy of every module's
+    __dict__ with its parameters replaced by clones (non-leaf tensors that carry the graph back to
+    the originals). A shallow copy of a wrapper is a wrapper that shares its __dict__'s values."""
+    memo = {} if memo is None else memo
+    clone = module.__new__(type(module))
+    clone.__dict__ = module.__dict__.copy()
+    clone._parameters, clone._buffers, clone._modules = (dict(module._parameters), dict(module._buffers),
+                                                         dict(module._modules))
+    for key, p in module._parameters.items():
+        if p is not None:
+            clone._parameters[key] = memo.setdefault(id(p), p.clone())
+    for key, child in module._modules.items():
+        clone._modules[key] = _clone_module(child, memo)
+    return clone
+
+
+def _update_module(module, updates):
+    """learn2learn's update_module: every parameter entry becomes `p + update` (a computed tensor)."""
+    new = {id(p): p + u for p, u in zip(module.parameters(), updates)}
+    for m in module.modules():
+        for key, p in m._parameters.items():
+            if p is not None and id(p) in new:
+                m._parameters[key] = new[id(p)]
+    return module
+
+
+def test_computed_parameters_and_buffers_that_require_grad_get_every_replicas_gradient():
+    """A computed tensor in `_parameters` (`_parameters[k] = p * 1.5`) and a buffer that requires
+    grad: every replica reads them through the graph, so the gradient of the leaf behind them is the
+    full batch's (nn.DataParallel's Broadcast is differentiable), not replica 0's share."""
+    reference, wrapped = pair(WithBuffer)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    leaves = []
+    for model in (reference, wrapped.module):
+        leaf = model.lin.weight
+        model.lin._parameters["weight"] = leaf * 1.5
+        model.shift.requires_grad_()
+        leaves.append((leaf, model.shift))
+    for _ in range(2):  # the second call: the same entries, replicas not rebuilt
+        out = wrapped(x)
+        torch.testing.assert_close(out, reference(x), rtol=1e-12, atol=1e-12)
+        out.pow(2).sum().backward(retain_graph=True)
+        reference(x).pow(2).sum().backward(retain_graph=True)
+        for want, got in zip(*leaves):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(wrapped.module.lin.bias.grad, reference.lin.bias.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_maml_with_learn2learn_style_clones_of_the_wrapper():
+    """MAML as learn2learn writes it, around a wrapped model: per task, clone the wrapper (a
+    shallow copy with computed parameters), adapt it with torch.autograd.grad(create_graph=True),
+    and add the adapted clone's query loss to the meta-loss. The meta-gradients and three meta-steps
+    match the bare model's; each clone builds a runtime of its own, so the wrapper itself keeps
+    working and the clones' threads go with them."""
+    reference, wrapped = pair(lambda: nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)))
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (reference, wrapped)]
+    for step in range(3):
+        for model, optimizer in zip((reference, wrapped), optimizers):
+            generator = torch.Generator().manual_seed(step)
+            batches = [torch.randn(7, 5, generator=generator, dtype=torch.float64) for _ in range(4)]
+            optimizer.zero_grad()
+            meta_loss = 0
+            for support, query in (batches[:2], batches[2:]):
+                learner = _clone_module(model)
+                inner = learner(support).pow(2).mean()
+                grads = torch.autograd.grad(inner, list(learner.parameters()), create_graph=True)
+                learner = _update_module(learner, [-0.5 * g for g in grads])
+                meta_loss = meta_loss + learner(query).pow(2).mean()
+            meta_loss.backward()
+            optimizer.step()
+    assert_same_params(reference, wrapped)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    torch.testing.assert_close(wrapped(x), reference(x), rtol=1e-12, atol=1e-12)  # the wrapper's own runtime
+    threads = threading.active_count()
+    for _ in range(5):  # clones of a wrapper that has run: its runtime is in the __dict__ they copy
+        clone = _clone_module(wrapped)
+        torch.testing.assert_close(clone(x), reference(x), rtol=1e-12, atol=1e-12)
+        assert clone._runtime is not wrapped._runtime
+    del clone
+    gc.collect()
+    assert threading.active_count() == threads
+    torch.testing.assert_close(wrapped(x), reference(x), rtol=1e-12, atol=1e-12)
+    wrapped(x).pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    assert_same_grads(reference, wrapped)
+
