@@ -232,6 +232,22 @@ def test_step_timeline_tool_marks_every_thread_and_compares_replicas_alone_and_s
         assert float(alone_us) > 0 and abs(float(side_us) / float(alone_us) - float(ratio)) < 0.01
 
 
+def test_omp_team_step_tool_trains_every_system_to_the_bare_modules_weights(tmp_path):
+    """The experiment of tools/omp_team_step.py: replicas on the caller's OpenMP team, convolutions
+    included (oneDNN, called inside the region, must not wait for threads that never come), with
+    every system's weights checked against the bare module's after the same steps."""
+    result = subprocess.run([sys.executable, "tools/omp_team_step.py", "--workload", "vgg:tiny:4", "--rounds", "1",
+                             "--steps", "2"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": REPO, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line[:18].strip(): line[18:].split() for line in result.stdout.splitlines()[2:] if line.strip()}
+    assert list(rows) == ["bare", "team", "dpfast", "dpfast 1 thread"]
+    assert rows["bare"][1] == "1.00" and float(rows["bare"][2]) == 0.0
+    for label, (ms, ratio, diff) in rows.items():
+        assert float(ms) > 0 and float(diff) <= 1e-3, label
+        assert abs(float(ms) / float(rows["bare"][0]) - float(ratio)) < 0.01, label
+
+
 @pytest.mark.parametrize("policy,expected", [("", "spin first (default policy)"), ("passive", "sleep (OMP_WAIT_POLICY=PASSIVE)")])
 def test_info_prints_the_build_and_how_cpu_replicas_will_use_the_threads(policy, expected):
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
