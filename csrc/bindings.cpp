@@ -240,8 +240,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("coalesce_into", &dpfast::coalesce_into, "tensors"_a, "flat"_a, py::call_guard<py::gil_scoped_release>());
   m.def("uncoalesce_from", &dpfast::uncoalesce_from, "flat"_a, "tensors"_a,
         py::call_guard<py::gil_scoped_release>());
-  m.def("point_into", &dpfast::point_into, "tensor"_a, "flat"_a, "offset"_a,
-        py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "point_into",
+      [](const at::Tensor& tensor, const at::Tensor& flat, int64_t offset, std::optional<std::vector<int64_t>> shape,
+         bool exact) {
+        std::optional<at::IntArrayRef> sizes;
+        if (shape.has_value()) sizes = at::IntArrayRef(*shape);
+        dpfast::point_into(tensor, flat, offset, sizes, exact);
+      },
+      "tensor"_a, "flat"_a, "offset"_a, "shape"_a = py::none(), "exact"_a = false,
+      py::call_guard<py::gil_scoped_release>());
+  m.def("exact_alias", &dpfast::exact_alias, "flat"_a, "offset"_a, "shape"_a,
+        "A tensor at offset in flat's memory, on a storage of exactly its bytes (NOTE [Exact storages])");
 
   // The planner, for tests, the benchmark's cost model and dpfast.info.
   m.def(

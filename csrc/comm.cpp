@@ -8,6 +8,8 @@
 #include <ATen/core/grad_mode.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
+#include <c10/util/strides.h>
 
 #include <cstring>
 #include <sstream>
@@ -498,13 +500,54 @@ bool MetaWatch::changed(const std::vector<at::Tensor>& tensors) const {
   return false;
 }
 
-void point_into(const at::Tensor& tensor, const at::Tensor& flat, int64_t offset) {
+namespace {
+
+void check_place(const char* op, const at::Tensor& flat, int64_t offset, int64_t numel) {
+  TORCH_CHECK(flat.defined() && flat.dim() == 1 && flat.is_contiguous(), "dpfast.", op, ": flat: expected a "
+              "contiguous 1-D tensor, but got ", flat.defined() ? flat.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(offset >= 0 && offset + numel <= flat.numel(), "dpfast.", op, ": offset: expected a place for ", numel,
+              " elements in a flat buffer of ", flat.numel(), ", but got offset ", offset);
+}
+
+// NOTE [Exact storages]: a storage of exactly `numel` elements at `offset` in flat's memory, which
+// it keeps alive. Resizable, with the device's allocator: a resize_ that grows a tensor on it
+// (FakeQuantize's scale and its observers' min_val/max_val grow from 0 or 1 element to one per
+// channel in the first forward) moves it to memory of its own, where a tensor on the flat
+// buffer's storage would have grown over its neighbours.
+c10::Storage exact_storage(const at::Tensor& flat, int64_t offset, int64_t numel) {
+  const int64_t itemsize = static_cast<int64_t>(flat.element_size());
+  void* begin = static_cast<char*>(flat.data_ptr()) + offset * itemsize;
+  auto* keep_alive = new at::Tensor(flat);
+  c10::DataPtr data(begin, keep_alive, [](void* context) { delete static_cast<at::Tensor*>(context); },
+                    flat.device());
+  return c10::Storage(c10::Storage::use_byte_size_t(), numel * itemsize, std::move(data),
+                      c10::GetAllocator(flat.device().type()), /*resizable=*/true);
+}
+
+}  // namespace
+
+at::Tensor exact_alias(const at::Tensor& flat, int64_t offset, at::IntArrayRef shape) {
+  const int64_t numel = c10::multiply_integers(shape);
+  check_place("exact_alias", flat, offset, numel);
+  at::Tensor out = at::empty({0}, flat.options());
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  out.set_(exact_storage(flat, offset, numel), 0, shape, c10::contiguous_strides(shape));
+  return out;
+}
+
+void point_into(const at::Tensor& tensor, const at::Tensor& flat, int64_t offset, std::optional<at::IntArrayRef> shape,
+                bool exact) {
   TORCH_CHECK(tensor.defined(), "dpfast.point_into: expected a tensor, but got None");
   check_coalesce("point_into", {tensor}, flat);
-  TORCH_CHECK(offset >= 0 && offset + tensor.numel() <= flat.numel(), "dpfast.point_into: offset: expected a place for ",
-              tensor.numel(), " elements in a flat buffer of ", flat.numel(), ", but got offset ", offset);
+  const at::IntArrayRef sizes = shape.has_value() ? *shape : tensor.sizes();
+  const int64_t numel = c10::multiply_integers(sizes);
+  check_place("point_into", flat, offset, numel);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  tensor.set_(flat.narrow(0, offset, tensor.numel()).view(tensor.sizes()));
+  if (exact) {
+    tensor.set_(exact_storage(flat, offset, numel), 0, sizes, c10::contiguous_strides(sizes));
+  } else {
+    tensor.set_(flat.narrow(0, offset, numel).view(sizes));
+  }
 }
 
 }  // namespace dpfast

@@ -28,6 +28,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -138,7 +139,15 @@ void uncoalesce_from(const at::Tensor& flat, const std::vector<at::Tensor>& tens
 // copying and below autograd (NOTE [Engine writes and version counters]): for a replica's weight
 // that a forward moved out of its flat buffer (RNNBase.flatten_parameters), while graphs that saved
 // it may still be alive.
-void point_into(const at::Tensor& tensor, const at::Tensor& flat, int64_t offset);
+// `shape` (default: the tensor's own) at `offset`; `exact`: on a storage of its own bytes
+// (NOTE [Exact storages] in comm.cpp).
+void point_into(const at::Tensor& tensor, const at::Tensor& flat, int64_t offset,
+                std::optional<at::IntArrayRef> shape = std::nullopt, bool exact = false);
+
+// A tensor of `shape` at `offset` in `flat`'s memory, on a storage of exactly its bytes that keeps
+// `flat` alive: a resize_ that grows it moves it to memory of its own instead of over its
+// neighbours (NOTE [Exact storages] in comm.cpp). A version counter of its own, as flat_alias.
+at::Tensor exact_alias(const at::Tensor& flat, int64_t offset, at::IntArrayRef shape);
 
 // The plan the engine would follow for a buffer of `bytes` over `num_lanes`.
 plan::TreeShape resolve_shape(const TreeOptions& options, int64_t bytes, int num_lanes);

@@ -253,8 +253,11 @@ class ReplicaSet:
         for k in range(1, n):
             own = []
             for i, t in enumerate(tensors):
-                alias = flat_alias(self.flats[k][group_index[i]], self.offsets[i], t.shape)
-                own.append(nn.Parameter(alias, requires_grad=t.requires_grad) if self.is_param[i] else alias)
+                flat = self.flats[k][group_index[i]]
+                if self.is_param[i]:
+                    own.append(nn.Parameter(flat_alias(flat, self.offsets[i], t.shape), requires_grad=t.requires_grad))
+                else:  # a buffer may be resized in forward: NOTE [Exact storages] in csrc/comm.cpp
+                    own.append(_C.exact_alias(flat, self.offsets[i], t.shape))
             self.replica_tensors.append(own)
         # The root's tensors of a laid-out group are copied into views at their offsets.
         self.root_views = [None if packed else [self.flats[0][g].narrow(0, self.offsets[i], tensors[i].numel())
@@ -449,7 +452,9 @@ class ReplicaSet:
         for k, i in self._moved(num_replicas):
             # Below autograd: a graph of an earlier call (two forwards, one backward) may have
             # saved this weight, and a version bump would fail its backward.
-            _C.point_into(self.replica_tensors[k][i], self.flats[k][self.group_index[i]], self.offsets[i])
+            # The root's shape: a replica's resize_ of a buffer (NOTE [Exact storages]) is undone too.
+            _C.point_into(self.replica_tensors[k][i], self.flats[k][self.group_index[i]], self.offsets[i],
+                          self.tensors[i].shape, exact=not self.is_param[i])
             self.repoint_count += 1
 
     def _moved(self, num_replicas: int) -> List[Tuple[int, int]]:

@@ -1700,3 +1700,33 @@ def test_maml_with_learn2learn_style_clones_of_the_wrapper():
     reference(x).pow(2).sum().backward()
     assert_same_grads(reference, wrapped)
 
+
+
+class GrowsABuffer(nn.Module):
+    """Resizes an empty buffer in forward (as FakeQuantize and its observers do in their first
+    forward), then reads the buffers and parameters that sit beside it in the replicas' flat buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(0))
+        self.register_buffer("offset", torch.arange(3.0))
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        self.seen.resize_(3).copy_(x.detach().mean(0)[:3])
+        return self.lin(x) + self.offset + self.seen
+
+
+def test_a_buffer_resized_in_forward_stays_off_its_neighbours():
+    """NOTE [Exact storages]: each replica runs as a copy of the module on its chunk (nn.DataParallel's
+    replicas are separate tensors); a replica buffer that grows must not write over the replica's
+    other buffers and weights, which share its flat buffer."""
+    reference, wrapped = pair(GrowsABuffer)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    for _ in range(3):  # the first call grows the buffers; the second rebuilds for the new shape
+        expected = torch.cat([copy.deepcopy(reference)(chunk) for chunk in x.chunk(4)])
+        out = wrapped(x)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        reference(x[:2])  # the root ran replica 0's chunk: the same state as the wrapped module
+        torch.testing.assert_close(wrapped.module.seen, reference.seen, rtol=0, atol=0)
+        out.sum().backward()

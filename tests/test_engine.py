@@ -189,6 +189,32 @@ def test_zero_after_a_reduction_leaves_the_root_sum_and_zero_scratch(device):
             assert torch.count_nonzero(b) == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_alias_shares_the_flat_buffer_until_a_resize_moves_it_out(device):
+    """NOTE [Exact storages]: a tensor on flat's memory, whose storage holds exactly its bytes: a
+    resize_ that grows it moves it to memory of its own, never over the flat buffer's other
+    tensors; point_into(exact=True) puts it back, in the shape given."""
+    flat = torch.arange(10.0, device=device)
+    alias = _C.exact_alias(flat, 2, (2, 2))
+    assert alias.data_ptr() == flat[2:].data_ptr() and alias.untyped_storage().nbytes() == 4 * flat.element_size()
+    torch.testing.assert_close(alias, flat[2:6].view(2, 2), rtol=0, atol=0)
+    alias.add_(100)
+    torch.testing.assert_close(flat, torch.tensor([0, 1, 102, 103, 104, 105, 6, 7, 8, 9.0], device=device))
+    assert alias._version == 1 and flat._version == 0  # a version counter of its own
+    alias.resize_(7).fill_(-1)  # grows: moved out, the neighbours untouched
+    assert alias.data_ptr() != flat[2:].data_ptr()
+    torch.testing.assert_close(flat, torch.tensor([0, 1, 102, 103, 104, 105, 6, 7, 8, 9.0], device=device))
+    _C.point_into(alias, flat, 6, (2,), exact=True)
+    assert alias.shape == (2,) and alias.data_ptr() == flat[6:].data_ptr()
+    alias.resize_(5)  # past the flat buffer's end: moved out too
+    assert alias.data_ptr() != flat[6:].data_ptr()
+    kept = _C.exact_alias(torch.ones(4, device=device), 1, (3,))  # keeps its flat buffer alive
+    torch.testing.assert_close(kept, torch.ones(3, device=device))
+    with pytest.raises(RuntimeError, match="exact_alias: offset: expected a place for 4 elements in a flat buffer of "
+                                           "10, but got offset 7"):
+        _C.exact_alias(flat, 7, (4,))
+
+
 def test_engine_errors_name_op_argument_expected_and_actual():
     a, b = torch.zeros(4), torch.zeros(5)
     with pytest.raises(RuntimeError, match=r"dpfast.reduce_add_: expected all buffers to have shape \[4\].*buffers\[1\] has shape \[5\]"):

@@ -232,3 +232,30 @@ def test_hugging_face_hidden_states_and_attentions_match_the_model():
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     alone = wrapped.module(input_ids=ids, output_hidden_states=True)
     assert len(alone.hidden_states) == 3
+
+
+def test_quantization_aware_training_first_steps_match_per_chunk_copies():
+    """prepare_qat's FakeQuantize modules grow their scale, zero_point and observers' min/max
+    buffers from 0 or 1 element to one per channel in the first training forward (resize_): each
+    replica must run as a copy of the model on its chunk, as under nn.DataParallel, from that first
+    step on (float32: fake quantization has no float64 kernels)."""
+    quantization = torch.ao.quantization
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(quantization.QuantStub(), nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3),
+                              quantization.DeQuantStub())
+        model.qconfig = quantization.get_default_qat_qconfig("fbgemm")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return quantization.prepare_qat(model.train())
+
+    reference = build()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU3)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        expected = torch.cat([copy.deepcopy(reference)(chunk) for chunk in x.chunk(3)])
+        torch.testing.assert_close(wrapped(x), expected, rtol=1e-6, atol=1e-6)
+        reference(x[:2])  # replica 0's chunk, run by the module itself: the observers' state
+        for (name, want), got in zip(reference.named_buffers(), wrapped.module.buffers()):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
