@@ -18,7 +18,8 @@ computed as a sum and the total is divided by the full batch's denominator:
 the number of elements for element-wise losses (rows are split, so this is
 the chunk-size weighted mean), and for CrossEntropyLoss/NLLLoss the summed
 class weights of the targets that are not ``ignore_index`` (what torch's mean
-divides by). ``"none"`` gathers the per-sample losses. Criteria without a
+divides by). CTCLoss's mean divides each sample's loss by its target length
+first (torch's definition), then by the number of samples. ``"none"`` gathers the per-sample losses. Criteria without a
 ``reduction`` attribute are treated as means over rows (chunk-size weighted);
 pass ``reduction=`` to say otherwise.
 """
@@ -77,6 +78,8 @@ class ParallelCriterion(nn.Module):
         self._unreduced_mean = (self._has_reduction and self.reduction == "mean"
                                 and not isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss))
                                 and not (isinstance(criterion, nn.KLDivLoss) and criterion.reduction == "batchmean"))
+        # CTCLoss's mean: each sample's loss over its target length, then the mean over samples.
+        self._ctc_mean = self._unreduced_mean and isinstance(criterion, nn.CTCLoss)
         if self._has_reduction:  # computes sums per replica; the mean is taken over the whole batch
             self._summing = copy.copy(criterion)
             self._summing.reduction = ("none" if self._unreduced_mean else
@@ -93,6 +96,9 @@ class ParallelCriterion(nn.Module):
         losses = [fn(out, tgt, *a, **kw) for out, tgt, a, kw in zip(outputs, targets, extra_args, extra_kwargs)]
         if self.reduction == "none":
             return scatter_gather.gather(losses, outputs.output_device, outputs.dim, outputs.devices)
+        if self._ctc_mean:
+            losses = [loss / _ctc_target_lengths(a, kw).to(loss.device, loss.dtype).clamp(min=1)
+                      for loss, a, kw in zip(losses, extra_args, extra_kwargs)]
         if self._unreduced_mean:
             count = sum(loss.numel() for loss in losses)
             return torch.stack([loss.sum().to(outputs.output_device) for loss in losses]).sum() / count
@@ -117,3 +123,12 @@ class ParallelCriterion(nn.Module):
             weights = c.weight.to(target.device)[target.clamp(min=0) * keep]
             return (weights * keep).sum().to(output.dtype)
         return torch.tensor(float(output.size(0)), device=output.device)  # KLDivLoss's batchmean
+
+
+def _ctc_target_lengths(args: tuple, kwargs: dict) -> torch.Tensor:
+    """One replica's target_lengths, CTCLoss's fourth argument (after log_probs and targets)."""
+    lengths = kwargs["target_lengths"] if "target_lengths" in kwargs else args[1] if len(args) > 1 else None
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"dpfast.ParallelCriterion: target_lengths: expected a tensor of one length per sample "
+                        f"(split with the batch), but got {type(lengths).__name__}")
+    return lengths

@@ -161,6 +161,80 @@ def test_average_buffers_gives_whole_batch_batchnorm_statistics(momentum):
     assert not torch.allclose(replica0.running_var, bn.running_var)
 
 
+@pytest.mark.parametrize("sizes", [[0, 8], [0, 8, 0], [0, 3, 5]], ids=["one_other", "one_other_of_three", "two_others"])
+def test_average_buffers_where_replica_0_gets_no_rows(sizes):
+    """The replicas that ran make the whole batch's update, also where that is one replica other
+    than the root: its update is the whole batch's, and becomes the root's."""
+    torch.manual_seed(0)
+    reference = nn.BatchNorm1d(4).double()
+    averaged = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu"] * len(sizes), chunk_sizes=sizes,
+                                   average_buffers=True)
+    for _ in range(2):
+        x = torch.randn(8, 4, dtype=torch.float64) * 3 + 2
+        reference(x)
+        averaged(x)
+    torch.testing.assert_close(averaged.module.running_mean, reference.running_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(averaged.module.running_var, reference.running_var, rtol=1e-10, atol=1e-12)
+    assert averaged.module.num_batches_tracked.item() == reference.num_batches_tracked.item() == 2
+
+
+class Siamese(nn.Module):
+    """One encoder (with BatchNorm) applied to both inputs of a pair in one forward."""
+
+    def __init__(self, momentum):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=momentum))
+
+    def forward(self, a, b):
+        return (self.encoder(a) - self.encoder(b)).pow(2).sum(1)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_average_buffers_with_a_batchnorm_called_twice_in_one_forward(momentum):
+    """Each call makes one update (two per forward here): the root makes each call's whole-batch
+    update in turn, as the module does on the whole batch."""
+    torch.manual_seed(0)
+    reference = Siamese(momentum).double()
+    averaged = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu"] * 3, average_buffers=True)
+    for _ in range(2):
+        a, b = torch.randn(9, 3, dtype=torch.float64) * 2 + 1, torch.randn(9, 3, dtype=torch.float64) - 1
+        reference(a, b)
+        averaged(a, b).sum().backward()
+    bn, ours = reference.encoder[1], averaged.module.encoder[1]
+    torch.testing.assert_close(ours.running_mean, bn.running_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.running_var, bn.running_var, rtol=1e-10, atol=1e-12)
+    assert ours.num_batches_tracked.item() == bn.num_batches_tracked.item() == 4
+
+
+class BatchFirstCTCLoss(nn.CTCLoss):
+    """CTCLoss on (batch, time, classes) outputs, so that the batch is split along dim 0."""
+
+    def forward(self, log_probs, targets, input_lengths, target_lengths):
+        return super().forward(log_probs.transpose(0, 1), targets, input_lengths, target_lengths)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ctc_loss_on_replicas_equals_the_full_batch_loss(reduction):
+    """CTCLoss's mean divides each sample's loss by its target length before the mean over
+    samples; the lengths are split with the batch."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(3, 5), nn.LogSoftmax(-1)).double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu"] * 3, gather=False, weights=[1, 2, 3])
+    x = torch.randn(7, 8, 3, dtype=torch.float64)
+    targets = torch.randint(1, 5, (7, 4))
+    input_lengths, target_lengths = torch.full((7,), 8), torch.tensor([4, 2, 3, 1, 4, 2, 3])
+    criterion = BatchFirstCTCLoss(reduction=reduction)
+    loss = dpfast.ParallelCriterion(criterion)(wrapped(x), targets, input_lengths, target_lengths)
+    expected = criterion(reference(x), targets, input_lengths, target_lengths)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    loss.backward()
+    expected.backward()
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+    by_keyword = dpfast.ParallelCriterion(criterion)(wrapped(x), targets, input_lengths, target_lengths=target_lengths)
+    torch.testing.assert_close(by_keyword, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_bf16_autocast_on_cpu_replicas_and_grad_scaler_skips_in_sync():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
