@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
+import numbers
 import warnings
 import weakref
 from typing import Any, List, Optional, Sequence, Tuple, TypeVar
@@ -117,6 +119,13 @@ def module_device_is_cpu(module: nn.Module) -> bool:
     return first is None or first.device.type == "cpu"
 
 
+def _is_process_group(group: Any) -> bool:
+    """A torch.distributed process group (the wrapper checks that it is initialised when it builds its runtime)."""
+    distributed_module = getattr(torch, "distributed", None)
+    kind = getattr(distributed_module, "ProcessGroup", None) if distributed_module is not None else None
+    return kind is not None and isinstance(group, kind)
+
+
 class _Runtime:
     """What the wrapper builds on first use and drops on pickling: replicas,
     the gradient reducer, the workers and the lanes' streams."""
@@ -219,8 +228,17 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         if tree_shape not in ("auto", "chain", "binomial"):
             raise ValueError(f"dpfast.DataParallel: tree_shape: expected 'auto', 'chain' or 'binomial', but got "
                              f"{tree_shape!r}")
-        if not bucket_cap_mb > 0:
-            raise ValueError(f"dpfast.DataParallel: bucket_cap_mb: expected a positive size, but got {bucket_cap_mb!r}")
+        if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real)
+                or not math.isfinite(bucket_cap_mb) or not bucket_cap_mb > 0):
+            raise ValueError(f"dpfast.DataParallel: bucket_cap_mb: expected a positive, finite number of megabytes, "
+                             f"but got {bucket_cap_mb!r}")
+        for name, flag in (("trust_version_counters", trust_version_counters), ("gather", gather),
+                           ("average_buffers", average_buffers)):
+            if not isinstance(flag, bool) and type(flag).__name__ != "bool_":  # numpy's bool too
+                raise TypeError(f"dpfast.DataParallel: {name}: expected True or False, but got {flag!r}")
+        if process_group is not None and not _is_process_group(process_group):
+            raise TypeError(f"dpfast.DataParallel: process_group: expected None or a torch.distributed process "
+                            f"group (torch.distributed.new_group), but got {process_group!r}")
         if scalar_outputs not in ("vector", "mean"):
             raise ValueError(f"dpfast.DataParallel: scalar_outputs: expected 'vector' or 'mean', but got "
                              f"{scalar_outputs!r}")
@@ -228,17 +246,17 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
             raise ValueError("dpfast.DataParallel: chunk_sizes, weights: expected at most one of them, but got both")
         self.chunk_sizes = chunk_sizes
         self.weights = weights
-        self.gather_outputs = gather
+        self.gather_outputs = bool(gather)
         self.scalar_outputs = scalar_outputs
-        self.average_buffers = average_buffers
+        self.average_buffers = bool(average_buffers)
         self.process_group = process_group
         self.module = module
         self.dim = dim
         # An object with .phase(name) -> context manager, told about each step's phases
         # ("scatter", "param_sync", "forward", "gather", "reduce"); the benchmark sets it.
         self.phase_timer = None
-        self.trust_version_counters = trust_version_counters
-        self.bucket_cap_mb = bucket_cap_mb
+        self.trust_version_counters = bool(trust_version_counters)
+        self.bucket_cap_mb = float(bucket_cap_mb)
         self.tree_shape = tree_shape
         self._runtime: Optional[_Runtime] = None  # built on first use
         if isinstance(device_ids, str) and device_ids == "auto":

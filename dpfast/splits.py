@@ -5,6 +5,7 @@ smaller GPU0 gets less work, the ``gpu0_bsz`` idea of BalancedDataParallel)."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Sequence
 
 
@@ -17,15 +18,20 @@ def even(batch: int, num_devices: int) -> List[int]:
 
 
 def validate_sizes(argument: str, sizes: Sequence, num_devices: int) -> List:
-    values = list(sizes)
+    try:
+        values = list(sizes)
+    except TypeError:
+        raise ValueError(f"dpfast.DataParallel: {argument}: expected a sequence of one entry per device "
+                         f"({num_devices}), but got {sizes!r}") from None
     if len(values) != num_devices:
         raise ValueError(f"dpfast.DataParallel: {argument}: expected one entry per device ({num_devices}), but got "
                          f"{len(values)}: {values}")
     for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        # numbers.Real: numpy's scalars too (np.int64 from an array, np.float32)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
             raise ValueError(f"dpfast.DataParallel: {argument}: expected non-negative numbers, but {argument}[{i}] "
                              f"is {v!r}")
-    return values
+    return [int(v) if isinstance(v, numbers.Integral) else float(v) for v in values]
 
 
 def by_weights(batch: int, weights: Sequence[float]) -> List[int]:

@@ -82,8 +82,39 @@ def test_bad_arguments():
         dpfast.DataParallel(make(), device_ids=CPU4, dim="0")
     with pytest.raises(ValueError, match=r"tree_shape: expected 'auto', 'chain' or 'binomial', but got 'ring'"):
         dpfast.DataParallel(make(), device_ids=CPU4, tree_shape="ring")
-    with pytest.raises(ValueError, match=r"bucket_cap_mb: expected a positive size, but got 0"):
+    with pytest.raises(ValueError, match=r"bucket_cap_mb: expected a positive, finite number of megabytes, but got 0"):
         dpfast.DataParallel(make(), device_ids=CPU4, bucket_cap_mb=0)
+
+
+@pytest.mark.parametrize("option,error,pattern", [
+    ({"bucket_cap_mb": float("inf")}, ValueError, r"bucket_cap_mb: expected a positive, finite number of megabytes, "
+                                                  r"but got inf"),
+    ({"bucket_cap_mb": "25"}, ValueError, r"bucket_cap_mb: expected a positive, finite number of megabytes, but got "
+                                          r"'25'"),
+    ({"chunk_sizes": 12}, ValueError, r"chunk_sizes: expected a sequence of one entry per device \(4\), but got 12"),
+    ({"gather": "no"}, TypeError, r"gather: expected True or False, but got 'no'"),
+    ({"average_buffers": None}, TypeError, r"average_buffers: expected True or False, but got None"),
+    ({"trust_version_counters": 1}, TypeError, r"trust_version_counters: expected True or False, but got 1"),
+    ({"process_group": "gloo"}, TypeError, r"process_group: expected None or a torch.distributed process group"),
+], ids=["bucket_inf", "bucket_str", "chunk_sizes_int", "gather_str", "average_buffers_none", "trust_int",
+        "process_group_str"])
+def test_bad_options_name_the_argument(option, error, pattern):
+    with pytest.raises(error, match=pattern):
+        dpfast.DataParallel(make(), device_ids=CPU4, **option)
+
+
+def test_numpy_sizes_and_weights_are_numbers():
+    """chunk_sizes and weights taken from numpy (an array, np.int64, np.float32) split the batch as
+    the same Python numbers do."""
+    np = pytest.importorskip("numpy")
+    x = torch.randn(12, 4, dtype=torch.float64)
+    reference = make()
+    for option in ({"chunk_sizes": np.array([2, 4, 4, 2])}, {"chunk_sizes": [np.int64(3)] * 4},
+                   {"weights": [np.float32(1), np.float32(2), np.float32(2), np.float32(1)]}):
+        wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, gather=False, **option)
+        outputs = wrapped(x)
+        assert sum(outputs.chunk_sizes) == 12 and all(type(n) is int for n in outputs.chunk_sizes)
+        torch.testing.assert_close(outputs.gather(), reference(x), rtol=1e-12, atol=1e-12)
 
 
 def test_mismatched_batch_sizes():
