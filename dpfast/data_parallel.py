@@ -520,6 +520,8 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
                     return replica(*args, **kw)
             return run
 
+        # As torch.nn.parallel.parallel_apply: an input that is not a list or tuple is one argument.
+        inputs = [a if isinstance(a, (list, tuple)) else (a,) for a in inputs]
         fns = [job(r, a, k, s) for r, a, k, s in zip(replicas, inputs, kwargs, streams)]
         sizes = chunk_sizes or [None] * len(replicas)
         wheres = [runtime.where(k, size) for k, size in zip(replica_indices, sizes)]

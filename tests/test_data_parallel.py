@@ -1032,6 +1032,24 @@ def test_subclasses_overriding_a_step_with_nn_dataparallels_signature(cls):
         assert wrapped.replicated == 3
 
 
+def test_parallel_apply_takes_a_bare_input_as_one_argument():
+    """torch.nn.parallel.parallel_apply's convention (PyTorch's test_parallel_apply feeds inputs so):
+    an input that is not a list or tuple is the replica's one argument, never unpacked row by row."""
+    class Rows(nn.Module):
+        def forward(self, *args):
+            return torch.stack([a.sum() for a in args])
+
+    for module, x0, x1 in ((nn.Linear(4, 2).double(),) + tuple(torch.randn(2, 4, dtype=torch.float64).unbind(0)),
+                           (Rows(), torch.randn(2, 4), torch.randn(3, 4))):
+        wrapped = dpfast.DataParallel(module, device_ids=CPU4[:2])
+        replicas = wrapped.replicate(wrapped.module, wrapped.device_ids)
+        outputs = wrapped.parallel_apply(replicas, [x0, x1])
+        for out, x in zip(outputs, (x0, x1)):
+            torch.testing.assert_close(out, module(x), rtol=0, atol=0)
+        tupled = wrapped.parallel_apply(replicas, [(x0,), [x1]])
+        torch.testing.assert_close(tupled[1], module(x1), rtol=0, atol=0)
+
+
 def test_a_forward_leaves_no_reference_cycles():
     """nn.DataParallel's test_data_parallel_model_no_refcycles: nothing for the cycle collector
     after a forward and backward (recursive closures in scatter and gather would leave some)."""
