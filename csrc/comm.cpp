@@ -538,7 +538,9 @@ at::Tensor exact_alias(const at::Tensor& flat, int64_t offset, at::IntArrayRef s
 void point_into(const at::Tensor& tensor, const at::Tensor& flat, int64_t offset, std::optional<at::IntArrayRef> shape,
                 bool exact) {
   TORCH_CHECK(tensor.defined(), "dpfast.point_into: expected a tensor, but got None");
-  check_coalesce("point_into", {tensor}, flat);
+  // The place is checked for `sizes`, not for the tensor's own: a replica buffer that a resize_
+  // grew past its group's flat buffer goes back in the root's shape (NOTE [Exact storages]).
+  check_coalesce("point_into", {tensor.new_empty({0})}, flat);  // dtype and device
   const at::IntArrayRef sizes = shape.has_value() ? *shape : tensor.sizes();
   const int64_t numel = c10::multiply_integers(sizes);
   check_place("point_into", flat, offset, numel);

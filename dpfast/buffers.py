@@ -42,11 +42,13 @@ class BatchNormAverager:
         self.calls: Dict[int, List[Tuple[int, torch.Tensor, torch.Tensor]]] = {}
         self._hooked: Dict[int, object] = {}
         self.hooked_now = False
+        self._recording = False  # between prepare() and apply(): calls outside a wrapper's forward are not kept
 
     def prepare(self, root_modules: List[nn.Module]) -> List[Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Before a training forward: hooks every BatchNorm (the replicas copy the root's hooks)
         and returns (module index, running_mean, running_var, num_batches_tracked) snapshots."""
         self.calls.clear()
+        self._recording = True
         self.hooked_now = False  # a new hook: the replicas get it from the root at their next refresh
         snapshots = []
         for j, m in enumerate(root_modules):
@@ -55,12 +57,13 @@ class BatchNormAverager:
             if id(m) not in self._hooked:
                 self._hooked[id(m)] = m.register_forward_pre_hook(self._note_call)
                 self.hooked_now = True
-            snapshots.append((j, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()))
+            tracked = m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None
+            snapshots.append((j, m.running_mean.clone(), m.running_var.clone(), tracked))
         return snapshots
 
     def _note_call(self, module: nn.Module, args: tuple) -> None:
-        if not module.training or not _tracks(module):
-            return  # no update in this call
+        if not self._recording or not module.training or not _tracks(module):
+            return  # not inside a wrapper's training forward, or no update in this call
         x = args[0]
         # One list per module: each replica's copy is a module of its own, run by one thread.
         self.calls.setdefault(id(module), []).append(
@@ -70,6 +73,13 @@ class BatchNormAverager:
     def apply(self, snapshots, root_modules: List[nn.Module], active_replica_modules: List[List[nn.Module]]) -> None:
         """After the forward: active_replica_modules[a][j] is the a-th active replica's copy of
         root_modules[j] (the root's own module where replica 0 ran)."""
+        try:
+            self._apply(snapshots, root_modules, active_replica_modules)
+        finally:
+            self._recording = False
+            self.calls.clear()
+
+    def _apply(self, snapshots, root_modules: List[nn.Module], active_replica_modules: List[List[nn.Module]]) -> None:
         for j, mean_before, var_before, tracked_before in snapshots:
             root = root_modules[j]
             ran = [mods[j] for mods in active_replica_modules if id(mods[j]) in self.calls]
@@ -79,10 +89,12 @@ class BatchNormAverager:
             if len({len(c) for c in calls}) != 1:
                 continue  # replicas called it a different number of times (data-dependent): replica 0's stays
             device = root.running_mean.device
-            mean, var, tracked = mean_before.clone(), var_before.clone(), tracked_before.clone()
+            mean, var = mean_before.clone(), var_before.clone()
+            tracked = tracked_before.clone() if tracked_before is not None else None
             for c in range(len(calls[0])):
                 momentum = root.momentum if root.momentum is not None else 1.0 / float(tracked.item() + 1)
-                tracked += 1
+                if tracked is not None:
+                    tracked += 1
                 if momentum == 0:
                     continue
                 counts, means, variances = [], [], []
@@ -103,5 +115,5 @@ class BatchNormAverager:
             # the batch statistics, not these), and a version bump would fail that backward.
             root.running_mean.data.copy_(mean)
             root.running_var.data.copy_(var)
-            if root.num_batches_tracked is not None:
+            if root.num_batches_tracked is not None and tracked is not None:
                 root.num_batches_tracked.data.copy_(tracked)  # whether or not replica 0 ran

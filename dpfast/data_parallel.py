@@ -120,10 +120,30 @@ def module_device_is_cpu(module: nn.Module) -> bool:
 
 
 def _is_process_group(group: Any) -> bool:
-    """A torch.distributed process group (the wrapper checks that it is initialised when it builds its runtime)."""
+    """A torch.distributed process group, or new_group's mark for a rank outside the group (the
+    wrapper checks that it is initialised when it builds its runtime)."""
     distributed_module = getattr(torch, "distributed", None)
     kind = getattr(distributed_module, "ProcessGroup", None) if distributed_module is not None else None
-    return kind is not None and isinstance(group, kind)
+    members = getattr(distributed_module, "GroupMember", None) if distributed_module is not None else None
+    outside = getattr(members, "NON_GROUP_MEMBER", object())
+    return (kind is not None and isinstance(group, kind)) or group is outside
+
+
+def _is_flag(value: Any) -> bool:
+    """True or False, or what stands for them: 0 and 1, numpy's bool scalars."""
+    if isinstance(value, numbers.Integral):  # bool, int, numpy's ints
+        return value in (0, 1)
+    return getattr(getattr(value, "dtype", None), "kind", None) == "b" and getattr(value, "ndim", None) == 0
+
+
+def _as_megabytes(value: Any) -> Optional[float]:
+    """A number of megabytes (an int, a float, numpy's or a one-element tensor), or None."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 class _Runtime:
@@ -228,13 +248,13 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         if tree_shape not in ("auto", "chain", "binomial"):
             raise ValueError(f"dpfast.DataParallel: tree_shape: expected 'auto', 'chain' or 'binomial', but got "
                              f"{tree_shape!r}")
-        if (isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, numbers.Real)
-                or not math.isfinite(bucket_cap_mb) or not bucket_cap_mb > 0):
+        bucket_mb = _as_megabytes(bucket_cap_mb)
+        if bucket_mb is None or not math.isfinite(bucket_mb) or not bucket_mb > 0:
             raise ValueError(f"dpfast.DataParallel: bucket_cap_mb: expected a positive, finite number of megabytes, "
                              f"but got {bucket_cap_mb!r}")
         for name, flag in (("trust_version_counters", trust_version_counters), ("gather", gather),
                            ("average_buffers", average_buffers)):
-            if not isinstance(flag, bool) and type(flag).__name__ != "bool_":  # numpy's bool too
+            if not _is_flag(flag):
                 raise TypeError(f"dpfast.DataParallel: {name}: expected True or False, but got {flag!r}")
         if process_group is not None and not _is_process_group(process_group):
             raise TypeError(f"dpfast.DataParallel: process_group: expected None or a torch.distributed process "
@@ -256,7 +276,7 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         # ("scatter", "param_sync", "forward", "gather", "reduce"); the benchmark sets it.
         self.phase_timer = None
         self.trust_version_counters = bool(trust_version_counters)
-        self.bucket_cap_mb = float(bucket_cap_mb)
+        self.bucket_cap_mb = bucket_mb
         self.tree_shape = tree_shape
         self._runtime: Optional[_Runtime] = None  # built on first use
         if isinstance(device_ids, str) and device_ids == "auto":

@@ -1735,6 +1735,33 @@ class GrowsABuffer(nn.Module):
         return self.lin(x) + self.offset + self.seen
 
 
+class GrowsPastItsGroup(nn.Module):
+    """An int32 buffer (a dtype group of its own, as FakeQuantize's zero_point) that forward grows
+    from 1 element to one per feature, on the replicas that run it."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("zero_point", torch.zeros(1, dtype=torch.int32))
+
+    def forward(self, x):
+        if self.zero_point.numel() != x.size(1):
+            self.zero_point.resize_(x.size(1)).zero_()
+        return self.lin(x)
+
+
+def test_a_buffer_grown_past_its_flat_buffer_goes_back_in_the_roots_shape():
+    """Replica 0 (the root) sits the steps out, so only the replicas grow the buffer: each next call
+    puts theirs back in the root's shape, and they grow it again, step after step."""
+    torch.manual_seed(0)
+    reference = GrowsPastItsGroup().double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4[:3], chunk_sizes=[0, 3, 3])
+    for _ in range(3):
+        x = torch.randn(6, 8, dtype=torch.float64)
+        torch.testing.assert_close(wrapped(x), reference.lin(x), rtol=1e-12, atol=1e-12)
+        assert wrapped.module.zero_point.shape == (1,)
+
+
 def test_a_buffer_resized_in_forward_stays_off_its_neighbours():
     """NOTE [Exact storages]: each replica runs as a copy of the module on its chunk (nn.DataParallel's
     replicas are separate tensors); a replica buffer that grows must not write over the replica's

@@ -94,7 +94,7 @@ def test_bad_arguments():
     ({"chunk_sizes": 12}, ValueError, r"chunk_sizes: expected a sequence of one entry per device \(4\), but got 12"),
     ({"gather": "no"}, TypeError, r"gather: expected True or False, but got 'no'"),
     ({"average_buffers": None}, TypeError, r"average_buffers: expected True or False, but got None"),
-    ({"trust_version_counters": 1}, TypeError, r"trust_version_counters: expected True or False, but got 1"),
+    ({"trust_version_counters": 2}, TypeError, r"trust_version_counters: expected True or False, but got 2"),
     ({"process_group": "gloo"}, TypeError, r"process_group: expected None or a torch.distributed process group"),
 ], ids=["bucket_inf", "bucket_str", "chunk_sizes_int", "gather_str", "average_buffers_none", "trust_int",
         "process_group_str"])
@@ -115,6 +115,11 @@ def test_numpy_sizes_and_weights_are_numbers():
         outputs = wrapped(x)
         assert sum(outputs.chunk_sizes) == 12 and all(type(n) is int for n in outputs.chunk_sizes)
         torch.testing.assert_close(outputs.gather(), reference(x), rtol=1e-12, atol=1e-12)
+    # numpy's bools and numbers, 0 and 1, and a one-element tensor stand for the flags and sizes they hold
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, gather=np.False_, average_buffers=0,
+                                  trust_version_counters=np.bool_(True), bucket_cap_mb=torch.tensor(0.5))
+    assert (wrapped.gather_outputs, wrapped.average_buffers, wrapped.trust_version_counters) == (False, False, True)
+    assert wrapped.bucket_cap_mb == 0.5
 
 
 def test_mismatched_batch_sizes():

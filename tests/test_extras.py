@@ -178,6 +178,28 @@ def test_average_buffers_where_replica_0_gets_no_rows(sizes):
     assert averaged.module.num_batches_tracked.item() == reference.num_batches_tracked.item() == 2
 
 
+def test_average_buffers_records_only_inside_the_wrappers_forward_and_takes_batchnorm_without_a_count():
+    """The averager's pre-hook stays on the root's BatchNorm: calls of the module alone (or with the
+    option turned off) keep nothing. A BatchNorm with num_batches_tracked None (momentum set) works."""
+    torch.manual_seed(0)
+    reference = nn.BatchNorm1d(3).double()
+    averaged = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, average_buffers=True)
+    averaged(torch.randn(8, 3, dtype=torch.float64))
+    averager = averaged._runtime.bn_averager
+    for _ in range(5):
+        averaged.module(torch.randn(8, 3, dtype=torch.float64))
+    averaged.average_buffers = False
+    averaged(torch.randn(8, 3, dtype=torch.float64))
+    assert averager.calls == {}
+    untracked = nn.BatchNorm1d(3).double()
+    untracked.num_batches_tracked = None
+    wrapped = dpfast.DataParallel(copy.deepcopy(untracked), device_ids=CPU4, average_buffers=True)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    untracked(x)
+    wrapped(x)
+    torch.testing.assert_close(wrapped.module.running_var, untracked.running_var, rtol=1e-10, atol=1e-12)
+
+
 class Siamese(nn.Module):
     """One encoder (with BatchNorm) applied to both inputs of a pair in one forward."""
 
