@@ -347,18 +347,22 @@ at::Tensor gather(const std::vector<at::Tensor>& tensors, const std::vector<Lane
 }
 
 namespace {
+// tensors[i]'s dtype and device are the flat buffer's.
+void check_fits_flat(const char* op, const at::Tensor& t, size_t i, const at::Tensor& flat) {
+  TORCH_CHECK(t.defined(), "dpfast.", op, ": expected a tensor at tensors[", i, "], but got None");
+  TORCH_CHECK(t.scalar_type() == flat.scalar_type(), "dpfast.", op, ": expected tensors of the flat buffer's dtype ",
+              flat.scalar_type(), ", but tensors[", i, "] has dtype ", t.scalar_type());
+  TORCH_CHECK(t.device() == flat.device(), "dpfast.", op, ": expected tensors on the flat buffer's device ",
+              flat.device(), ", but tensors[", i, "] is on ", t.device());
+}
+
 int64_t check_coalesce(const char* op, const std::vector<at::Tensor>& tensors, const at::Tensor& flat) {
   TORCH_CHECK(flat.defined() && flat.dim() == 1 && flat.is_contiguous(), "dpfast.", op,
               ": expected a contiguous 1-D flat buffer, but got ", flat.defined() ? shape_string(flat) : "None");
   int64_t total = 0;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.defined(), "dpfast.", op, ": expected a tensor at tensors[", i, "], but got None");
-    TORCH_CHECK(t.scalar_type() == flat.scalar_type(), "dpfast.", op, ": expected tensors of the flat buffer's dtype ",
-                flat.scalar_type(), ", but tensors[", i, "] has dtype ", t.scalar_type());
-    TORCH_CHECK(t.device() == flat.device(), "dpfast.", op, ": expected tensors on the flat buffer's device ",
-                flat.device(), ", but tensors[", i, "] is on ", t.device());
-    total += t.numel();
+    check_fits_flat(op, tensors[i], i, flat);
+    total += tensors[i].numel();
   }
   TORCH_CHECK(total <= flat.numel(), "dpfast.", op, ": expected a flat buffer of at least ", total,
               " elements (the tensors' total), but it has ", flat.numel());
@@ -538,9 +542,9 @@ at::Tensor exact_alias(const at::Tensor& flat, int64_t offset, at::IntArrayRef s
 void point_into(const at::Tensor& tensor, const at::Tensor& flat, int64_t offset, std::optional<at::IntArrayRef> shape,
                 bool exact) {
   TORCH_CHECK(tensor.defined(), "dpfast.point_into: expected a tensor, but got None");
+  check_fits_flat("point_into", tensor, 0, flat);
   // The place is checked for `sizes`, not for the tensor's own: a replica buffer that a resize_
   // grew past its group's flat buffer goes back in the root's shape (NOTE [Exact storages]).
-  check_coalesce("point_into", {tensor.new_empty({0})}, flat);  // dtype and device
   const at::IntArrayRef sizes = shape.has_value() ? *shape : tensor.sizes();
   const int64_t numel = c10::multiply_integers(sizes);
   check_place("point_into", flat, offset, numel);

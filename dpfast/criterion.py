@@ -19,9 +19,9 @@ the number of elements for element-wise losses (rows are split, so this is
 the chunk-size weighted mean), and for CrossEntropyLoss/NLLLoss the summed
 class weights of the targets that are not ``ignore_index`` (what torch's mean
 divides by). CTCLoss's mean divides each sample's loss by its target length
-first (torch's definition), then by the number of samples. ``"none"`` gathers the per-sample losses. Criteria without a
-``reduction`` attribute are treated as means over rows (chunk-size weighted);
-pass ``reduction=`` to say otherwise.
+first (torch's definition), then by the number of samples. ``"none"`` gathers
+the per-sample losses. Criteria without a ``reduction`` attribute are treated
+as means over rows (chunk-size weighted); pass ``reduction=`` to say otherwise.
 """
 
 from __future__ import annotations
