@@ -125,9 +125,24 @@ bool entries_unchanged(const py::list& modules, const py::list& snapshots) {
   return true;
 }
 
+// A replica's _parameters, _buffers and _modules made to hold what they were built with again
+// (templates: a tuple of three dicts), where a forward on the replica assigned or added an entry
+// (`self.seen = self.seen + 1` on a buffer, a submodule swapped): nn.DataParallel's replicas are
+// new each call, so such writes are lost at the next one, and a kept replica must not read them.
+void restore_entries(const py::tuple& own, const py::tuple& templates) {
+  for (size_t d = 0; d < 3; ++d) {
+    PyObject* dict = own[d].ptr();
+    PyObject* built = templates[d].ptr();
+    if (same_entries(py::reinterpret_borrow<py::object>(dict), built)) continue;
+    PyDict_Clear(dict);
+    if (PyDict_Update(dict, built) != 0) throw py::error_already_set();
+  }
+}
+
 // Each replica module's __dict__ becomes a shallow copy of its root module's, with the replica's
 // own (_parameters, _buffers, _modules) and forward-hook dictionaries (owns[j]: a tuple of those
-// three and a dict of the hook dictionaries). Done here for the common case only: where slow[j]
+// three, a dict of the hook dictionaries and the templates of the three; restore_entries). Done
+// here for the common case only: where slow[j]
 // (attributes that hold the module's own tensors, an RNN), or where a forward hook is registered
 // on the root or installed on the replica, module j is left to the caller's Python path, and its
 // index returned.
@@ -146,13 +161,15 @@ std::vector<int64_t> refresh_replica_dicts(const py::list& modules, const py::li
     return PyDict_Size(hooks.ptr()) != 0;
   };
   for (size_t j = 0; j < modules.size(); ++j) {
+    py::tuple own = owns[j].cast<py::tuple>();
+    TORCH_CHECK(own.size() == 5, "dpfast.refresh_replica_dicts: owns[", j, "]: expected 5 items, but got ", own.size());
+    restore_entries(own, own[4].cast<py::tuple>());
     if (slow[j]) {
       left.push_back(static_cast<int64_t>(j));
       continue;
     }
     py::object module_dict = py::reinterpret_steal<py::object>(PyObject_GenericGetDict(modules[j].ptr(), nullptr));
     if (!module_dict) throw py::error_already_set();
-    py::tuple own = owns[j].cast<py::tuple>();
     PyObject* hooks = own[3].ptr();
     if (has_hooks(module_dict.ptr(), forward_hooks) || has_hooks(module_dict.ptr(), forward_pre_hooks) ||
         has_hooks(hooks, forward_hooks) || has_hooks(hooks, forward_pre_hooks)) {

@@ -30,7 +30,9 @@ What a user can change on the root between calls, and how a replica sees it:
   discriminator for the generator's step): copied onto the replicas' parameters
   in place; the gradient reducer follows it (dpfast/reducer.py).
 Attributes written inside a replica's forward are lost at the next call, as
-with nn.DataParallel; replica 0 is the root, so its writes stay (as on one
+with nn.DataParallel, entries of its three dictionaries too (a buffer
+re-assigned, `self.seen = self.seen + 1`: each refresh puts back what the
+replica was built with); replica 0 is the root, so its writes stay (as on one
 device).
 
 NOTE [RNN replicas]
@@ -191,9 +193,10 @@ class ReplicaSet:
         # NOTE [Graph-carrying entries]: tensors of the module that lead back to a graph of their
         # own: a computed tensor put in `_parameters` (MAML's fast weights, `_parameters[k] = p -
         # lr * g`, as learn2learn and higher do), a plain tensor or buffer that requires grad. The
-        # flat buffers' copies would cut that graph; replicas read the tensor itself (through a
-        # differentiable copy where their device differs), so every replica's gradient reaches it,
-        # as nn.DataParallel's differentiable Broadcast gives. The reducer never sees them.
+        # flat buffers' copies would cut that graph; replicas read a differentiable copy made in
+        # each call's graph, so every replica's gradient reaches it, as nn.DataParallel's
+        # differentiable Broadcast gives, and an in-place write in forward stays the replica's.
+        # The reducer never sees them.
         self.live = [i for i, t in enumerate(tensors)
                      if t.requires_grad and not (self.is_param[i] and t.grad_fn is None)]
         # dtype, shape and device of each; a buffer's requires_grad too (a parameter's is not
@@ -285,7 +288,10 @@ class ReplicaSet:
                 buffers = {name: None if b is None else own[index_of[id(b)]] for name, b in m._buffers.items()}
                 children = {name: None if c is None else mods[module_index[id(c)]] for name, c in m._modules.items()}
                 hooks = {key: collections.OrderedDict() for key in _FORWARD_HOOK_DICTS}
-                dicts.append((params, buffers, children, hooks))
+                # What the three hold at every call's start: a forward's writes to them are undone
+                # at the next refresh (restore_entries in csrc/bindings.cpp).
+                templates = (dict(params), dict(buffers), dict(children))
+                dicts.append((params, buffers, children, hooks, templates))
             self.replica_modules.append(mods)
             self.replica_dicts.append(dicts)
         live = set(self.live)
@@ -354,7 +360,7 @@ class ReplicaSet:
         forward hook (not a pre-hook) is registered on the module or was installed on the replica:
         one that may keep the replica's activations (NOTE [Parallel backward])."""
         m, replica = self.modules[j], self.replica_modules[k][j]
-        params, buffers, children, hooks = self.replica_dicts[k][j]
+        params, buffers, children, hooks, _ = self.replica_dicts[k][j]
         d = m.__dict__.copy()
         d["_parameters"] = params
         d["_buffers"] = buffers
@@ -432,15 +438,19 @@ class ReplicaSet:
         return [mods[0] for mods in self.replica_modules[:num_replicas]]
 
     def _attach_live(self, num_replicas: int) -> None:
-        """NOTE [Graph-carrying entries]: replicas 1..num_replicas-1 read the root's tensor itself
-        on its device, a copy made now, in this call's graph, on another."""
+        """NOTE [Graph-carrying entries]: replicas 1..num_replicas-1 read a copy of the root's
+        tensor made now, in this call's graph, on their device."""
         for k in range(1, num_replicas):
             values = self.live_values[k] = {}
             for i in self.live:
+                # A copy of its own even on the root's device (CPU replicas, device_ids=[0, 0]):
+                # a forward that writes it in place (`self.scale.mul_(0.9)`, a fast weight's
+                # add_) must write replica k's copy alone, as under nn.DataParallel, whose
+                # Broadcast gives every replica but the first a copy.
                 t = self.tensors[i]
-                values[i] = t if self.devices[k] == t.device else t.to(self.devices[k])
+                values[i] = t.clone() if self.devices[k] == t.device else t.to(self.devices[k])
             for j, d, name, i in self.live_slots:
-                self.replica_dicts[k][j][d][name] = values[i]
+                self.replica_dicts[k][j][d][name] = self.replica_dicts[k][j][4][d][name] = values[i]
 
     def _repoint(self, num_replicas: int) -> None:
         """Points replica tensors that a forward moved out of their flat buffer back into it.

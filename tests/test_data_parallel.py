@@ -1719,6 +1719,85 @@ def test_maml_with_learn2learn_style_clones_of_the_wrapper():
     assert_same_grads(reference, wrapped)
 
 
+class WritesGraphCarryingEntries(nn.Module):
+    """Writes, in place in forward, a buffer computed from a parameter (so it requires grad and is
+    not a leaf), a leaf buffer that requires grad (under no_grad) and a fast weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4, dtype=torch.float64)
+        self.base = nn.Parameter(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+        self.register_buffer("scale", self.base * 1.0)
+        self.register_buffer("running", torch.zeros(4, dtype=torch.float64).requires_grad_())
+        self.fast = nn.Linear(4, 4, bias=False, dtype=torch.float64)
+        self.w0 = self.fast._parameters.pop("weight")
+        self.fast._parameters["weight"] = self.w0 * 2.0
+
+    def forward(self, x):
+        self.scale.mul_(0.9)
+        with torch.no_grad():
+            self.running.add_(x.mean(0))
+        self.fast.weight.add_(1.0)
+        return (self.lin(x) * self.scale + self.running) @ self.fast.weight.t()
+
+
+def test_in_place_writes_to_graph_carrying_entries_stay_with_their_replica():
+    """NOTE [Graph-carrying entries]: as under nn.DataParallel, each replica but the first reads a
+    copy of its own, so its in-place write neither reaches another replica (the writes raced on one
+    tensor and compounded: outputs off by up to 3.7) nor the root, which keeps replica 0's. The
+    reference runs each chunk on a module of its own, chunk 0 on the root."""
+    x = torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for trial in range(3):
+        torch.manual_seed(trial)
+        copies = [WritesGraphCarryingEntries() for _ in range(3)]
+        for c in copies[1:]:
+            c.load_state_dict(copies[0].state_dict())
+        torch.manual_seed(trial)
+        module = WritesGraphCarryingEntries()
+        wrapped = dpfast.DataParallel(module, device_ids=CPU4[:3], bucket_cap_mb=BUCKET_CAP_MB["value"])
+        want = torch.cat([c(chunk) for c, chunk in zip(copies, x.chunk(3))])
+        out = wrapped(x)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(module.scale, copies[0].scale, rtol=0, atol=0)
+        torch.testing.assert_close(module.running, copies[0].running, rtol=0, atol=0)
+        want.pow(2).sum().backward()
+        out.pow(2).sum().backward()
+        for name in ("base", "w0", "lin.weight"):
+            expected = sum(c.get_parameter(name).grad for c in copies)
+            torch.testing.assert_close(module.get_parameter(name).grad, expected, rtol=1e-10, atol=1e-12)
+
+
+class CountsRareRows(nn.Module):
+    """Re-assigns a buffer (out of place) only where its chunk has a row over 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3, dtype=torch.float64)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        if (x[:, 0] > 1).any():
+            self.seen = self.seen + 1
+        return self.lin(x) + self.seen
+
+
+def test_a_buffer_a_replica_reassigns_in_forward_is_the_roots_again_at_the_next_call():
+    """nn.DataParallel's replicas are new every call, so a replica's `self.seen = self.seen + 1`
+    is lost at the next one; dpfast's kept replica 1 read its own `seen` from then on, even after
+    the root's was changed."""
+    reference, wrapped = pair(CountsRareRows, device_ids=CPU4[:2])
+    rare = torch.tensor([[0.0, 0, 0], [0, 0, 0], [2, 0, 0], [0, 0, 0]], dtype=torch.float64)  # replica 1's chunk
+    plain = torch.zeros(4, 3, dtype=torch.float64)
+    want = torch.cat([copy.deepcopy(reference)(chunk) for chunk in rare.chunk(2)])
+    torch.testing.assert_close(wrapped(rare), want, rtol=0, atol=0)
+    assert wrapped.module.seen.item() == 0  # replica 0's chunk has no rare row
+    torch.testing.assert_close(wrapped(plain), reference(plain), rtol=0, atol=0)
+    with torch.no_grad():
+        wrapped.module.seen.fill_(100)
+        reference.seen.fill_(100)
+    torch.testing.assert_close(wrapped(plain), reference(plain), rtol=0, atol=0)
+    assert wrapped.stats()["replica_builds"] == 1
+
 
 class GrowsABuffer(nn.Module):
     """Resizes an empty buffer in forward (as FakeQuantize and its observers do in their first
