@@ -19,7 +19,10 @@ the number of elements for element-wise losses (rows are split, so this is
 the chunk-size weighted mean), and for CrossEntropyLoss/NLLLoss the summed
 class weights of the targets that are not ``ignore_index`` (what torch's mean
 divides by). CTCLoss's mean divides each sample's loss by its target length
-first (torch's definition), then by the number of samples. ``"none"`` gathers
+first (torch's definition), then by the number of samples; its targets and
+lengths are split along dim 0 whatever the wrapper's ``dim`` (log_probs are
+(T, N, C): ``dim=1``), and 1-D concatenated targets by each replica's summed
+target lengths. ``"none"`` gathers
 the per-sample losses. Criteria without a ``reduction`` attribute are treated
 as means over rows (chunk-size weighted); pass ``reduction=`` to say otherwise.
 """
@@ -89,13 +92,18 @@ class ParallelCriterion(nn.Module):
         if not isinstance(outputs, ReplicaOutputs):
             raise TypeError("dpfast.ParallelCriterion: outputs: expected the ReplicaOutputs of "
                             f"DataParallel(..., gather=False), but got {type(outputs).__name__}")
-        targets = _scatter_like(target, outputs)
-        extra_args = _scatter_like(args, outputs) if args else [()] * len(outputs)
-        extra_kwargs = _scatter_like(kwargs, outputs) if kwargs else [{}] * len(outputs)
+        if isinstance(self.criterion, nn.CTCLoss):
+            targets, extra_args, extra_kwargs = _scatter_ctc(target, args, kwargs, outputs)
+        else:
+            targets = _scatter_like(target, outputs)
+            extra_args = _scatter_like(args, outputs) if args else [()] * len(outputs)
+            extra_kwargs = _scatter_like(kwargs, outputs) if kwargs else [{}] * len(outputs)
         fn = self._summing if self._has_reduction else self.criterion
         losses = [fn(out, tgt, *a, **kw) for out, tgt, a, kw in zip(outputs, targets, extra_args, extra_kwargs)]
         if self.reduction == "none":
-            return scatter_gather.gather(losses, outputs.output_device, outputs.dim, outputs.devices)
+            # CTCLoss's per-sample losses have the batch first, whatever the outputs' dim.
+            dim = 0 if isinstance(self.criterion, nn.CTCLoss) else outputs.dim
+            return scatter_gather.gather(losses, outputs.output_device, dim, outputs.devices)
         if self._ctc_mean:
             losses = [loss / _ctc_target_lengths(a, kw).to(loss.device, loss.dtype).clamp(min=1)
                       for loss, a, kw in zip(losses, extra_args, extra_kwargs)]
@@ -123,6 +131,40 @@ class ParallelCriterion(nn.Module):
             weights = c.weight.to(target.device)[target.clamp(min=0) * keep]
             return (weights * keep).sum().to(output.dtype)
         return torch.tensor(float(output.size(0)), device=output.device)  # KLDivLoss's batchmean
+
+
+def _scatter_ctc(target: Any, args: tuple, kwargs: dict, outputs: ReplicaOutputs):
+    """CTCLoss's targets, input_lengths and target_lengths, one share per replica. Their batch is
+    dim 0 whatever the outputs' (log_probs are (T, N, C), so a wrapper that splits them has dim=1);
+    targets concatenated into one 1-D tensor are split by the summed target lengths of each
+    replica's samples."""
+    rows = list(outputs.chunk_sizes)
+    args, kwargs = tuple(_lengths_tensor(a) for a in args), {k: _lengths_tensor(v) for k, v in kwargs.items()}
+
+    def split_rows(value):
+        return scatter_gather.scatter(value, outputs.devices, rows, 0)
+
+    if isinstance(target, torch.Tensor) and target.dim() == 1:
+        lengths = _ctc_target_lengths(args, kwargs)
+        if lengths.dim() != 1 or lengths.size(0) != sum(rows):
+            raise ValueError(f"dpfast.ParallelCriterion: target_lengths: expected one length per sample "
+                             f"({sum(rows)}), but got a tensor of shape {tuple(lengths.shape)}")
+        per_replica = [int(piece.sum()) for piece in lengths.split(rows)]
+        if sum(per_replica) != target.size(0):
+            raise ValueError(f"dpfast.ParallelCriterion: targets: expected the concatenated targets, "
+                             f"sum(target_lengths) = {sum(per_replica)} labels, but got {target.size(0)}")
+        targets = scatter_gather.scatter(target, outputs.devices, per_replica, 0)
+    else:
+        targets = split_rows(target)
+    return (targets, split_rows(args) if args else [()] * len(outputs),
+            split_rows(kwargs) if kwargs else [{}] * len(outputs))
+
+
+def _lengths_tensor(value: Any) -> Any:
+    """CTCLoss takes lengths as a tuple or list of ints too: a tensor, to be split with the batch."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+        return torch.tensor(value, dtype=torch.long)
+    return value
 
 
 def _ctc_target_lengths(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -257,6 +257,35 @@ def test_ctc_loss_on_replicas_equals_the_full_batch_loss(reduction):
     torch.testing.assert_close(by_keyword, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("layout", ["time_first_padded", "time_first_concatenated", "batch_first_concatenated"])
+def test_ctc_targets_and_lengths_split_along_the_batch_whatever_the_outputs_dim(layout, reduction):
+    """log_probs (T, N, C) from a wrapper with dim=1, and targets concatenated into one 1-D tensor
+    (split by each replica's summed target lengths; lengths as a tuple of ints too): CTCLoss's
+    targets and lengths have their batch first whatever the outputs' dim. Both raised a split
+    error before."""
+    torch.manual_seed(0)
+    time_first = layout.startswith("time_first")
+    reference = nn.Sequential(nn.Linear(3, 5), nn.LogSoftmax(-1)).double()
+    x = torch.randn(8, 7, 3, dtype=torch.float64) if time_first else torch.randn(7, 8, 3, dtype=torch.float64)
+    target_lengths = torch.tensor([4, 2, 3, 1, 4, 2, 3])
+    padded = torch.randint(1, 5, (7, 4))
+    targets = padded if layout.endswith("padded") else torch.cat([t[:n] for t, n in zip(padded, target_lengths)])
+    input_lengths = torch.full((7,), 8)
+    lengths = (input_lengths, target_lengths) if time_first else (tuple(input_lengths.tolist()),
+                                                                  tuple(target_lengths.tolist()))
+    criterion = nn.CTCLoss(reduction=reduction) if time_first else BatchFirstCTCLoss(reduction=reduction)
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu"] * 3, gather=False, weights=[1, 2, 3],
+                                  dim=1 if time_first else 0)
+    loss = dpfast.ParallelCriterion(criterion)(wrapped(x), targets, *lengths)
+    expected = criterion(reference(x), targets, *lengths)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    loss.sum().backward()
+    expected.sum().backward()
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_bf16_autocast_on_cpu_replicas_and_grad_scaler_skips_in_sync():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
