@@ -1799,6 +1799,69 @@ def test_a_buffer_a_replica_reassigns_in_forward_is_the_roots_again_at_the_next_
     assert wrapped.stats()["replica_builds"] == 1
 
 
+class ReassignsAnAverage(nn.Module):
+    """Keeps an average of its outputs by re-assigning a buffer in forward (out of place), as the
+    popular EMA vector-quantizer code does, and a second buffer registered in two modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("average", torch.zeros(3))
+        shared = torch.ones(3)
+        self.register_buffer("shared", shared)
+        self.head = nn.Module()
+        self.head.register_buffer("shared", shared)
+
+    def forward(self, x):
+        y = self.lin(x) + self.average + self.shared
+        with torch.no_grad():
+            self.average = 0.5 * self.average + y.mean(0)
+        return y
+
+
+def test_a_buffer_the_root_reassigns_with_a_like_tensor_is_followed_without_a_rebuild():
+    """NOTE [Replaced buffers]: the root (replica 0) re-assigns `average` every call, and the
+    replicas read the new tensor's values at the next call, as nn.DataParallel's fresh replicas
+    would, without rebuilding (which doubled a ResNet-18's step). Anything else still rebuilds: a
+    new dtype, a tensor registered in two modules replaced in one of them."""
+    torch.manual_seed(0)
+    module = ReassignsAnAverage().double()
+    reference = copy.deepcopy(module)
+    wrapped = dpfast.DataParallel(module, device_ids=CPU4[:3], bucket_cap_mb=BUCKET_CAP_MB["value"])
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (reference, wrapped)]
+    for step in range(4):
+        x = torch.randn(9, 4, dtype=torch.float64)
+        copies = [reference] + [copy.deepcopy(reference) for _ in range(2)]  # the state at the call's start
+        want = torch.cat([c(chunk) for c, chunk in zip(copies, x.chunk(3))])
+        out = wrapped(x)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(module.average, reference.average, rtol=1e-12, atol=1e-12)
+        for m, y, optimizer in ((reference, want, optimizers[0]), (wrapped, out, optimizers[1])):
+            optimizer.zero_grad()
+            y.pow(2).sum().backward()
+            if m is reference:  # the copies' shares
+                for p, *shares in zip(reference.parameters(), *(c.parameters() for c in copies[1:])):
+                    p.grad += sum(q.grad for q in shares)
+            optimizer.step()
+        assert_same_params(reference, wrapped)
+    assert wrapped.stats()["replica_builds"] == 1
+    module.average = torch.full((3,), 7.0, dtype=torch.float64)  # between steps, by the user
+    reference.average = module.average.clone()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    copies = [reference] + [copy.deepcopy(reference) for _ in range(2)]
+    torch.testing.assert_close(wrapped(x), torch.cat([c(chunk) for c, chunk in zip(copies, x.chunk(3))]))
+    assert wrapped.stats()["replica_builds"] == 1
+    for change in (lambda m: setattr(m, "average", torch.ones(3)),  # another dtype
+                   lambda m: setattr(m.head, "shared", torch.full((3,), 2.0, dtype=torch.float64))):  # one of two
+        builds = wrapped.stats()["replica_builds"]
+        change(module)
+        change(reference)
+        x = torch.randn(6, 4, dtype=torch.float64)
+        copies = [reference] + [copy.deepcopy(reference) for _ in range(2)]
+        torch.testing.assert_close(wrapped(x), torch.cat([c(chunk) for c, chunk in zip(copies, x.chunk(3))]))
+        assert wrapped.stats()["replica_builds"] > builds
+
+
 class GrowsABuffer(nn.Module):
     """Resizes an empty buffer in forward (as FakeQuantize and its observers do in their first
     forward), then reads the buffers and parameters that sit beside it in the replicas' flat buffer."""
