@@ -35,9 +35,11 @@ The node is used only where the result is the same as autograd's own walk:
 - every tensor of the outputs is where the gather finds it by structure
   (tensors, None, plain values, lists, tuples, dicts, dataclasses);
 - not across processes (the root's hooks order the all-reduce there);
-- no forward hook on the module or its submodules (ReplicaSet.forward_hooks_seen): such a hook
-  may keep a replica's activations for ``torch.autograd.grad`` (Grad-CAM, captum's Layer
-  methods), which could not reach them through the node (the stand-ins are detached).
+- no forward hook on the module or its submodules (ReplicaSet.forward_hooks_seen), no forward
+  pre-hook but PyTorch's weight-recomputing ones (weight_norm, spectral_norm, pruning), and no
+  global forward hook or pre-hook (register_module_forward_hook): such a hook may keep a
+  replica's activations for ``torch.autograd.grad`` (Grad-CAM, captum's Layer methods), which
+  could not reach them through the node (the stand-ins are detached).
 Its backward runs only for a backward of everything: ``torch.autograd.grad``
 and ``backward(inputs=...)`` never reach it (its only input is a private leaf),
 and see replica 0's share, as the README says of them. Each replica's pass keeps

@@ -22,7 +22,7 @@ from . import scatter_gather, streams as lane_streams
 from .buffers import BatchNormAverager
 from .criterion import ReplicaOutputs
 from .reducer import GradReducer, own_hook_ids
-from .replicas import ReplicaSet, check_on_device
+from .replicas import ReplicaSet, check_on_device, may_keep_activations
 from .workers import (WorkerPool, caller_lane_threads, capture_thread_state, cpu_lane_threads,
                       give_back_caller_threads, omp_pause_setting, spin_us, thread_state)
 
@@ -110,6 +110,15 @@ def _weak_phase(wrapper: "DataParallel"):
         return w._phase(name) if w is not None else _NO_PHASE
 
     return phase
+
+
+def _global_hooks_may_keep_activations() -> bool:
+    """Hooks of every module (torch.nn.modules.module.register_module_forward_hook and its pre-hook
+    twin) may keep the replicas' activations too (NOTE [Parallel backward])."""
+    from torch.nn.modules import module as torch_module
+
+    return may_keep_activations(getattr(torch_module, "_global_forward_hooks", {}),
+                                getattr(torch_module, "_global_forward_pre_hooks", {}))
 
 
 def module_device_is_cpu(module: nn.Module) -> bool:
@@ -471,7 +480,7 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         workers (DPFAST_PARALLEL_BACKWARD); otherwise autograd walks them one after the other."""
         if (len(active) < 2 or runtime.cross is not None or not torch.is_grad_enabled()
                 or not runtime.cpu_lanes or runtime.reducer is None or runtime.reducer.no_routing
-                or runtime.replicas.forward_hooks_seen
+                or runtime.replicas.forward_hooks_seen or _global_hooks_may_keep_activations()
                 or not parallel_backward.wanted(len(active))):
             return None
         replica_tensors = [runtime.replicas.replica_tensors[k] for k in active]

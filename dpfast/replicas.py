@@ -58,8 +58,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import _C, streams as lane_streams
+from .buffers import BatchNormAverager
 from .devices import link_model
 
 
@@ -137,6 +141,21 @@ def check_on_device(tensors, device: torch.device) -> None:
         if t.device != device:
             raise RuntimeError(f"dpfast.DataParallel: module must have its parameters and buffers on device "
                                f"{device} (device_ids[0]) but found one of them on device: {t.device}")
+
+
+def _keeps_nothing(hook: Any) -> bool:
+    """Whether a forward pre-hook is one of PyTorch's own that only recompute a weight from others
+    (weight_norm, spectral_norm, pruning) or dpfast's BatchNorm averager (which keeps statistics):
+    none keeps the replica's inputs for a later torch.autograd.grad (NOTE [Parallel backward])."""
+    return (isinstance(hook, (WeightNorm, SpectralNorm, BasePruningMethod))
+            or isinstance(getattr(hook, "__self__", None), BatchNormAverager))
+
+
+def may_keep_activations(forward_hooks: dict, forward_pre_hooks: dict) -> bool:
+    """Whether hooks of these dictionaries may keep a replica's activations: any forward hook, and
+    any pre-hook but the known ones that keep nothing (a pre-hook collecting a layer's inputs, as
+    captum's layer attribution does with respect to inputs, keeps them as well)."""
+    return bool(forward_hooks) or not all(_keeps_nothing(h) for h in forward_pre_hooks.values())
 
 
 def _keep_layout() -> None:
@@ -369,8 +388,8 @@ class ReplicaSet:
     def _refresh_one(self, k: int, j: int) -> bool:
         """Replica k's module j: a shallow copy of the root module's __dict__ with the replica's own
         three dictionaries (what _C.refresh_replica_dicts does for the others). Returns whether a
-        forward hook (not a pre-hook) is registered on the module or was installed on the replica:
-        one that may keep the replica's activations (NOTE [Parallel backward])."""
+        hook that may keep the replica's activations (may_keep_activations) is registered on the
+        module or was installed on the replica (NOTE [Parallel backward])."""
         m, replica = self.modules[j], self.replica_modules[k][j]
         params, buffers, children, hooks, _ = self.replica_dicts[k][j]
         d = m.__dict__.copy()
@@ -384,7 +403,8 @@ class ReplicaSet:
         # per replica, forever (nn.DataParallel: per replica and call). Never mutated, but
         # replaced: another thread's forward may be iterating the previous one.
         # The *_with_kwargs and *_always_called dictionaries only name hooks of these two.
-        forward_hooks = bool(d["_forward_hooks"] or hooks["_forward_hooks"])  # before a replica's are reset
+        forward_hooks = (may_keep_activations(d["_forward_hooks"], d["_forward_pre_hooks"])  # before a
+                         or may_keep_activations(hooks["_forward_hooks"], hooks["_forward_pre_hooks"]))  # reset
         if not (d["_forward_hooks"] or d["_forward_pre_hooks"]
                 or hooks["_forward_hooks"] or hooks["_forward_pre_hooks"]):
             d.update(hooks)  # no hooks anywhere (the common case)

@@ -2,6 +2,7 @@
 their workers, give the same gradients as autograd's own walk, and are left to that walk wherever
 a replica's graph does not stand alone."""
 
+import copy
 import dataclasses
 import gc
 import threading
@@ -9,6 +10,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.utils.prune
 from torch import nn
 
 import dpfast
@@ -554,31 +556,75 @@ class _SavesActivations(nn.Module):
         return self.head(self.body(x))
 
 
-def test_a_forward_hook_that_keeps_activations_leaves_them_reachable_by_autograd_grad():
-    """torch.autograd.grad with respect to activations that a forward hook kept from each replica
-    (Grad-CAM, captum's Layer methods) reaches every replica's: with a forward hook on the module
-    the replicas' graphs stay connected to the gathered output (not routed through the workers)."""
+@pytest.mark.parametrize("kind", ["forward_hook", "pre_hook", "global_forward_hook", "global_pre_hook"])
+def test_a_hook_that_keeps_activations_leaves_them_reachable_by_autograd_grad(kind):
+    """torch.autograd.grad with respect to activations that a hook kept from each replica
+    (Grad-CAM, captum's Layer methods) reaches every replica's: with such a hook on the module
+    the replicas' graphs stay connected to the gathered output (not routed through the workers).
+    A forward pre-hook keeping the head's inputs (layer attribution with respect to inputs) and
+    torch's global hooks (register_module_forward_hook) keep them as well: autograd.grad raised
+    "appears to not have been used in the graph" with those."""
+    from torch.nn.modules import module as torch_module
+
     torch.manual_seed(0)
     reference = _SavesActivations().double()
     module = _SavesActivations().double()
     module.load_state_dict(reference.state_dict())
     kept = []
-    module.body.register_forward_hook(lambda m, i, o: kept.append(o))
+
+    def keep_output(m, args, output):
+        if m.__class__ is nn.Sequential:
+            kept.append(output)
+
+    def keep_input(m, args):
+        if m.__class__ is nn.Linear and m.in_features == 8:  # the head
+            kept.append(args[0])
+    handle = {"forward_hook": lambda: module.body.register_forward_hook(keep_output),
+              "pre_hook": lambda: module.head.register_forward_pre_hook(keep_input),
+              "global_forward_hook": lambda: torch_module.register_module_forward_hook(keep_output),
+              "global_pre_hook": lambda: torch_module.register_module_forward_pre_hook(keep_input)}[kind]()
+    try:
+        wrapped = dpfast.DataParallel(module, device_ids=CPU3)
+        x = torch.randn(9, 4, dtype=torch.float64)
+        for _ in range(2):  # the first call, and one with the replicas already built
+            kept.clear()
+            out = wrapped(x)
+            assert not routed(out)
+            grads = torch.autograd.grad(out[:, 1].sum(), kept)
+            acts = reference.body(x)
+            expected = torch.autograd.grad(reference.head(acts)[:, 1].sum(), acts)[0]
+            assert len(grads) == 3
+            order = sorted(range(3), key=lambda k: kept[k].data_ptr())  # threads append in any order
+            torch.testing.assert_close(torch.cat([grads[k] for k in order]), expected, rtol=1e-12, atol=1e-12)
+    finally:
+        handle.remove()
+    kept.clear()
+    assert routed(wrapped(x))  # without the hook, routed again
+
+
+def test_weight_norm_and_pruning_pre_hooks_keep_the_routed_backward():
+    """PyTorch's own pre-hooks that only recompute a weight (weight_norm, spectral_norm, pruning)
+    keep no activations: the replicas' backward passes still run side by side, and train as the
+    module."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = _SavesActivations().double()
+        nn.utils.weight_norm(model.head)
+        nn.utils.spectral_norm(model.body[0])
+        torch.nn.utils.prune.l1_unstructured(model.head, "bias", amount=0.5)
+        models.append(model)
+    reference, module = models
     wrapped = dpfast.DataParallel(module, device_ids=CPU3)
     x = torch.randn(9, 4, dtype=torch.float64)
-    for _ in range(2):  # the first call, and one with the replicas already built
-        kept.clear()
-        out = wrapped(x)
-        assert not routed(out)
-        grads = torch.autograd.grad(out[:, 1].sum(), kept)
-        acts = reference.body(x)
-        expected = torch.autograd.grad(reference.head(acts)[:, 1].sum(), acts)[0]
-        assert len(grads) == 3
-        order = sorted(range(3), key=lambda k: kept[k].data_ptr())  # threads append in any order
-        torch.testing.assert_close(torch.cat([grads[k] for k in order]), expected, rtol=1e-12, atol=1e-12)
-    kept.clear()
-    module.body._forward_hooks.clear()  # without the hook, routed again
-    assert routed(wrapped(x))
+    reference.eval(), wrapped.eval()  # spectral_norm's power iteration would differ per chunk
+    out = wrapped(x)
+    assert routed(out)
+    torch.testing.assert_close(out, reference(x), rtol=1e-12, atol=1e-12)
+    out.pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    for (name, p), q in zip(reference.named_parameters(), module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
 def test_vectorized_jacobian_through_the_wrapper():
