@@ -3,7 +3,11 @@
 #include <pybind11/functional.h>
 #include <torch/extension.h>
 
+#include <ATen/SavedTensorHooks.h>
+#include <ATen/ThreadLocalState.h>
+
 #include <array>
+#include <optional>
 #include <tuple>
 
 #include "comm.h"
@@ -143,14 +147,15 @@ void restore_entries(const py::tuple& own, const py::tuple& templates) {
 // own (_parameters, _buffers, _modules) and forward-hook dictionaries (owns[j]: a tuple of those
 // three, a dict of the hook dictionaries and the templates of the three; restore_entries). Done
 // here for the common case only: where slow[j]
-// (attributes that hold the module's own tensors, an RNN), or where a forward hook is registered
-// on the root or installed on the replica, module j is left to the caller's Python path, and its
-// index returned.
+// (attributes that hold the module's own tensors, an RNN, torch.compile's OptimizedModule), where
+// a forward hook is registered on the root or installed on the replica, or where module.compile()
+// was called, module j is left to the caller's Python path, and its index returned.
 std::vector<int64_t> refresh_replica_dicts(const py::list& modules, const py::list& replicas, const py::list& owns,
                                            const std::vector<bool>& slow) {
   const auto& keys = entry_dict_names();
   static PyObject* const forward_hooks = name("_forward_hooks");
   static PyObject* const forward_pre_hooks = name("_forward_pre_hooks");
+  static PyObject* const compiled_call_impl = name("_compiled_call_impl");
   TORCH_CHECK(replicas.size() == modules.size() && owns.size() == modules.size() && slow.size() == modules.size(),
               "dpfast.refresh_replica_dicts: expected as many replicas, owns and slow flags as modules (",
               modules.size(), "), but got ", replicas.size(), ", ", owns.size(), " and ", slow.size());
@@ -171,8 +176,12 @@ std::vector<int64_t> refresh_replica_dicts(const py::list& modules, const py::li
     py::object module_dict = py::reinterpret_steal<py::object>(PyObject_GenericGetDict(modules[j].ptr(), nullptr));
     if (!module_dict) throw py::error_already_set();
     PyObject* hooks = own[3].ptr();
+    // module.compile()'s callable is bound to the root module: Python makes the replica's own
+    // (NOTE [Compiled modules] in replicas.py).
+    py::object compiled = dict_item(module_dict.ptr(), compiled_call_impl);
     if (has_hooks(module_dict.ptr(), forward_hooks) || has_hooks(module_dict.ptr(), forward_pre_hooks) ||
-        has_hooks(hooks, forward_hooks) || has_hooks(hooks, forward_pre_hooks)) {
+        has_hooks(hooks, forward_hooks) || has_hooks(hooks, forward_pre_hooks) ||
+        (compiled && compiled.ptr() != Py_None)) {
       left.push_back(static_cast<int64_t>(j));
       continue;
     }
@@ -187,6 +196,36 @@ std::vector<int64_t> refresh_replica_dicts(const py::list& modules, const py::li
   }
   return left;
 }
+
+// NOTE [Thread-local state of replicas]: a replica's forward or backward part on a worker runs
+// under the caller's at::ThreadLocalState, the state PyTorch's own autograd engine carries into its
+// worker threads: grad and inference mode, autocast, dispatch keys, Python dispatch and function
+// modes (FlopCounterMode, a torch.device context), the profiler's thread-local callbacks. Captured
+// on the caller's thread, entered on a worker's for one job, the worker's own put back after it.
+// All but the saved-tensor hooks: the worker keeps its own (none), as under nn.DataParallel.
+// Hooks may pair what they pack by order: torch.utils.checkpoint's non-reentrant recomputation
+// matches the n-th tensor saved by the recomputation with the n-th saved by the forward, and
+// replicas packing from several threads at once interleave in another order each time (wrong
+// gradients, in one run of two).
+struct CapturedThreadState {
+  at::ThreadLocalState state;  // the constructing thread's
+};
+
+class ThreadStateScope {
+ public:
+  explicit ThreadStateScope(const CapturedThreadState& captured) : state_(captured.state) {}
+  void enter() {
+    TORCH_CHECK(!guard_, "dpfast.ThreadStateScope: entered twice");
+    const at::impl::SavedTensorDefaultHooksTLS own_hooks = at::SavedTensorDefaultHooks::get_tls_state();
+    guard_.emplace(state_);
+    at::SavedTensorDefaultHooks::set_tls_state(own_hooks);
+  }
+  void exit() { guard_.reset(); }
+
+ private:
+  at::ThreadLocalState state_;
+  std::optional<at::ThreadLocalStateGuard> guard_;
+};
 
 }  // namespace
 
@@ -347,6 +386,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           },
           "done"_a, "spin_us"_a, "Sets done (None: nothing), then acquire(spin_us)",
           py::call_guard<py::gil_scoped_release>());
+  py::class_<CapturedThreadState>(m, "CapturedThreadState",
+                                  "The calling thread's ATen thread-local state (NOTE [Thread-local state of replicas])")
+      .def(py::init<>());
+  py::class_<ThreadStateScope>(m, "ThreadStateScope",
+                               "A block of another thread under a CapturedThreadState (NOTE [Thread-local state of "
+                               "replicas])")
+      .def(py::init<const CapturedThreadState&>(), "captured"_a)
+      .def("__enter__", [](ThreadStateScope& self) { self.enter(); })
+      .def("__exit__", [](ThreadStateScope& self, const py::args&) { self.exit(); });
   using dpfast::GradReadiness;
   py::class_<GradReadiness, std::shared_ptr<GradReadiness>>(m, "GradReadiness",
                                                             "Counts completed gradient buckets (csrc/grad_ready.h)")

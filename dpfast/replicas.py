@@ -158,6 +158,28 @@ def may_keep_activations(forward_hooks: dict, forward_pre_hooks: dict) -> bool:
     return bool(forward_hooks) or not all(_keeps_nothing(h) for h in forward_pre_hooks.values())
 
 
+def _dynamo_context(compiled: Any) -> Any:
+    """The torch._dynamo context a compiled callable (torch.compile(fn)) was made with, found in
+    the wrapper's closure (torch keeps no public handle to it), or None."""
+    try:
+        from torch._dynamo.eval_frame import _TorchDynamoContext
+    except ImportError:
+        return None
+    for cell in getattr(compiled, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, _TorchDynamoContext):
+            return value
+    return None
+
+
+def _is_optimized_module(module: nn.Module) -> bool:
+    """torch.compile(module)'s OptimizedModule, whose `forward` is compiled around its _orig_mod."""
+    return type(module).__name__ == "OptimizedModule" and "dynamo_ctx" in module.__dict__
+
+
 def _keep_layout() -> None:
     """A replica RNN's flatten_parameters(): its weights already sit in their flat group."""
 
@@ -340,7 +362,12 @@ class ReplicaSet:
                             if key not in _ENTRY_DICTS and self._holds_own_tensor(value)]
                            for m in self.modules]
         # Modules whose replicas' dictionaries _refresh_one makes, not _C.refresh_replica_dicts.
-        self.refresh_in_python = [bool(keys) or rnn for keys, rnn in zip(self.alias_keys, self.is_rnn)]
+        # NOTE [Compiled modules]: OptimizedModule's (torch.compile(module)) are made here too; a
+        # module's own compile() (_compiled_call_impl) is found by the C++ walk at every call.
+        self.is_optimized = [_is_optimized_module(m) for m in self.modules]
+        self.compiled_cache: Dict[Tuple[int, int], tuple] = {}
+        self.refresh_in_python = [bool(keys) or rnn or optimized
+                                  for keys, rnn, optimized in zip(self.alias_keys, self.is_rnn, self.is_optimized)]
         # Whether a forward hook was on any module at the last refresh (NOTE [Parallel backward]).
         self.forward_hooks_seen = False
         self.versions: Optional[list] = None  # per group, at the last broadcast (trust_version_counters)
@@ -423,7 +450,32 @@ class ReplicaSet:
         if self.is_rnn[j]:  # in place before the swap: another thread's forward may be running it
             d["flatten_parameters"] = _keep_layout
         object.__setattr__(replica, "__dict__", d)
+        if self.is_optimized[j] or d.get("_compiled_call_impl") is not None:
+            self._compile_for_replica(k, j, d)
         return forward_hooks
+
+    def _compile_for_replica(self, k: int, j: int, d: dict) -> None:
+        """NOTE [Compiled modules]: a compiled module keeps its compiled forward in its __dict__,
+        bound to itself: torch.compile(module)'s OptimizedModule a `forward` around its _orig_mod,
+        module.compile() a `_compiled_call_impl` around its _call_impl. Copied as they are, every
+        replica would run the root's module (its parameters and buffers, from every thread at
+        once), as nn.DataParallel's replicas do (a device mismatch on GPUs). Replica k gets the
+        same compilation around its own module instead, made once per compiled object of the root;
+        where the dynamo context cannot be found, the replica runs eagerly."""
+        replica = self.replica_modules[k][j]
+        keys = ("forward", "_forward", "_compiled_call_impl")
+        root_values = tuple(d.get(key) for key in keys)
+        cached = self.compiled_cache.get((k, j))
+        if cached is None or any(a is not b for a, b in zip(cached[0], root_values)):
+            own = {}
+            if self.is_optimized[j]:
+                type(replica)._initialize(replica)  # OptimizedModule's own: writes forward (and _forward)
+                own.update((key, d[key]) for key in ("forward", "_forward") if key in d)
+            if root_values[2] is not None:
+                context = _dynamo_context(root_values[2])
+                own["_compiled_call_impl"] = context(replica._call_impl) if context is not None else None
+            cached = self.compiled_cache[(k, j)] = (root_values, own)
+        d.update(cached[1])
 
     def _current_versions(self, g: int, num_replicas: int) -> list:
         members = self.groups[g][1]

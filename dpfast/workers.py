@@ -3,8 +3,10 @@
 nn.DataParallel starts a new thread per replica on every call. dpfast keeps
 one daemon thread per replica (1..n-1) for the wrapper's lifetime; replica 0
 runs on the calling thread. Each job carries the caller's thread-local state
-into the worker: grad mode, inference mode, autocast (enabled flag *and*
-dtype, per device type) and the lane's CUDA stream. An exception in a replica
+into the worker: ATen's, as PyTorch's autograd engine carries it into its own
+threads (grad and inference mode, autocast, dispatch and function modes, the
+profiler's callbacks; not saved-tensor hooks: NOTE [Thread-local state of
+replicas] in csrc/bindings.cpp), and the lane's CUDA stream. An exception in a replica
 is re-raised in the caller, naming the replica and its device, after every
 other replica of the call has finished, so the wrapper is ready for the next
 call. Jobs and their completions are handed over through the engine's spinning
@@ -293,11 +295,13 @@ class _Inbox:
 
 
 class _Job:
-    __slots__ = ("fn", "where", "threads", "set_threads", "done", "result", "error")
+    __slots__ = ("fn", "where", "threads", "set_threads", "state", "done", "result", "error")
 
-    def __init__(self, fn: Callable[[], Any], where: str, threads: Optional[int] = None, spin: int = 0):
+    def __init__(self, fn: Callable[[], Any], where: str, threads: Optional[int] = None, spin: int = 0,
+                 state: Optional[Any] = None):
         self.fn, self.where, self.threads = fn, where, threads
         self.set_threads = False
+        self.state = state  # the submitter's thread-local state (NOTE [Thread-local state of replicas])
         self.done = _Done(spin)
         self.result: Any = None
         self.error: Optional[BaseException] = None
@@ -305,11 +309,15 @@ class _Job:
     def run(self, signal: bool = True) -> None:
         """``signal``: set ``done`` at the end (a worker sets it itself, as late as it can)."""
         try:
-            self.result = self.fn()
+            if self.state is None:
+                self.result = self.fn()
+            else:
+                with _C.ThreadStateScope(self.state):
+                    self.result = self.fn()
         except BaseException as error:  # KeyboardInterrupt inside a replica's forward included
             self.error = error
         finally:
-            self.fn = None  # drop references to the replica's inputs
+            self.fn = self.state = None  # drop references to the replica's inputs
             if signal:
                 self.done.set()
 
@@ -408,7 +416,8 @@ class WorkerPool:
             self._start()
         if len(fns) - 1 > len(self._queues):
             raise RuntimeError(f"dpfast: expected at most {len(self._queues) + 1} replicas, but got {len(fns)}")
-        jobs = [_Job(fn, where, worker_threads if k else None, self._spin_us)
+        state = _C.CapturedThreadState() if len(fns) > 1 else None
+        jobs = [_Job(fn, where, worker_threads if k else None, self._spin_us, state if k else None)
                 for k, (fn, where) in enumerate(zip(fns, wheres))]
         for k, job in enumerate(jobs[1:]):
             self._queues[k].put(job)
@@ -437,7 +446,8 @@ class WorkerPool:
         each runs at once on the calling thread."""
         if self._pid != os.getpid():
             self._start()
-        jobs = [_Job(fn, where, worker_threads, self._spin_us) for fn, where in zip(fns, wheres)]
+        state = _C.CapturedThreadState()
+        jobs = [_Job(fn, where, worker_threads, self._spin_us, state) for fn, where in zip(fns, wheres)]
         with self._closing:  # not behind close()'s stop marks, whatever thread runs close()
             queued = max(workers, default=0) <= len(self._queues)
             if queued:

@@ -1917,3 +1917,37 @@ def test_a_buffer_resized_in_forward_stays_off_its_neighbours():
         reference(x[:2])  # the root ran replica 0's chunk: the same state as the wrapped module
         torch.testing.assert_close(wrapped.module.seen, reference.seen, rtol=0, atol=0)
         out.sum().backward()
+
+
+@pytest.mark.parametrize("parallel_backward", ["1", "0"])
+def test_dispatch_modes_reach_every_replica_and_saved_tensor_hooks_replica_0(parallel_backward, monkeypatch):
+    """NOTE [Thread-local state of replicas]: replicas 1..n-1 run on workers under the caller's
+    thread-local state, as PyTorch's autograd engine runs its own threads: a dispatch mode
+    (FlopCounterMode) counts every replica's operations, forward and backward (before, replica
+    0's only: a quarter of the FLOPs with 4 replicas). Saved-tensor hooks stay replica 0's, as
+    under nn.DataParallel (a checkpoint pairs what it packs by order)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", parallel_backward)
+    module = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(module), device_ids=CPU4)
+    x = torch.randn(8, 16, dtype=torch.float64)
+    packed = collections.Counter()
+
+    def pack(tensor):
+        packed[threading.current_thread().name] += 1
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(x).sum().backward()
+        alone = packed.pop(threading.current_thread().name)  # the module's, on its chunk or the batch
+        wrapped(x).sum().backward()
+    assert packed.pop(threading.current_thread().name) >= alone  # replica 0's (and the gather's)
+    assert not packed  # no worker's
+    for _ in range(2):
+        counts = []
+        for model in (module, wrapped):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                model(x).sum().backward()
+            counts.append(counter.get_total_flops())
+        assert counts[0] == counts[1] > 0

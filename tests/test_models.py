@@ -259,3 +259,60 @@ def test_quantization_aware_training_first_steps_match_per_chunk_copies():
         reference(x[:2])  # replica 0's chunk, run by the module itself: the observers' state
         for (name, want), got in zip(reference.named_buffers(), wrapped.module.buffers()):
             torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
+class _LinearThenNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.bn(self.a(x))
+
+
+@pytest.mark.parametrize("how", ["torch.compile(module)", "module.compile()", "submodule.compile()"])
+def test_compiled_modules_run_each_replica_on_its_own_weights(how):
+    """NOTE [Compiled modules]: torch.compile's OptimizedModule and module.compile() keep a compiled
+    forward bound to the root module in its __dict__; copied as they were, every replica ran the
+    root's weights and BatchNorm buffers (from every thread at once: the running statistics took
+    every chunk's update). Each replica now runs the same compilation around its own module."""
+    torch.manual_seed(0)
+    module = _LinearThenNorm().double()
+    reference = copy.deepcopy(module)
+    ran = []
+    module.a.register_forward_hook(lambda m, args, out: ran.append(m.weight))
+    if how == "torch.compile(module)":
+        compiled = torch.compile(module, backend="eager")
+    elif how == "module.compile()":
+        module.compile(backend="eager")
+        compiled = module
+    else:
+        module.a.compile(backend="eager")
+        compiled = module
+    wrapped = dpfast.DataParallel(compiled, device_ids=CPU3)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    for _ in range(2):
+        ran.clear()
+        out = wrapped(x)
+        chunks = x.chunk(3)
+        copies = [copy.deepcopy(reference) for _ in range(2)]
+        want = torch.cat([reference(chunks[0])] + [c(chunk) for c, chunk in zip(copies, chunks[1:])])
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+        # Each weight once at most (the root's ran three times before). Not always three calls:
+        # dynamo, compiling from several threads at once, may leave a traced hook's side effect out.
+        assert len({id(w) for w in ran}) == len(ran) and sum(w is module.a.weight for w in ran) <= 1
+        torch.testing.assert_close(module.bn.running_mean, reference.bn.running_mean, rtol=1e-12, atol=1e-12)
+        out.pow(2).sum().backward()
+        want.pow(2).sum().backward()
+        for (name, p), q in zip(reference.named_parameters(), module.parameters()):
+            expected = p.grad + sum(c.get_parameter(name).grad for c in copies)
+            torch.testing.assert_close(q.grad, expected, rtol=1e-10, atol=1e-12, msg=name)
+            p.grad = None
+            q.grad = None
+    j = 1 if how == "submodule.compile()" else 0
+    root, replica = (mods[j] for mods in wrapped._runtime.replicas.replica_modules[:2])
+    key = "forward" if how == "torch.compile(module)" else "_compiled_call_impl"
+    compiled_forward = replica.__dict__[key]
+    assert getattr(compiled_forward, "_torchdynamo_orig_callable", None) is not None  # compiled, not eager
+    assert compiled_forward is not root.__dict__[key]
