@@ -24,7 +24,7 @@ from .criterion import ReplicaOutputs
 from .reducer import GradReducer, own_hook_ids
 from .replicas import ReplicaSet, check_on_device, may_keep_activations
 from .workers import (WorkerPool, caller_lane_threads, capture_thread_state, cpu_lane_threads,
-                      give_back_caller_threads, omp_pause_setting, spin_us, thread_state)
+                      give_back_caller_threads, omp_pause_setting, python_modes_active, spin_us, thread_state)
 
 
 def _make_reducer(*args, **kwargs) -> GradReducer:
@@ -480,7 +480,7 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         workers (DPFAST_PARALLEL_BACKWARD); otherwise autograd walks them one after the other."""
         if (len(active) < 2 or runtime.cross is not None or not torch.is_grad_enabled()
                 or not runtime.cpu_lanes or runtime.reducer is None or runtime.reducer.no_routing
-                or runtime.replicas.forward_hooks_seen or _global_hooks_may_keep_activations()
+                or runtime.replicas.forward_hooks_seen or _global_hooks_may_keep_activations() or python_modes_active()
                 or not parallel_backward.wanted(len(active))):
             return None
         replica_tensors = [runtime.replicas.replica_tensors[k] for k in active]

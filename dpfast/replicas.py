@@ -562,6 +562,9 @@ class ReplicaSet:
             self.tensors[i] = new  # replica_tensors[0] is this list
             self.index_of[id(new)] = i
         self.entries = [_entry_snapshot(m) for m in self.modules]
+        # trust_version_counters compares (version, address): a view of the old tensor (`m.b =
+        # m.b.t()`) has both, and its group would not be broadcast.
+        self.versions = None
         self.buffer_follow_count += 1
         return True
 

@@ -69,6 +69,15 @@ def _entered_state(state: dict, stream=None):
         yield
 
 
+def python_modes_active() -> bool:
+    """Whether a Python dispatch or function mode is active on this thread (FlopCounterMode, a
+    torch.device context). Such a mode keeps state of its own (FlopCounterMode's module tracker:
+    which module runs now, set by global hooks), which replicas running side by side on several
+    threads would interleave: the replicas then run one after another on the caller's thread,
+    forward and backward, as the module does alone."""
+    return torch._C._len_torch_dispatch_stack() > 0 or torch._C._len_torch_function_stack() > 0
+
+
 def cpu_lane_threads(devices: List[torch.device]) -> Optional[int]:
     """NOTE [CPU threads]: CPU replicas run side by side, forward and backward, each on a thread of
     its own, and every one of those threads has an intra-op pool as large as the caller's: N of
@@ -370,6 +379,20 @@ def _worker_loop(jobs: _Inbox) -> None:
         done, job = job.done, None  # the caller owns the result; keep nothing alive until the next call
 
 
+def _run_on_caller(job: _Job, caller_threads: Optional[int]) -> None:
+    """Replica 0's job, on the caller's share of its intra-op threads (NOTE [CPU threads])."""
+    own = None if caller_threads is None else torch.get_num_threads()
+    if own is None or own == caller_threads:
+        job.run()
+        return
+    try:
+        torch.set_num_threads(caller_threads)
+        quiet_caller_team()
+        job.run()
+    finally:
+        torch.set_num_threads(own)
+
+
 _FORKED_AWAY: List[_Inbox] = []  # see WorkerPool._start
 
 
@@ -416,21 +439,17 @@ class WorkerPool:
             self._start()
         if len(fns) - 1 > len(self._queues):
             raise RuntimeError(f"dpfast: expected at most {len(self._queues) + 1} replicas, but got {len(fns)}")
-        state = _C.CapturedThreadState() if len(fns) > 1 else None
+        serial = python_modes_active()
+        state = _C.CapturedThreadState() if len(fns) > 1 and not serial else None
         jobs = [_Job(fn, where, worker_threads if k else None, self._spin_us, state if k else None)
                 for k, (fn, where) in enumerate(zip(fns, wheres))]
-        for k, job in enumerate(jobs[1:]):
-            self._queues[k].put(job)
-        own = None if caller_threads is None else torch.get_num_threads()
-        if own is None or own == caller_threads:
-            jobs[0].run()
+        if serial:  # python_modes_active: one after another, here
+            for job in jobs:
+                job.run()
         else:
-            try:
-                torch.set_num_threads(caller_threads)
-                quiet_caller_team()
-                jobs[0].run()
-            finally:
-                torch.set_num_threads(own)
+            for k, job in enumerate(jobs[1:]):
+                self._queues[k].put(job)
+            _run_on_caller(jobs[0], caller_threads)
         for job in jobs[1:]:
             job.done.wait()
         restore_default_threads(jobs)
