@@ -54,8 +54,8 @@ class ReplicaOutputs(list):
         return scatter_gather.gather(list(self), self.output_device, self.dim, self.devices)
 
 
-def _scatter_like(value: Any, outputs: ReplicaOutputs) -> List[Any]:
-    return scatter_gather.scatter(value, outputs.devices, outputs.chunk_sizes, outputs.dim)
+def _scatter_like(value: Any, outputs: ReplicaOutputs, dim: int) -> List[Any]:
+    return scatter_gather.scatter(value, outputs.devices, outputs.chunk_sizes, dim)
 
 
 class ParallelCriterion(nn.Module):
@@ -92,18 +92,22 @@ class ParallelCriterion(nn.Module):
         if not isinstance(outputs, ReplicaOutputs):
             raise TypeError("dpfast.ParallelCriterion: outputs: expected the ReplicaOutputs of "
                             f"DataParallel(..., gather=False), but got {type(outputs).__name__}")
-        if isinstance(self.criterion, nn.CTCLoss):
-            targets, extra_args, extra_kwargs = _scatter_ctc(target, args, kwargs, outputs)
+        ctc = isinstance(self.criterion, nn.CTCLoss)
+        # CTCLoss's targets, lengths and per-sample losses have the batch first whatever the
+        # outputs' dim (its (T, N, C) log-probabilities come from a wrapper with dim=1).
+        batch_dim = 0 if ctc else outputs.dim
+        if ctc:
+            args, kwargs = tuple(_lengths_tensor(a) for a in args), {k: _lengths_tensor(v) for k, v in kwargs.items()}
+        if ctc and isinstance(target, torch.Tensor) and target.dim() == 1:
+            targets = _scatter_concatenated_targets(target, args, kwargs, outputs)
         else:
-            targets = _scatter_like(target, outputs)
-            extra_args = _scatter_like(args, outputs) if args else [()] * len(outputs)
-            extra_kwargs = _scatter_like(kwargs, outputs) if kwargs else [{}] * len(outputs)
+            targets = _scatter_like(target, outputs, batch_dim)
+        extra_args = _scatter_like(args, outputs, batch_dim) if args else [()] * len(outputs)
+        extra_kwargs = _scatter_like(kwargs, outputs, batch_dim) if kwargs else [{}] * len(outputs)
         fn = self._summing if self._has_reduction else self.criterion
         losses = [fn(out, tgt, *a, **kw) for out, tgt, a, kw in zip(outputs, targets, extra_args, extra_kwargs)]
         if self.reduction == "none":
-            # CTCLoss's per-sample losses have the batch first, whatever the outputs' dim.
-            dim = 0 if isinstance(self.criterion, nn.CTCLoss) else outputs.dim
-            return scatter_gather.gather(losses, outputs.output_device, dim, outputs.devices)
+            return scatter_gather.gather(losses, outputs.output_device, batch_dim, outputs.devices)
         if self._ctc_mean:
             losses = [loss / _ctc_target_lengths(a, kw).to(loss.device, loss.dtype).clamp(min=1)
                       for loss, a, kw in zip(losses, extra_args, extra_kwargs)]
@@ -133,31 +137,20 @@ class ParallelCriterion(nn.Module):
         return torch.tensor(float(output.size(0)), device=output.device)  # KLDivLoss's batchmean
 
 
-def _scatter_ctc(target: Any, args: tuple, kwargs: dict, outputs: ReplicaOutputs):
-    """CTCLoss's targets, input_lengths and target_lengths, one share per replica. Their batch is
-    dim 0 whatever the outputs' (log_probs are (T, N, C), so a wrapper that splits them has dim=1);
-    targets concatenated into one 1-D tensor are split by the summed target lengths of each
-    replica's samples."""
+def _scatter_concatenated_targets(target: torch.Tensor, args: tuple, kwargs: dict,
+                                  outputs: ReplicaOutputs) -> List[torch.Tensor]:
+    """CTCLoss's targets concatenated into one 1-D tensor, split by the summed target lengths of
+    each replica's samples."""
     rows = list(outputs.chunk_sizes)
-    args, kwargs = tuple(_lengths_tensor(a) for a in args), {k: _lengths_tensor(v) for k, v in kwargs.items()}
-
-    def split_rows(value):
-        return scatter_gather.scatter(value, outputs.devices, rows, 0)
-
-    if isinstance(target, torch.Tensor) and target.dim() == 1:
-        lengths = _ctc_target_lengths(args, kwargs)
-        if lengths.dim() != 1 or lengths.size(0) != sum(rows):
-            raise ValueError(f"dpfast.ParallelCriterion: target_lengths: expected one length per sample "
-                             f"({sum(rows)}), but got a tensor of shape {tuple(lengths.shape)}")
-        per_replica = [int(piece.sum()) for piece in lengths.split(rows)]
-        if sum(per_replica) != target.size(0):
-            raise ValueError(f"dpfast.ParallelCriterion: targets: expected the concatenated targets, "
-                             f"sum(target_lengths) = {sum(per_replica)} labels, but got {target.size(0)}")
-        targets = scatter_gather.scatter(target, outputs.devices, per_replica, 0)
-    else:
-        targets = split_rows(target)
-    return (targets, split_rows(args) if args else [()] * len(outputs),
-            split_rows(kwargs) if kwargs else [{}] * len(outputs))
+    lengths = _ctc_target_lengths(args, kwargs)
+    if lengths.dim() != 1 or lengths.size(0) != sum(rows):
+        raise ValueError(f"dpfast.ParallelCriterion: target_lengths: expected one length per sample "
+                         f"({sum(rows)}), but got a tensor of shape {tuple(lengths.shape)}")
+    per_replica = [int(piece.sum()) for piece in lengths.split(rows)]
+    if sum(per_replica) != target.size(0):
+        raise ValueError(f"dpfast.ParallelCriterion: targets: expected the concatenated targets, "
+                         f"sum(target_lengths) = {sum(per_replica)} labels, but got {target.size(0)}")
+    return scatter_gather.scatter(target, outputs.devices, per_replica, 0)
 
 
 def _lengths_tensor(value: Any) -> Any:

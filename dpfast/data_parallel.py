@@ -14,6 +14,7 @@ from typing import Any, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from . import backward as parallel_backward
 from . import checkpoint, distributed, splits
@@ -115,8 +116,6 @@ def _weak_phase(wrapper: "DataParallel"):
 def _global_hooks_may_keep_activations() -> bool:
     """Hooks of every module (torch.nn.modules.module.register_module_forward_hook and its pre-hook
     twin) may keep the replicas' activations too (NOTE [Parallel backward])."""
-    from torch.nn.modules import module as torch_module
-
     return may_keep_activations(getattr(torch_module, "_global_forward_hooks", {}),
                                 getattr(torch_module, "_global_forward_pre_hooks", {}))
 

@@ -228,9 +228,15 @@ class ReplicaSet:
         self.entries = [_entry_snapshot(m) for m in self.modules]
         tensors: List[torch.Tensor] = []
         index_of: Dict[int, int] = {}
+        # Tensors held in more than one place (one buffer registered in two modules).
+        self.shared_indices = set()
         for m in self.modules:
             for t in list(m._parameters.values()) + list(m._buffers.values()):
-                if t is not None and id(t) not in index_of:
+                if t is None:
+                    continue
+                if id(t) in index_of:
+                    self.shared_indices.add(index_of[id(t)])
+                else:
                     index_of[id(t)] = len(tensors)
                     tensors.append(t)
         if any(nn.parameter.is_lazy(t) for t in tensors):
@@ -238,10 +244,6 @@ class ReplicaSet:
                                "uninitialized ones (a lazy module such as nn.LazyLinear): run one forward of the "
                                "module itself first, to initialize them, then call the wrapper")
         self.tensors = tensors
-        # Tensors held in more than one place (one buffer registered in two modules).
-        slots = collections.Counter(index_of[id(t)] for m in self.modules
-                                    for t in list(m._parameters.values()) + list(m._buffers.values()) if t is not None)
-        self.shared_indices = {i for i, count in slots.items() if count > 1}
         self.is_param = [isinstance(t, nn.Parameter) for t in tensors]
         # NOTE [Graph-carrying entries]: tensors of the module that lead back to a graph of their
         # own: a computed tensor put in `_parameters` (MAML's fast weights, `_parameters[k] = p -
