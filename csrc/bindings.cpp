@@ -361,6 +361,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("graph_reaches_only", &dpfast::graph_reaches_only, "roots"_a, "allowed"_a,
         "Whether autograd's walk back from roots meets no leaf but those in allowed",
         py::call_guard<py::gil_scoped_release>());
+  m.def("graph_reaches_any", &dpfast::graph_reaches_any, "roots"_a, "leaves"_a,
+        "Whether autograd's walk back from roots meets one of leaves", py::call_guard<py::gil_scoped_release>());
   // NOTE [Spinning hand-offs] (csrc/handoff.h): the waits release the GIL; set and release do
   // not need to (they never block for long).
   py::class_<dpfast::SpinEvent>(m, "SpinEvent", "Set once, waited for by any number of threads (csrc/handoff.h)")

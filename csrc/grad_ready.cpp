@@ -411,12 +411,13 @@ bool GradReadiness::first_mark_seen() const {
   return first_mark_seen_;
 }
 
-bool graph_reaches_only(const std::vector<at::Tensor>& roots, const std::vector<at::Tensor>& allowed) {
+namespace {
+
+// Autograd's walk back from `roots` to the leaves: `on_leaf(leaf's TensorImpl)` for each leaf met,
+// until it returns false. Returns whether the walk went to its end.
+template <typename OnLeaf>
+bool walk_to_leaves(const std::vector<at::Tensor>& roots, OnLeaf on_leaf) {
   using torch::autograd::Node;
-  std::unordered_set<const c10::TensorImpl*> allowed_leaves;
-  for (const auto& t : allowed) {
-    allowed_leaves.insert(t.unsafeGetTensorImpl());
-  }
   std::unordered_set<Node*> seen;
   std::vector<Node*> to_visit;
   auto visit = [&](const torch::autograd::Edge& edge) {
@@ -437,7 +438,7 @@ bool graph_reaches_only(const std::vector<at::Tensor>& roots, const std::vector<
     Node* node = to_visit.back();
     to_visit.pop_back();
     if (auto* accumulate = dynamic_cast<torch::autograd::AccumulateGrad*>(node)) {
-      if (allowed_leaves.count(accumulate->variable.unsafeGetTensorImpl()) == 0) {
+      if (!on_leaf(accumulate->variable.unsafeGetTensorImpl())) {
         return false;
       }
       continue;
@@ -447,6 +448,26 @@ bool graph_reaches_only(const std::vector<at::Tensor>& roots, const std::vector<
     }
   }
   return true;
+}
+
+std::unordered_set<const c10::TensorImpl*> impls_of(const std::vector<at::Tensor>& tensors) {
+  std::unordered_set<const c10::TensorImpl*> impls;
+  for (const auto& t : tensors) {
+    impls.insert(t.unsafeGetTensorImpl());
+  }
+  return impls;
+}
+
+}  // namespace
+
+bool graph_reaches_only(const std::vector<at::Tensor>& roots, const std::vector<at::Tensor>& allowed) {
+  const auto allowed_leaves = impls_of(allowed);
+  return walk_to_leaves(roots, [&](const c10::TensorImpl* leaf) { return allowed_leaves.count(leaf) != 0; });
+}
+
+bool graph_reaches_any(const std::vector<at::Tensor>& roots, const std::vector<at::Tensor>& leaves) {
+  const auto wanted = impls_of(leaves);
+  return !walk_to_leaves(roots, [&](const c10::TensorImpl* leaf) { return wanted.count(leaf) == 0; });
 }
 
 }  // namespace dpfast

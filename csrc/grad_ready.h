@@ -138,4 +138,9 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
 // (NOTE [Parallel backward] in dpfast/backward.py). Costs a visit per node, without Python.
 bool graph_reaches_only(const std::vector<at::Tensor>& roots, const std::vector<at::Tensor>& allowed);
 
+// Whether autograd's walk back from `roots` meets one of `leaves`: replica 0's graph, which the
+// caller's backward walks, must not reach into a replica whose backward is routed to a worker
+// (a value cached across replicas: parametrize.cached() keys its cache by the root module).
+bool graph_reaches_any(const std::vector<at::Tensor>& roots, const std::vector<at::Tensor>& leaves);
+
 }  // namespace dpfast

@@ -218,6 +218,11 @@ def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: 
         per_replica.append(tensors)
     if not any(per_replica):
         return None
+    # The caller's backward walks replica 0's graph: it must stay out of the routed ones (a tensor
+    # cached across replicas, as parametrize.cached() does, would have both walk one graph).
+    own = [t for _, t in iter_tensors(outputs[0], None) if t.requires_grad]
+    if own and _C.graph_reaches_any(own, [t for tensors in replica_tensors[1:len(outputs)] for t in tensors]):
+        return None
     plan = _Plan(per_replica, where[1:], replicas, threads, caller_threads, pool, reducer)
     tensors = plan.tensors
     # A tensor of its own, saved with the outputs: alive exactly as long as the graph may still run

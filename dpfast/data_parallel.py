@@ -356,19 +356,20 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         active = [k for k, size in enumerate(sizes) if size != 0] or [0]  # 0 rows: sits this step out
         chunk_sizes = [sizes[k] for k in active]
         devices = [self.devices[k] for k in active]
-        runtime = self._ensure_runtime()  # after the inputs were checked: bad input starts nothing
-        cross = runtime.cross
-        training_step = self.training and torch.is_grad_enabled()
-        if cross is not None and training_step:
-            share = self._cross_process_share(cross, batch)
-            return _hold_through_backward(distributed.scale_output_grads(
-                self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), share),
-                runtime)
-        if n == 1 and self.gather_outputs and cross is None:  # as nn.DataParallel: the module itself
+        if n == 1 and self.gather_outputs and distributed.process_group_or_default(self.process_group) is None:
+            # As nn.DataParallel: the module itself, and nothing built for it, so that what has no
+            # replicas (a lazy module before its first forward, a TorchScript module) runs as there.
             self._check_module_device()
             inputs, kwargs = scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim,
                                                            replica_rows=(1, [0]))
             return self.module(*inputs[0], **kwargs[0])
+        runtime = self._ensure_runtime()  # after the inputs were checked: bad input starts nothing
+        cross = runtime.cross
+        if cross is not None and self.training and torch.is_grad_enabled():
+            share = self._cross_process_share(cross, batch)
+            return _hold_through_backward(distributed.scale_output_grads(
+                self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), share),
+                runtime)
         return _hold_through_backward(
             self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), runtime)
 

@@ -131,8 +131,15 @@ def scale_output_grads(obj: Any, factor: float) -> Any:
     return obj
 
 
-def maybe_cross_process(process_group: Optional[Any], device: torch.device) -> Optional[CrossProcess]:
+def process_group_or_default(process_group: Optional[Any]) -> Optional[Any]:
+    """The group a wrapper's gradients cross processes in: the one given, else the default group
+    when torch.distributed runs; None when this process is alone."""
     group = process_group if process_group is not None else default_group_if_initialized()
     if group is None or dist.get_world_size(group) <= 1:
         return None
-    return CrossProcess(group, device)
+    return group
+
+
+def maybe_cross_process(process_group: Optional[Any], device: torch.device) -> Optional[CrossProcess]:
+    group = process_group_or_default(process_group)
+    return None if group is None else CrossProcess(group, device)

@@ -3,7 +3,8 @@
 The same structures as torch.nn.parallel.scatter_gather (tensors, lists,
 tuples, namedtuples, dicts and dict subclasses, with the type kept) plus
 dataclasses; non-tensor values go to every replica unchanged. Unlike
-nn.DataParallel, tensors whose batch sizes disagree are rejected, 0-dim input
+nn.DataParallel, tensors whose batch sizes disagree are rejected (but for one
+row per replica, and whole multiples of the batch split per sample), 0-dim input
 tensors are given whole to every replica instead of failing, and 0-dim outputs
 are gathered into a vector without a warning.
 """
@@ -72,8 +73,10 @@ def iter_tensors(obj: Any, path: Optional[str]):
 def find_batch_size(inputs: tuple, kwargs: dict, dim: int, num_replicas: Optional[int] = None) -> Optional[int]:
     """The common size along ``dim`` of every input tensor that has a batch
     dimension, or None when there is none. Raises on disagreement, except for
-    tensors of ``num_replicas`` rows next to a batch of another size: those
-    carry one row per replica (see ``scatter``)."""
+    tensors of ``num_replicas`` rows next to a batch of another size (they
+    carry one row per replica) and tensors of a whole multiple of the batch's
+    rows (several rows per sample, batch-major: MultiheadAttention's 3-D
+    ``attn_mask`` of batch x heads rows); see ``scatter``."""
     distinct = set()  # at every call: first without the paths, which only an error names
     for _, tensor in itertools.chain(iter_tensors(inputs, None), iter_tensors(kwargs, None)):
         rank = tensor.dim()
@@ -85,9 +88,22 @@ def find_batch_size(inputs: tuple, kwargs: dict, dim: int, num_replicas: Optiona
     else:
         if len(distinct) <= 1:
             return distinct.pop() if distinct else None
-        if len(distinct) == 2 and num_replicas in distinct:
-            return (distinct - {num_replicas}).pop()
+        batch = _batch_of(distinct, num_replicas)
+        if batch is not None:
+            return batch
     return _find_batch_size_naming_paths(inputs, kwargs, dim, num_replicas)
+
+
+def _batch_of(distinct: set, num_replicas: Optional[int]) -> Optional[int]:
+    """The batch among two or more sizes: the smallest, once one row per replica is set aside,
+    where every other size is a whole multiple of it; else None. Not 1: a 1-row tensor next to
+    the batch is most often one shared by every sample (expand it), and as the batch it would
+    leave every replica but one idle."""
+    sizes = distinct - {num_replicas}
+    batch = min(sizes)
+    if len(sizes) == 1 or (batch > 1 and all(size % batch == 0 for size in sizes)):
+        return batch
+    return None
 
 
 def _find_batch_size_naming_paths(inputs: tuple, kwargs: dict, dim: int, num_replicas: Optional[int]) -> Optional[int]:
@@ -102,13 +118,16 @@ def _find_batch_size_naming_paths(inputs: tuple, kwargs: dict, dim: int, num_rep
     distinct = {size for _, size in sizes}
     if len(distinct) <= 1:
         return distinct.pop() if distinct else None
-    if len(distinct) == 2 and num_replicas in distinct:
-        return (distinct - {num_replicas}).pop()
-    first_path, first = sizes[0]
-    path, size = next((p, n) for p, n in sizes if n != first)
+    batch = _batch_of(distinct, num_replicas)
+    if batch is not None:
+        return batch
+    batch = min(n for _, n in sizes if n != num_replicas)
+    disagree = next(i for i, (_, n) in enumerate(sizes) if n not in (batch, num_replicas) and (batch <= 1 or n % batch))
+    first = min(i for i, (_, n) in enumerate(sizes) if n == batch)
+    (first_path, first_size), (path, size) = (sizes[i] for i in sorted((first, disagree)))  # in the inputs' order
     raise ValueError(f"dpfast.DataParallel: inputs: expected every input tensor to have the same size along "
-                     f"dim {dim} (the batch), or one row per replica, but {first_path} has {first} and {path} "
-                     f"has {size}")
+                     f"dim {dim} (the batch), a whole multiple of it (rows per sample), or one row per replica, "
+                     f"but {first_path} has {first_size} and {path} has {size}")
 
 
 class Scatter(torch.autograd.Function):
@@ -212,10 +231,16 @@ def scatter(obj: Any, devices: List[torch.device], chunk_sizes: List[int], dim: 
 
     def scatter_map(value):
         if isinstance(value, torch.Tensor):
-            if num_replicas is not None and value.dim() > 0 and value.size(dim) == num_replicas != batch:
-                all_run = list(running) == list(range(num_replicas))
-                rows = value if all_run else value.index_select(dim, torch.tensor(running, device=value.device))
-                return scatter_tensor(rows, devices, [1] * len(devices), dim, lane_stream_ids)
+            rows = value.size(dim) if value.dim() > 0 else batch
+            if rows != batch:
+                if num_replicas is not None and rows == num_replicas:
+                    all_run = list(running) == list(range(num_replicas))
+                    rows = value if all_run else value.index_select(dim, torch.tensor(running, device=value.device))
+                    return scatter_tensor(rows, devices, [1] * len(devices), dim, lane_stream_ids)
+                if batch and rows % batch == 0:  # rows per sample, batch-major: each replica its samples' rows
+                    per_sample = rows // batch
+                    return scatter_tensor(value, devices, [size * per_sample for size in chunk_sizes], dim,
+                                          lane_stream_ids)
             return scatter_tensor(value, devices, chunk_sizes, dim, lane_stream_ids)
         if _is_namedtuple(value) and len(value) > 0:
             return [type(value)(*fields) for fields in zip(*map(scatter_map, value))]

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import gc
 import threading
+import time
 import weakref
 
 import pytest
@@ -293,6 +294,10 @@ def test_graph_reaches_only():
     assert _C.graph_reaches_only([torch.randn(3)], [])  # no graph at all
     fresh = torch.randn(3, requires_grad=True)  # no accumulator yet: the walk makes one, and keeps it
     assert _C.graph_reaches_only([fresh], [fresh])
+    assert _C.graph_reaches_any([out], [a]) and _C.graph_reaches_any([out + b], [b])
+    assert not _C.graph_reaches_any([out], [b])  # b's graph was cut by detach
+    assert not _C.graph_reaches_any([out], []) and not _C.graph_reaches_any([torch.randn(3)], [a])
+    assert _C.graph_reaches_any([a], [a])
 
 
 def test_a_wrapper_inside_a_checkpoint_and_outside_it_in_one_backward():
@@ -640,3 +645,44 @@ def test_vectorized_jacobian_through_the_wrapper():
     eye = torch.eye(out.numel(), dtype=torch.float64).view(-1, *out.shape)
     (batched,) = torch.autograd.grad(out, x, eye, is_grads_batched=True)
     torch.testing.assert_close(batched.view(*out.shape, *x.shape), expected, rtol=1e-12, atol=1e-12)
+
+
+class CachedWeightNorm(nn.Module):
+    """A weight-normalized head behind a layer; the caller's thread arrives late, so that under
+    parametrize.cached() a worker's replica fills the cache that replica 0 then reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 6)
+        self.head = torch.nn.utils.parametrizations.weight_norm(nn.Linear(6, 2))
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        if threading.current_thread() is threading.main_thread():
+            time.sleep(0.05)
+        return self.head(h)
+
+
+def test_a_weight_cached_across_replicas_leaves_the_backward_to_autograd():
+    """torch.nn.utils.parametrize.cached() keys its cache by the module the parametrization was
+    registered on, so every replica reads whichever replica computed the weight first. Where that is
+    a worker's replica, replica 0's graph runs into that replica's: its backward is not routed to the
+    worker (both would walk it: "backward through the graph a second time"), and the gradients sum
+    to the module's."""
+    reference, wrapped = reference_and_wrapped(device_ids=["cpu"] * 2, factory=lambda: CachedWeightNorm().double())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (reference, wrapped.module)]
+    for step in range(3):
+        x = torch.randn(8, 4, dtype=torch.float64)
+        with torch.nn.utils.parametrize.cached():
+            out = wrapped(x)
+            assert not routed(out)
+            torch.testing.assert_close(out, reference(x), rtol=1e-12, atol=1e-12)
+            out.pow(2).sum().backward()
+            reference(x).pow(2).sum().backward()
+        assert_same_grads(reference, wrapped.module)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    out = wrapped(x)  # outside cached(): routed again
+    assert routed(out)
+    torch.testing.assert_close(out, reference(x), rtol=1e-12, atol=1e-12)

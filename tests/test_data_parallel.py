@@ -1980,3 +1980,48 @@ def test_dispatch_modes_reach_every_replica_and_saved_tensor_hooks_replica_0(par
             assert not any(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
                            if name.endswith(".1")), counter.get_flop_counts()
         assert counts[0] == counts[1] > 0
+
+
+class SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(8, num_heads=2, batch_first=True)
+
+    def forward(self, x, attn_mask=None):
+        return self.attention(x, x, x, attn_mask=attn_mask, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("batch", [7, 8])
+def test_an_input_with_rows_per_sample_is_split_by_sample(batch):
+    """MultiheadAttention's 3-D attn_mask has batch x heads rows, batch-major: each replica gets its
+    samples' rows (nn.DataParallel's torch.chunk gives the same where the batch divides evenly), and
+    the outputs and gradients are the module's on the whole batch."""
+    reference, wrapped = pair(SelfAttention, device_ids=["cpu"] * 3)
+    x = torch.randn(batch, 5, 8, dtype=torch.float64)
+    mask = torch.randn(batch * 2, 5, 5, dtype=torch.float64)
+    out = wrapped(x, attn_mask=mask)
+    torch.testing.assert_close(out, reference(x, attn_mask=mask), rtol=1e-12, atol=1e-12)
+    out.pow(2).sum().backward()
+    reference(x, attn_mask=mask).pow(2).sum().backward()
+    assert_same_grads(reference, wrapped)
+    with pytest.raises(ValueError, match=r"a whole multiple of it \(rows per sample\), or one row per replica, "
+                                         rf"but inputs\[0\] has {batch} and kwargs\['attn_mask'\] has 5"):
+        wrapped(x, attn_mask=mask[:5])
+    with pytest.raises(ValueError, match=rf"but kwargs\['attn_mask'\] has 1 and kwargs\['x'\] has {batch}"):
+        wrapped(attn_mask=mask[:1], x=x)  # one row shared by every sample: not taken for the batch
+    torch.testing.assert_close(wrapped(x), reference(x), rtol=1e-12, atol=1e-12)  # after the errors
+
+
+def test_one_device_runs_what_has_no_replicas_as_nn_dataparallel():
+    """On one device nn.DataParallel runs the module itself, so a lazy module before its first
+    forward and a TorchScript module run there; so they do here, with nothing built for them."""
+    lazy = nn.Sequential(nn.LazyLinear(3))
+    wrapped = dpfast.DataParallel(lazy, device_ids=["cpu"])
+    x = torch.randn(4, 5)
+    out = wrapped(x)
+    assert lazy[0].weight.shape == (3, 5) and wrapped.__dict__.get("_runtime") is None
+    torch.testing.assert_close(out, lazy(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated
+        scripted = torch.jit.script(nn.Sequential(nn.Linear(5, 3), nn.Tanh()))
+    torch.testing.assert_close(dpfast.DataParallel(scripted, device_ids=["cpu"])(x), scripted(x))

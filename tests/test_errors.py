@@ -129,7 +129,7 @@ def test_mismatched_batch_sizes():
 
     wrapped = dpfast.DataParallel(Two(), device_ids=CPU4)
     with pytest.raises(ValueError, match=r"inputs: expected every input tensor to have the same size along dim 0 "
-                                         r"\(the batch\), or one row per replica, but inputs\[0\] has 8 and kwargs\['b'\] has 6"):
+                                         r"\(the batch\), a whole multiple of it \(rows per sample\), or one row per replica, but inputs\[0\] has 8 and kwargs\['b'\] has 6"):
         wrapped(torch.zeros(8, 2), b=torch.zeros(6, 2))
 
 

@@ -240,12 +240,12 @@ class TakesAnything(nn.Module):
 INPUT_CASES = [
     # (id, wrapper keyword arguments, args, kwargs, error, message)
     ("batch_mismatch_nested_dict_list", {}, ({"a": torch.zeros(8, 4), "b": [torch.zeros(8, 1), torch.zeros(5, 1)]},),
-     {}, ValueError, r"inputs: expected every input tensor to have the same size along dim 0 \(the batch\), or one row per replica, but "
+     {}, ValueError, r"inputs: expected every input tensor to have the same size along dim 0 \(the batch\), a whole multiple of it \(rows per sample\), or one row per replica, but "
                      r"inputs\[0\]\['a'\] has 8 and inputs\[0\]\['b'\]\[1\] has 5"),
     ("batch_mismatch_dataclass_fields", {}, (Example(torch.zeros(8, 4), torch.zeros(7)),), {}, ValueError,
      r"but inputs\[0\].features has 8 and inputs\[0\].label has 7"),
     ("batch_mismatch_dim1", {"dim": 1}, (torch.zeros(2, 8, 4),), {"mask": torch.zeros(2, 6)}, ValueError,
-     r"same size along dim 1 \(the batch\), or one row per replica, but inputs\[0\] has 8 and kwargs\['mask'\] has 6"),
+     r"same size along dim 1 \(the batch\), a whole multiple of it \(rows per sample\), or one row per replica, but inputs\[0\] has 8 and kwargs\['mask'\] has 6"),
     ("negative_dim_out_of_range", {"dim": -3}, (torch.zeros(8, 4),), {}, ValueError,
      r"dim: expected a dimension in \[-2, 2\) of every input tensor, but got dim=-3 and inputs\[0\] has shape "
      r"\(8, 4\)"),
