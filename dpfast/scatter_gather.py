@@ -122,7 +122,8 @@ def _find_batch_size_naming_paths(inputs: tuple, kwargs: dict, dim: int, num_rep
     if batch is not None:
         return batch
     batch = min(n for _, n in sizes if n != num_replicas)
-    disagree = next(i for i, (_, n) in enumerate(sizes) if n not in (batch, num_replicas) and (batch <= 1 or n % batch))
+    disagree = next(i for i, (_, n) in enumerate(sizes)
+                    if n not in (batch, num_replicas) and (batch <= 1 or n % batch))
     first = min(i for i, (_, n) in enumerate(sizes) if n == batch)
     (first_path, first_size), (path, size) = (sizes[i] for i in sorted((first, disagree)))  # in the inputs' order
     raise ValueError(f"dpfast.DataParallel: inputs: expected every input tensor to have the same size along "
@@ -235,8 +236,8 @@ def scatter(obj: Any, devices: List[torch.device], chunk_sizes: List[int], dim: 
             if rows != batch:
                 if num_replicas is not None and rows == num_replicas:
                     all_run = list(running) == list(range(num_replicas))
-                    rows = value if all_run else value.index_select(dim, torch.tensor(running, device=value.device))
-                    return scatter_tensor(rows, devices, [1] * len(devices), dim, lane_stream_ids)
+                    picked = value if all_run else value.index_select(dim, torch.tensor(running, device=value.device))
+                    return scatter_tensor(picked, devices, [1] * len(devices), dim, lane_stream_ids)
                 if batch and rows % batch == 0:  # rows per sample, batch-major: each replica its samples' rows
                     per_sample = rows // batch
                     return scatter_tensor(value, devices, [size * per_sample for size in chunk_sizes], dim,
