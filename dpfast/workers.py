@@ -103,6 +103,10 @@ def idle_threads_sleep() -> bool:
 
 _NOT_LOOKED_UP = object()
 _pause_team = _NOT_LOOKED_UP
+# The lookup's ctypes objects, kept: a ctypes library and structure type each make a class, whose
+# cycles would be garbage for the collector right after a wrapper's first call (PyTorch's own
+# DataParallel test asserts that a call leaves none).
+_lookup_objects: List[Any] = []
 
 
 def omp_pause_setting() -> bool:
@@ -131,13 +135,17 @@ def _omp_pause() -> Optional[Callable[[int], int]]:
         # dlsym on torch's library searches it and what it was linked with: the runtime torch calls
         # (auditwheel may have renamed it, libgomp-<hash>.so.1), whatever else the process loaded.
         libtorch_cpu = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-        pause = ctypes.CDLL(libtorch_cpu, mode=os.RTLD_NOLOAD | os.RTLD_LAZY).omp_pause_resource_all
+        library = ctypes.CDLL(libtorch_cpu, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        _lookup_objects.append(library)
+        pause = library.omp_pause_resource_all
 
         class _DlInfo(ctypes.Structure):
             _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
                         ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
         info = _DlInfo()
-        dladdr = ctypes.CDLL(None).dladdr
+        process = ctypes.CDLL(None)
+        _lookup_objects.extend((_DlInfo, process))
+        dladdr = process.dladdr
         dladdr.argtypes, dladdr.restype = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)], ctypes.c_int
         if not dladdr(ctypes.cast(pause, ctypes.c_void_p), ctypes.byref(info)) or not info.dli_fname:
             return None
@@ -304,7 +312,7 @@ class _Inbox:
 
 
 class _Job:
-    __slots__ = ("fn", "where", "threads", "set_threads", "state", "done", "result", "error")
+    __slots__ = ("fn", "where", "threads", "set_threads", "state", "done", "result", "error", "error_text")
 
     def __init__(self, fn: Callable[[], Any], where: str, threads: Optional[int] = None, spin: int = 0,
                  state: Optional[Any] = None):
@@ -314,6 +322,7 @@ class _Job:
         self.done = _Done(spin)
         self.result: Any = None
         self.error: Optional[BaseException] = None
+        self.error_text = ""  # the replica's traceback, formatted
 
     def run(self, signal: bool = True) -> None:
         """``signal``: set ``done`` at the end (a worker sets it itself, as late as it can)."""
@@ -324,26 +333,38 @@ class _Job:
                 with _C.ThreadStateScope(self.state):
                     self.result = self.fn()
         except BaseException as error:  # KeyboardInterrupt inside a replica's forward included
-            self.error = error
+            self.keep_error(error)
         finally:
             self.fn = self.state = None  # drop references to the replica's inputs
             if signal:
                 self.done.set()
 
+    def keep_error(self, error: BaseException) -> None:
+        """The replica's exception, its traceback formatted now and dropped, as nn.DataParallel's
+        ExceptionWrapper keeps it: the traceback's frames hold the replica's activations (memory
+        an out-of-memory retry needs back at once), and this job in them would hold them in a
+        cycle until the garbage collector ran."""
+        wrapped = ExceptionWrapper(exc_info=(type(error), error, error.__traceback__), where=self.where)
+        self.error_text = wrapped.exc_msg
+        error.__traceback__ = None
+        self.error = error
+
     def reraise(self) -> None:
         """Raises the replica's exception in the caller, its type kept, naming the replica and
         device as nn.DataParallel does ("Caught X in replica k on device d", then the replica's
         traceback)."""
-        error = self.error
-        formatted = ExceptionWrapper(exc_info=(type(error), error, error.__traceback__), where=self.where)
-        message = f"Caught {type(error).__name__} {self.where}.\nOriginal {formatted.exc_msg}"
+        error, self.error = self.error, None
+        message = f"Caught {type(error).__name__} {self.where}.\nOriginal {self.error_text}"
         if isinstance(error, KeyError):
             message = KeyErrorMessage(message)
         try:
             replacement = type(error)(message)
         except Exception:  # a type whose constructor takes more than a message
             replacement = _same_type_with_message(error, message)
-        raise replacement
+        try:
+            raise replacement
+        finally:  # the raised exception's traceback holds this frame: no cycle through its locals
+            del error, replacement
 
 
 def _same_type_with_message(error: BaseException, message: str) -> BaseException:
@@ -373,7 +394,8 @@ def _worker_loop(jobs: _Inbox) -> None:
                 torch.set_num_threads(job.threads)  # this thread's own intra-op pool (OpenMP, MKL)
                 job.set_threads = True
         except BaseException as error:  # the caller gets it as the replica's error, and waits no longer
-            job.fn, job.error = None, error
+            job.fn = None
+            job.keep_error(error)
         else:
             job.run(signal=False)
         done, job = job.done, None  # the caller owns the result; keep nothing alive until the next call
