@@ -182,18 +182,22 @@ class _Runtime:
         self.devices = list(wrapper.devices)
         self._wheres: dict = {}
 
-    def where(self, k: int, rows: Optional[int] = None, backward: bool = False) -> str:
-        """How an error inside replica k names it: made once per replica and chunk size (formatting a
-        device at every step cost more than the rest of the hand-off)."""
+    def where(self, k: int, rows: Optional[int] = None, backward: bool = False) -> Tuple[str, str]:
+        """How an error inside replica k names it, and what the message adds after the replica's
+        traceback: made once per replica and chunk size (formatting a device at every step cost more
+        than the rest of the hand-off). The first part is nn.DataParallel's own ("in replica 1 on
+        device 0" for cuda:0), so that what matches its messages matches these."""
         key = (k, rows, backward)
-        text = self._wheres.get(key)
-        if text is None:
-            text = f"in replica {k} on device {self.devices[k]}" + (
-                " (backward)" if backward else f" (a batch chunk of {rows} rows)" if rows is not None else "")
+        where = self._wheres.get(key)
+        if where is None:
+            device = self.devices[k]
+            where = (f"in replica {k} on device {device.index if device.type == 'cuda' else device}"
+                     + (" (backward)" if backward else ""),
+                     f"replica {k} ran a batch chunk of {rows} rows" if rows is not None and not backward else "")
             if len(self._wheres) > 4096:  # batch sizes that keep changing
                 self._wheres.clear()
-            self._wheres[key] = text
-        return text
+            self._wheres[key] = where
+        return where
 
     def close(self) -> None:
         # The reducer goes when nothing holds it any more (NOTE [Reducer lifetime]): a graph of a

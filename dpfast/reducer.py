@@ -241,7 +241,7 @@ class GradReducer:
         self._routed = [alive for alive in self._routed if alive() is not None]
         return bool(self._routed)
 
-    def run_replica_backward(self, pool, fns: list, wheres: List[str], workers: List[int], replicas: int,
+    def run_replica_backward(self, pool, fns: list, wheres: list, workers: List[int], replicas: int,
                              threads: int, window: list, caller_threads: Optional[int] = None) -> None:
         """NOTE [Parallel backward]: runs the replicas' parts of this backward on the workers. Its
         end (queued here, on the caller's graph task: the workers' hooks run in graph tasks of their

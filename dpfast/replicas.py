@@ -240,8 +240,10 @@ class ReplicaSet:
                     index_of[id(t)] = len(tensors)
                     tensors.append(t)
         if any(nn.parameter.is_lazy(t) for t in tensors):
+            # The second sentence is nn.DataParallel's (torch's lazy modules raise it there).
             raise RuntimeError("dpfast.DataParallel: module: expected initialized parameters and buffers, but found "
-                               "uninitialized ones (a lazy module such as nn.LazyLinear): run one forward of the "
+                               "uninitialized ones (a lazy module such as nn.LazyLinear). Modules with "
+                               "uninitialized parameters can't be used with `DataParallel`: run one forward of the "
                                "module itself first, to initialize them, then call the wrapper")
         self.tensors = tensors
         self.is_param = [isinstance(t, nn.Parameter) for t in tensors]

@@ -21,7 +21,7 @@ import contextlib
 import os
 import sys
 import threading
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 from torch._utils import ExceptionWrapper, KeyErrorMessage
@@ -312,11 +312,14 @@ class _Inbox:
 
 
 class _Job:
-    __slots__ = ("fn", "where", "threads", "set_threads", "state", "done", "result", "error", "error_text")
+    __slots__ = ("fn", "where", "detail", "threads", "set_threads", "state", "done", "result", "error", "error_text")
 
-    def __init__(self, fn: Callable[[], Any], where: str, threads: Optional[int] = None, spin: int = 0,
-                 state: Optional[Any] = None):
-        self.fn, self.where, self.threads = fn, where, threads
+    def __init__(self, fn: Callable[[], Any], where: Union[str, Tuple[str, str]], threads: Optional[int] = None,
+                 spin: int = 0, state: Optional[Any] = None):
+        """``where``: how an error names the replica ("in replica k on device d"), or that and a
+        line the message ends with."""
+        self.fn, self.threads = fn, threads
+        self.where, self.detail = where if isinstance(where, tuple) else (where, "")
         self.set_threads = False
         self.state = state  # the submitter's thread-local state (NOTE [Thread-local state of replicas])
         self.done = _Done(spin)
@@ -355,6 +358,8 @@ class _Job:
         traceback)."""
         error, self.error = self.error, None
         message = f"Caught {type(error).__name__} {self.where}.\nOriginal {self.error_text}"
+        if self.detail:  # after nn.DataParallel's own wording, which callers may match
+            message = f"{message.rstrip()}\n({self.detail})"
         if isinstance(error, KeyError):
             message = KeyErrorMessage(message)
         try:
@@ -452,7 +457,7 @@ class WorkerPool:
     def threads(self) -> List[threading.Thread]:
         return list(self._threads)
 
-    def run(self, fns: List[Callable[[], Any]], wheres: List[str], worker_threads: Optional[int] = None,
+    def run(self, fns: List[Callable[[], Any]], wheres: List[Any], worker_threads: Optional[int] = None,
             caller_threads: Optional[int] = None) -> List[Any]:
         """fns[0] on the calling thread, fns[k] on worker k; results in order. ``worker_threads``:
         the workers' intra-op threads, ``caller_threads``: the caller's while fns[0] runs (NOTE
@@ -480,7 +485,7 @@ class WorkerPool:
                 job.reraise()
         return [job.result for job in jobs]
 
-    def submit(self, fns: List[Callable[[], Any]], wheres: List[str], workers: List[int],
+    def submit(self, fns: List[Callable[[], Any]], wheres: List[Any], workers: List[int],
                worker_threads: Optional[int] = None) -> List[_Job]:
         """fns[j] on worker workers[j] (1-based, as run() numbers them), without waiting: the jobs,
         to wait for with ``job.done``. On a closed pool (the wrapper is gone, its graph is not),

@@ -176,7 +176,8 @@ def test_exception_in_a_replica_names_it_and_the_wrapper_trains_on(error):
     threads = threading.active_count()
     x[5, 0] = 99.0  # rows 4..5: replica 2
     wrapped.module.fail_on, wrapped.module.error = 99.0, error
-    with pytest.raises(type(error), match=r"in replica 2 on device cpu \(a batch chunk of 2 rows\)"):
+    expected = rf"Caught {type(error).__name__} in replica 2 on device cpu.\nOriginal Traceback[\s\S]*\n\(replica 2 ran a batch chunk of 2 rows\)"
+    with pytest.raises(type(error), match=expected):
         wrapped(x)
     wrapped.module.fail_on = None
     x[5, 0] = 0.5
@@ -203,7 +204,8 @@ def test_uninitialized_lazy_module_is_named_and_the_wrapper_works_once_initializ
     wrapped = dpfast.DataParallel(model, device_ids=CPU4)
     x = torch.randn(8, 5)
     with pytest.raises(RuntimeError, match=r"module: expected initialized parameters and buffers, but found "
-                                           r"uninitialized ones \(a lazy module such as nn.LazyLinear\)"):
+                                           r"uninitialized ones \(a lazy module such as nn.LazyLinear\)\. Modules with "
+                                           r"uninitialized parameters can't be used with `DataParallel`"):
         wrapped(x)
     model(x)  # the module alone initializes its parameters
     torch.testing.assert_close(wrapped(x), model(x))
@@ -262,3 +264,17 @@ def test_wrappers_that_are_not_replicated_may_nest():
     torch.testing.assert_close(wrapped(x), module(x))
     wrapped.device_ids = ["cpu"] * 4
     torch.testing.assert_close(wrapped(x), module(x))
+
+
+def test_a_replicas_error_reads_as_nn_dataparallels():
+    """PyTorch's test_parallel_apply_passes_exception, through the wrapper: nn.DataParallel's own
+    wording, then the replica's traceback; dpfast's addition (the chunk) comes last."""
+
+    class Missing(nn.Module):
+        def forward(self, *args):
+            return {}["wonderful"]
+
+    wrapped = dpfast.DataParallel(Missing(), device_ids=["cpu"] * 2)
+    with pytest.raises(KeyError, match=r"Caught KeyError in replica \d on device cpu.\nOriginal Traceback \(most "
+                                       r"recent call last\):\n  File"):
+        wrapped(torch.zeros(4, 1))

@@ -378,7 +378,8 @@ def test_forward_failure_is_named_and_training_goes_on_without_leaks(make_error,
         wrapper(x)
     message = str(info.value)
     del info, x
-    assert f"in replica {first} on device cpu (a batch chunk of {rows} rows)" in message
+    assert f"in replica {first} on device cpu.\nOriginal Traceback" in message  # nn.DataParallel's wording
+    assert message.endswith(f"(replica {first} ran a batch chunk of {rows} rows)")
     original = str(make_error())
     assert original in message
     wrapper.module.fail_on = frozenset()
@@ -509,7 +510,7 @@ def test_out_of_memory_names_device_and_chunk_and_a_smaller_batch_works():
         wrapper(x)
     message = str(info.value)
     del info, x
-    assert "in replica 2 on device cpu (a batch chunk of 3 rows)" in message
+    assert "in replica 2 on device cpu" in message and message.endswith("(replica 2 ran a batch chunk of 3 rows)")
     assert "Tried to allocate" in message  # the original message is kept
     trainer.step(8)  # the next step with a smaller batch works, with correct gradients
     trainer.assert_in_step()
