@@ -411,7 +411,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("detach_roots", &GradReadiness::detach_roots)
       .def("root_states", &GradReadiness::root_states)
       .def("held_roots", &GradReadiness::held_roots)
-      .def("set_root_stream", &GradReadiness::set_root_stream, "stream_id"_a, "device_index"_a)
+      .def("set_lane_stream", &GradReadiness::set_lane_stream, "replica"_a, "stream_id"_a, "device_index"_a)
       .def_static("is_root_hooked", &GradReadiness::is_root_hooked, "param"_a)
       .def_static("keeps_in_grad", &GradReadiness::keeps_in_grad, "grad"_a, "view"_a)
       .def("set_bucket_len", &GradReadiness::set_bucket_len, "bucket_len"_a)

@@ -47,6 +47,7 @@ struct ReadyHook : torch::autograd::PostAccumulateGradHook {
         grad = view;
       }
     }
+    state->wait_for_current(view, replica);
     state->mark(index, replica);
   }
 
@@ -227,13 +228,25 @@ void GradReadiness::detach_roots() {
   roots_.clear();
 }
 
-std::optional<c10::Stream> GradReadiness::stream_if_elsewhere(const at::Tensor& view) const {
-  if (!root_stream_ || view.device() != root_stream_->device()) {
+std::optional<c10::Stream> GradReadiness::stream_if_elsewhere(const at::Tensor& view, int64_t k) const {
+  if (k < 0 || static_cast<size_t>(k) >= lane_streams_.size()) {
+    return std::nullopt;  // CPU lanes: no streams
+  }
+  const std::optional<c10::Stream>& lane = lane_streams_[k];
+  if (!lane || view.device() != lane->device()) {
     return std::nullopt;
   }
-  const c10::impl::VirtualGuardImpl guard(root_stream_->device_type());
+  const c10::impl::VirtualGuardImpl guard(lane->device_type());
   const c10::Stream current = guard.getStream(view.device());
-  return current == *root_stream_ ? std::nullopt : std::optional<c10::Stream>(current);
+  return current == *lane ? std::nullopt : std::optional<c10::Stream>(current);
+}
+
+void GradReadiness::wait_for_current(const at::Tensor& view, int64_t k) const {
+  if (auto elsewhere = stream_if_elsewhere(view, k)) {
+    c10::Event event(elsewhere->device_type());
+    event.record(*elsewhere);
+    event.block(*lane_streams_[k]);
+  }
 }
 
 bool GradReadiness::root_move(const at::Tensor& param, const at::Tensor& view, bool held) const {
@@ -251,7 +264,7 @@ bool GradReadiness::root_move(const at::Tensor& param, const at::Tensor& view, b
     view.zero_();  // it may hold an earlier step's sum
   } else if (grad.data_ptr() != view.data_ptr()) {
     // autograd made a new .grad (it was None, or replaced): its sum since the last reduction
-    if (auto elsewhere = stream_if_elsewhere(view)) {
+    if (auto elsewhere = stream_if_elsewhere(view, 0)) {
       grad.record_stream(*elsewhere);  // read there, after the allocator may see it freed
     }
     view.copy_(grad);
@@ -267,12 +280,7 @@ void GradReadiness::root_done(const at::Tensor& param, int64_t i, const at::Tens
       kept = root_move(param, view, held);  // a hook that ran after ours replaced or dropped .grad
     }
   }
-  if (auto elsewhere = stream_if_elsewhere(view)) {
-    // NOTE [Stream ordering]: the lane's stream, and so the reduction, waits for what ran here.
-    c10::Event event(elsewhere->device_type());
-    event.record(*elsewhere);
-    event.block(*root_stream_);
-  }
+  wait_for_current(view, 0);  // NOTE [Stream ordering]: the lane's stream, and so the reduction, waits
   {
     std::lock_guard<std::mutex> lock(mutex_);
     root_state_[i] = kept ? kRootHeld : kRootInView;
@@ -285,8 +293,14 @@ std::vector<int64_t> GradReadiness::root_states() const {
   return root_state_;
 }
 
-void GradReadiness::set_root_stream(int64_t stream_id, int64_t device_index) {
-  root_stream_ = c10::Stream::unpack3(stream_id, static_cast<c10::DeviceIndex>(device_index), c10::DeviceType::CUDA);
+void GradReadiness::set_lane_stream(int64_t replica, int64_t stream_id, int64_t device_index) {
+  TORCH_CHECK(replica >= 0, "dpfast.GradReadiness.set_lane_stream: replica: expected a replica index >= 0, but got ",
+              replica);
+  if (static_cast<size_t>(replica) >= lane_streams_.size()) {
+    lane_streams_.resize(replica + 1);
+  }
+  lane_streams_[replica] =
+      c10::Stream::unpack3(stream_id, static_cast<c10::DeviceIndex>(device_index), c10::DeviceType::CUDA);
 }
 
 bool GradReadiness::keeps_in_grad(const at::Tensor& grad, const at::Tensor& view) {

@@ -62,9 +62,14 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   void root_done(const at::Tensor& param, int64_t i, const at::Tensor& view, bool held, bool kept);
   // Per parameter, since start_over(): kRootNone, kRootInView (.grad is the view) or kRootHeld.
   std::vector<int64_t> root_states() const;
-  // The root lane's compute stream (CUDA): the reduction waits for it, so a root gradient moved on
-  // another stream (an accumulator made outside the wrapper's forward) is ordered before it.
-  void set_root_stream(int64_t stream_id, int64_t device_index);
+  // Replica k's lane stream (CUDA): its bucket's reduction waits for it, so a gradient made or
+  // moved on another stream is ordered before the reduction by wait_for_current (a root gradient
+  // from an accumulator made outside the wrapper's forward; a replica that a subclass of the
+  // wrapper ran on the device's current stream, with torch's parallel_apply).
+  void set_lane_stream(int64_t replica, int64_t stream_id, int64_t device_index);
+  // Where the current stream on view's device is not replica k's lane stream: the lane waits for
+  // what was enqueued on it so far (NOTE [Stream ordering]).
+  void wait_for_current(const at::Tensor& view, int64_t k) const;
   static bool is_root_hooked(const at::Tensor& param);  // for tests: does a reducer hook it
   // Whether a root parameter's (defined) gradient must stay in .grad rather than move into its
   // bucket view: the one rule for the hook and for the reducer's claim at the end of backward.
@@ -110,8 +115,8 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   };
   std::vector<RootParam> roots_;  // touched only with Python's GIL held (attach, ensure, detach)
   static void put_back(const RootParam& root);
-  std::optional<c10::Stream> root_stream_;  // set once, before any hook runs
-  std::optional<c10::Stream> stream_if_elsewhere(const at::Tensor& view) const;
+  std::vector<std::optional<c10::Stream>> lane_streams_;  // set before any hook runs
+  std::optional<c10::Stream> stream_if_elsewhere(const at::Tensor& view, int64_t k) const;
   void reset_window_locked();  // the per-window counts, with mutex_ held (reset_window, start_over)
   struct Callbacks {
     std::function<void()> on_first_mark;

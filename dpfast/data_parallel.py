@@ -181,6 +181,7 @@ class _Runtime:
         self.pool = WorkerPool(len(wrapper.devices) - 1)
         self.devices = list(wrapper.devices)
         self._wheres: dict = {}
+        self.in_own_forward = False  # while dpfast's forward calls replicate()
 
     def where(self, k: int, rows: Optional[int] = None, backward: bool = False) -> Tuple[str, str]:
         """How an error inside replica k names it, and what the message adds after the replica's
@@ -409,7 +410,11 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
     def _forward_replicas(self, runtime, inputs, kwargs, batch, active, chunk_sizes, devices):
         """Scatter, replica sync, parallel forward and gather for the active replicas."""
         with self._phase("param_sync"):
-            replicas, undo = self._replicate_keeping_the_root(active[-1] + 1)
+            runtime.in_own_forward = True  # replicate() is a step of dpfast's forward, which orders the streams
+            try:
+                replicas, undo = self._replicate_keeping_the_root(active[-1] + 1)
+            finally:
+                runtime.in_own_forward = False
         return _run_then_put_back(undo, lambda: self._forward_replicated(
             runtime, inputs, kwargs, batch, active, chunk_sizes, devices, [replicas[k] for k in active]))
 
@@ -530,7 +535,14 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         num_replicas = device_ids if isinstance(device_ids, int) else len(device_ids)
         runtime = self._ensure_runtime()
         runtime.pool.drain()  # a backward that raised may have left replicas' parts running
+        # NOTE [Stream ordering]: called as nn.DataParallel's step (a subclass's own forward), the
+        # replicas may run on the devices' current streams (torch's parallel_apply), as
+        # nn.DataParallel's replicas do: the lanes write their weights after what ran there, and
+        # the current streams read them after the lanes wrote them.
+        lanes = runtime.streams[:num_replicas] if runtime.streams and not runtime.in_own_forward else None
+        lane_streams.wait_for_callers(lanes)
         replicas = runtime.replicas.sync(num_replicas)
+        lane_streams.callers_wait_for(lanes)
         self._ensure_reducer(runtime).note_forward(num_replicas)
         return replicas
 

@@ -136,6 +136,8 @@ class GradReducer:
         self._ready = _C.GradReadiness(self.bucket_of, self._bucket_len, True)  # the root's lane counts too
         self._ready.set_callbacks(*_weak_callbacks(self))
         self._start_over()
+        for k, stream in enumerate(self.streams or []):  # before any hook can run
+            self._ready.set_lane_stream(k, stream.stream_id, devices[k].index)
         for k in range(1, self.num_replicas):
             for i, p in enumerate(replica_params[k - 1]):
                 p.grad = self._view(i, k)
@@ -143,8 +145,6 @@ class GradReducer:
                 self._hooked.append(p)
         self._hook_roots([p.requires_grad for p in root_params])
         if self._grads_in_buckets:
-            if self.streams:
-                self._ready.set_root_stream(self.streams[0].stream_id, devices[0].index)
             for i, p in enumerate(root_params):
                 self._ready.attach_root(p, i, self._view(i, 0), self._held[i])
         _LIVE_REDUCERS.add(self)

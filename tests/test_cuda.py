@@ -446,3 +446,35 @@ def test_a_fork_after_the_wrapper_ran_on_cuda_starts_and_exits_cleanly():
     child.start()
     child.join(60)
     assert child.exitcode == 0
+
+
+class OwnForwardDataParallel(dpfast.DataParallel):
+    """transformer-xl's BalancedDataParallel, in its shape: a forward of its own that calls the
+    wrapper's scatter, replicate and gather, and torch's parallel_apply, which runs the replicas on
+    the devices' current streams rather than dpfast's lanes."""
+
+    def forward(self, *inputs, **kwargs):
+        inputs, kwargs = self.scatter(inputs, kwargs, self.device_ids)
+        replicas = self.replicate(self.module, self.device_ids[:len(inputs)])
+        outputs = torch.nn.parallel.parallel_apply(replicas, inputs, kwargs, self.device_ids[:len(inputs)])
+        return self.gather(outputs, self.output_device)
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_a_subclass_running_replicas_on_the_current_streams_trains_as_the_module(replicas):
+    """NOTE [Stream ordering]: replicate() called as nn.DataParallel's step leaves the replicas'
+    weights ready on the current streams, and the reducer waits for gradients made there; large
+    layers, so that reading weights before the lanes wrote them, or reducing before the gradients
+    are in, would show."""
+    reference = deep(1024, 4).double().cuda()
+    wrapped = OwnForwardDataParallel(copy.deepcopy(reference), device_ids=[0] * replicas, bucket_cap_mb=4)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (reference, wrapped)]
+    for _ in range(4):
+        x = torch.randn(8 * replicas, 1024, dtype=torch.float64, device="cuda")
+        for model, optimizer in zip((reference, wrapped), optimizers):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    torch.cuda.synchronize()
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
