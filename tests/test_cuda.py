@@ -460,19 +460,47 @@ class OwnForwardDataParallel(dpfast.DataParallel):
         return self.gather(outputs, self.output_device)
 
 
+class SleepsInBackward(torch.autograd.Function):
+    """Identity whose backward first keeps the current stream busy (~10 ms), so that every
+    gradient after it lands late on that stream."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        torch.cuda._sleep(20_000_000)
+        return grad
+
+
+class LateGradients(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = deep(1024, 4)
+
+    def forward(self, x):
+        return SleepsInBackward.apply(self.body(x))
+
+
 @pytest.mark.parametrize("replicas", [2, 4])
 def test_a_subclass_running_replicas_on_the_current_streams_trains_as_the_module(replicas):
     """NOTE [Stream ordering]: replicate() called as nn.DataParallel's step leaves the replicas'
-    weights ready on the current streams, and the reducer waits for gradients made there; large
-    layers, so that reading weights before the lanes wrote them, or reducing before the gradients
-    are in, would show."""
-    reference = deep(1024, 4).double().cuda()
+    weights ready on the current streams, and the reducer waits for gradients made there. The lanes
+    are kept busy before each forward (the broadcast lands late), and each backward keeps the
+    current stream busy before the gradients (they land late): reading weights before the lanes
+    wrote them, or reducing before the gradients are in, gives other parameters."""
+    reference = LateGradients().double().cuda()
     wrapped = OwnForwardDataParallel(copy.deepcopy(reference), device_ids=[0] * replicas, bucket_cap_mb=4)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (reference, wrapped)]
     for _ in range(4):
         x = torch.randn(8 * replicas, 1024, dtype=torch.float64, device="cuda")
         for model, optimizer in zip((reference, wrapped), optimizers):
             optimizer.zero_grad()
+            if model is wrapped and wrapped.__dict__.get("_runtime") is not None:
+                for lane in wrapped._runtime.streams:
+                    with torch.cuda.stream(lane):
+                        torch.cuda._sleep(20_000_000)
             model(x).square().mean().backward()
             optimizer.step()
     torch.cuda.synchronize()
