@@ -412,6 +412,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("root_states", &GradReadiness::root_states)
       .def("held_roots", &GradReadiness::held_roots)
       .def("set_lane_stream", &GradReadiness::set_lane_stream, "replica"_a, "stream_id"_a, "device_index"_a)
+      .def("wait_for_current", &GradReadiness::wait_for_current, "view"_a, "replica"_a)
       .def_static("is_root_hooked", &GradReadiness::is_root_hooked, "param"_a)
       .def_static("keeps_in_grad", &GradReadiness::keeps_in_grad, "grad"_a, "view"_a)
       .def("set_bucket_len", &GradReadiness::set_bucket_len, "bucket_len"_a)

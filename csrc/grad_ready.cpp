@@ -243,7 +243,8 @@ std::optional<c10::Stream> GradReadiness::stream_if_elsewhere(const at::Tensor& 
 
 void GradReadiness::wait_for_current(const at::Tensor& view, int64_t k) const {
   if (auto elsewhere = stream_if_elsewhere(view, k)) {
-    c10::Event event(elsewhere->device_type());
+    std::lock_guard<std::mutex> lock(events_mutex_);
+    c10::Event& event = *lane_events_[k];
     event.record(*elsewhere);
     event.block(*lane_streams_[k]);
   }
@@ -298,9 +299,11 @@ void GradReadiness::set_lane_stream(int64_t replica, int64_t stream_id, int64_t 
               replica);
   if (static_cast<size_t>(replica) >= lane_streams_.size()) {
     lane_streams_.resize(replica + 1);
+    lane_events_.resize(replica + 1);
   }
   lane_streams_[replica] =
       c10::Stream::unpack3(stream_id, static_cast<c10::DeviceIndex>(device_index), c10::DeviceType::CUDA);
+  lane_events_[replica] = std::make_unique<c10::Event>(c10::DeviceType::CUDA);
 }
 
 bool GradReadiness::keeps_in_grad(const at::Tensor& grad, const at::Tensor& view) {

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/intrusive_ptr.h>
 
+#include <c10/core/Event.h>
 #include <c10/core/Stream.h>
 
 #include <functional>
@@ -116,6 +117,12 @@ class GradReadiness : public std::enable_shared_from_this<GradReadiness> {
   std::vector<RootParam> roots_;  // touched only with Python's GIL held (attach, ensure, detach)
   static void put_back(const RootParam& root);
   std::vector<std::optional<c10::Stream>> lane_streams_;  // set before any hook runs
+  // One event per lane, made once: a wait for another stream costs a record and a wait, not an
+  // event's creation (a subclass's replicas wait once per parameter). Recorded and waited for
+  // under events_mutex_: hooks of replicas that share a device run on one autograd thread, but a
+  // reentrant backward may run others beside it.
+  std::vector<std::unique_ptr<c10::Event>> lane_events_;
+  mutable std::mutex events_mutex_;
   std::optional<c10::Stream> stream_if_elsewhere(const at::Tensor& view, int64_t k) const;
   void reset_window_locked();  // the per-window counts, with mutex_ held (reset_window, start_over)
   struct Callbacks {

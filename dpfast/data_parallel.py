@@ -391,6 +391,8 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         (scatter, replicate, parallel_apply, gather): each is called with nn.DataParallel's
         signature."""
         self._check_module_device()
+        if len(self.devices) == 1 and distributed.process_group_or_default(self.process_group) is None:
+            return self._steps(inputs, kwargs, one_device_shortcut=True)  # nothing built, as _run_forward
         cross = self._ensure_runtime().cross
         if cross is not None and self.training and torch.is_grad_enabled():
             share = self._cross_process_share(cross, scatter_gather.find_batch_size(inputs, kwargs, self.dim))

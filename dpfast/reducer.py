@@ -197,8 +197,10 @@ class GradReducer:
             self = ref()
             if self is None:
                 return None
+            view = self._view(i, 0)
             with _NoGrad():
-                self._view(i, 0).add_(grad)
+                view.add_(grad)
+            self._ready.wait_for_current(view, 0)  # NOTE [Stream ordering]: where autograd ran elsewhere
             self._ready.mark(i, 0)
             # Autograd adds this into the root's .grad: nothing, the bucket carries it.
             if grad.is_sparse:  # an empty gradient of the same layout (autograd checks it)

@@ -232,7 +232,7 @@ def scatter(obj: Any, devices: List[torch.device], chunk_sizes: List[int], dim: 
 
     def scatter_map(value):
         if isinstance(value, torch.Tensor):
-            rows = value.size(dim) if value.dim() > 0 else batch
+            rows = value.size(dim) if -value.dim() <= dim < value.dim() else batch  # else: scatter_tensor says so
             if rows != batch:
                 if num_replicas is not None and rows == num_replicas:
                     all_run = list(running) == list(range(num_replicas))

@@ -347,8 +347,12 @@ class _Job:
         ExceptionWrapper keeps it: the traceback's frames hold the replica's activations (memory
         an out-of-memory retry needs back at once), and this job in them would hold them in a
         cycle until the garbage collector ran."""
-        wrapped = ExceptionWrapper(exc_info=(type(error), error, error.__traceback__), where=self.where)
-        self.error_text = wrapped.exc_msg
+        try:
+            wrapped = ExceptionWrapper(exc_info=(type(error), error, error.__traceback__), where=self.where)
+            self.error_text = wrapped.exc_msg
+        except BaseException as failure:  # an exception that cannot be printed: the caller must not wait forever
+            self.error_text = (f"{type(error).__name__} (its traceback could not be formatted: "
+                               f"{type(failure).__name__})\n")
         error.__traceback__ = None
         self.error = error
 

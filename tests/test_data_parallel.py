@@ -2012,11 +2012,20 @@ def test_an_input_with_rows_per_sample_is_split_by_sample(batch):
     torch.testing.assert_close(wrapped(x), reference(x), rtol=1e-12, atol=1e-12)  # after the errors
 
 
-def test_one_device_runs_what_has_no_replicas_as_nn_dataparallel():
+class OverridesReplicate(dpfast.DataParallel):
+    """Synchronized-BatchNorm's DataParallelWithCallback, in its shape: one step overridden."""
+
+    def replicate(self, module, device_ids):
+        return super().replicate(module, device_ids)
+
+
+@pytest.mark.parametrize("wrapper_type", [dpfast.DataParallel, OverridesReplicate])
+def test_one_device_runs_what_has_no_replicas_as_nn_dataparallel(wrapper_type):
     """On one device nn.DataParallel runs the module itself, so a lazy module before its first
-    forward and a TorchScript module run there; so they do here, with nothing built for them."""
+    forward and a TorchScript module run there; so they do here, with nothing built for them (a
+    subclass that overrides a step too)."""
     lazy = nn.Sequential(nn.LazyLinear(3))
-    wrapped = dpfast.DataParallel(lazy, device_ids=["cpu"])
+    wrapped = wrapper_type(lazy, device_ids=["cpu"])
     x = torch.randn(4, 5)
     out = wrapped(x)
     assert lazy[0].weight.shape == (3, 5) and wrapped.__dict__.get("_runtime") is None
@@ -2024,4 +2033,4 @@ def test_one_device_runs_what_has_no_replicas_as_nn_dataparallel():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.script is deprecated
         scripted = torch.jit.script(nn.Sequential(nn.Linear(5, 3), nn.Tanh()))
-    torch.testing.assert_close(dpfast.DataParallel(scripted, device_ids=["cpu"])(x), scripted(x))
+    torch.testing.assert_close(wrapper_type(scripted, device_ids=["cpu"])(x), scripted(x))

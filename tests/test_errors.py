@@ -278,3 +278,53 @@ def test_a_replicas_error_reads_as_nn_dataparallels():
     with pytest.raises(KeyError, match=r"Caught KeyError in replica \d on device cpu.\nOriginal Traceback \(most "
                                        r"recent call last\):\n  File"):
         wrapped(torch.zeros(4, 1))
+
+
+class Unprintable(Exception):
+    """An exception whose traceback cannot be formatted (its notes raise)."""
+
+    @property
+    def __notes__(self):
+        raise TypeError("notes unavailable")
+
+
+class FailsOnWorkers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+
+    def forward(self, x):
+        if threading.current_thread().name.startswith("dpfast-replica"):  # a worker's replica, not the caller's
+            raise Unprintable("bad")
+        return self.linear(x)
+
+
+def test_an_exception_whose_traceback_cannot_be_formatted_is_raised_not_waited_for():
+    """The replica's traceback is formatted where it is caught: where that fails, the caller still
+    gets the exception, named as usual (it waited forever for a worker whose thread had died)."""
+    wrapped = dpfast.DataParallel(FailsOnWorkers(), device_ids=["cpu"] * 2)
+    caught = []
+
+    def call():
+        try:
+            wrapped(torch.randn(4, 3))
+        except Unprintable as error:
+            caught.append(str(error))
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the call hung"
+    assert caught and caught[0].startswith("Caught Unprintable in replica 1 on device cpu.\nOriginal Unprintable "
+                                           "(its traceback could not be formatted: TypeError)"), caught
+
+
+def test_a_criterion_argument_without_the_batch_dim_is_named():
+    """ParallelCriterion scatters its extra arguments along the wrapper's dim: a 1-D tensor with
+    dim=1 gets the engine's error naming the dim and the shape, not an IndexError."""
+    wrapped = dpfast.DataParallel(nn.Linear(3, 3), device_ids=["cpu"] * 2, dim=1, gather=False)
+    out = wrapped(torch.randn(5, 4, 3))
+    criterion = dpfast.ParallelCriterion(lambda o, t, scale: ((o - t) ** 2 * scale).mean())
+    with pytest.raises(RuntimeError, match=r"dpfast.scatter: expected dim in \[-1, 1\) for a tensor of shape \[3\], "
+                                           r"but got 1"):
+        criterion(out, torch.randn(5, 4, 3), torch.ones(3))
