@@ -732,6 +732,25 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         super().__setstate__(state)
         self.__dict__.setdefault("_runtime", None)
 
+    def __getattr__(self, name: str) -> Any:
+        """What the wrapper itself lacks is read from the wrapped module, as FSDP and torch.compile's
+        wrapper do: `model.stride`, `model.names`, `model.config` on the wrapper (code that unwraps by
+        exact type, `type(model) in (nn.DataParallel, DDP)`, then reads the module's attributes on
+        it). nn.DataParallel raises AttributeError there; its own attributes, parameters and
+        buffers come first, writes stay on the wrapper, and dunder names are not forwarded."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            module = modules.get("module") if modules is not None else None
+            if module is None or (name.startswith("__") and name.endswith("__")):
+                raise
+            try:
+                return getattr(module, name)
+            except AttributeError:
+                pass
+            raise
+
     def __deepcopy__(self, memo):
         import copy
 

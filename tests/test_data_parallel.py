@@ -2034,3 +2034,54 @@ def test_one_device_runs_what_has_no_replicas_as_nn_dataparallel(wrapper_type):
         warnings.simplefilter("ignore")  # torch.jit.script is deprecated
         scripted = torch.jit.script(nn.Sequential(nn.Linear(5, 3), nn.Tanh()))
     torch.testing.assert_close(wrapper_type(scripted, device_ids=["cpu"])(x), scripted(x))
+
+
+def is_parallel(model):
+    """yolov5's check (utils/torch_utils.py): by exact type, so it does not see dpfast's wrapper."""
+    return type(model) in (nn.parallel.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def de_parallel(model):
+    return model.module if is_parallel(model) else model
+
+
+class Detector(nn.Module):
+    """A detection model in yolov5's shape: its head last in `model`, with attributes read off it."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 3))
+        self.model[-1].nl = 3  # detection layers
+        self.stride = torch.tensor([8.0, 16.0, 32.0])
+
+    def forward(self, x):
+        return self.model(x)
+
+    def fuse(self):
+        return self
+
+
+def test_the_modules_attributes_read_through_the_wrapper_as_fsdp_does():
+    """Code that unwraps by exact type (yolov5's de_parallel) gets the wrapper back and reads the
+    module's attributes on it: they are read from the module, as FSDP and torch.compile's wrapper
+    forward them (nn.DataParallel raises AttributeError). The wrapper's own attributes come first,
+    writes stay on the wrapper, and training still goes through the replicas."""
+    reference, wrapped = pair(Detector)
+    model = de_parallel(wrapped)
+    assert model is wrapped
+    assert model.model[-1].nl == 3 and model.model is wrapped.module.model
+    assert int(model.stride.max()) == 32 and model.fuse() is wrapped.module
+    model.nc, model.names = 3, ["a", "b", "c"]  # train.py attaches these to the wrapper
+    assert model.nc == 3 and not hasattr(wrapped.module, "nc")
+    assert wrapped.dim == 0 and wrapped.training and isinstance(wrapped.module, Detector)  # its own first
+    assert not hasattr(wrapped, "anchors")
+    with pytest.raises(AttributeError, match=r"'DataParallel' object has no attribute 'anchors'"):
+        wrapped.anchors
+    assert not hasattr(wrapped, "__array__")  # dunder names are not forwarded
+    x = torch.randn(10, 6, dtype=torch.float64)
+    out = wrapped(x)
+    torch.testing.assert_close(out, reference(x), rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    reference(x).square().sum().backward()
+    assert_same_grads(reference, wrapped)
+    assert wrapped.stats()["replica_builds"] == 1
