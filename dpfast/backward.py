@@ -46,7 +46,10 @@ and see replica 0's share, as the README says of them. Each replica's pass keeps
 its graph exactly when the caller's backward keeps its own (its retain_graph,
 which defaults to create_graph), and where another forward of the same window
 may share its nodes; otherwise it frees each node's saved tensors as it goes, as
-autograd does for replica 0, and the node's saved outputs go after its backward.
+autograd does for replica 0. The node keeps each replica output until a backward
+that does not keep the graph has taken it: a backward of some outputs (loss_G)
+leaves the others (loss_D, from the same forward) to a later backward, as on one
+device; a second backward of a taken output is autograd's error.
 
 Each replica's part is a graph task of its own, so a parameter used by two
 forwards of one backward is marked once per part (autograd's walk sums first
@@ -110,9 +113,12 @@ class ReplicaBackward(torch.autograd.Function):
     def forward(ctx, plan: _Plan, anchor: torch.Tensor):
         ctx.set_materialize_grads(False)
         ctx.plan = plan
-        # Saved, not kept: the caller's backward frees them (and the replicas' graphs with them)
-        # unless it retains its graph.
-        ctx.save_for_backward(*plan.tensors, plan.sentinel)
+        # The sentinel is saved: the caller's backward frees it unless it retains its graph. The
+        # outputs are kept, each until a backward that does not keep the graph has taken it: two
+        # losses from one forward may be backwarded one after the other (a GAN's G and D losses,
+        # pix2pixHD), as on one device, each through its own outputs.
+        ctx.save_for_backward(plan.sentinel)
+        ctx.outputs = list(plan.tensors)
         stand_ins = tuple(t.detach() for t in plan.tensors)
         plan.tensors = plan.sentinel = None
         return stand_ins
@@ -120,11 +126,17 @@ class ReplicaBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         plan: _Plan = ctx.plan
-        tensors = ctx.saved_tensors[:-1]  # the last: the sentinel
+        tensors = ctx.outputs
+        if any(t is None and g is not None for t, g in zip(tensors, grads)):
+            raise RuntimeError("dpfast.DataParallel: Trying to backward through the graph a second time through "
+                               "replicas' outputs whose graph an earlier backward freed: specify retain_graph=True "
+                               "the first time")
         create_graph = torch.is_grad_enabled()
         # Two forwards of one window may share a replica's nodes (state kept on the module): the
         # first pass must not free what the second still walks.
         keep_graph = _caller_keeps_graph() or len(plan.window) > 1
+        if not keep_graph:  # taken: this pass frees their graphs
+            ctx.outputs = [None if g is not None else t for t, g in zip(tensors, grads)]
         fns, wheres, workers = [], [], []
         for lane, ((start, end), where) in enumerate(zip(plan.bounds, plan.where), start=1):
             pairs = [(t, g) for t, g in zip(tensors[start:end], grads[start:end]) if g is not None]

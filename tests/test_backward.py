@@ -686,3 +686,39 @@ def test_a_weight_cached_across_replicas_leaves_the_backward_to_autograd():
     out = wrapped(x)  # outside cached(): routed again
     assert routed(out)
     torch.testing.assert_close(out, reference(x), rtol=1e-12, atol=1e-12)
+
+
+class TwoHeads(nn.Module):
+    """A shared trunk and two heads whose losses are backwarded one after the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(4, 6)
+        self.a = nn.Linear(6, 2)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.trunk(x))
+        return self.a(h).pow(2).mean(1), self.b(h.detach()).pow(2).mean(1)
+
+
+def test_two_losses_of_one_forward_backwarded_one_after_the_other():
+    """pix2pixHD and GANs that compute G's and D's losses in one forward: loss_a.backward(), then
+    loss_b.backward() (its part of the graph detached from the shared one), as on one device. Both
+    go through the one routing node: each takes its own outputs' passes; a third backward of an
+    output already taken is autograd's own error."""
+    reference, wrapped = reference_and_wrapped(factory=lambda: TwoHeads().double())
+    for _ in range(2):
+        x = torch.randn(9, 4, dtype=torch.float64)
+        reference.zero_grad()
+        wrapped.module.zero_grad()
+        a, b = wrapped(x)
+        assert routed(a) and routed(b)
+        a.mean().backward()
+        b.mean().backward()
+        ra, rb = reference(x)
+        ra.mean().backward()
+        rb.mean().backward()
+        assert_same_grads(reference, wrapped.module)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        b.mean().backward()
