@@ -134,8 +134,9 @@ class ReplicaBackward(torch.autograd.Function):
         create_graph = torch.is_grad_enabled()
         # Two forwards of one window may share a replica's nodes (state kept on the module): the
         # first pass must not free what the second still walks.
-        keep_graph = _caller_keeps_graph() or len(plan.window) > 1
-        if not keep_graph:  # taken: this pass frees their graphs
+        caller_keeps = _caller_keeps_graph()
+        keep_graph = caller_keeps or len(plan.window) > 1
+        if not caller_keeps:  # taken: their graphs go once this backward's passes are done
             ctx.outputs = [None if g is not None else t for t, g in zip(tensors, grads)]
         fns, wheres, workers = [], [], []
         for lane, ((start, end), where) in enumerate(zip(plan.bounds, plan.where), start=1):

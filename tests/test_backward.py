@@ -364,6 +364,13 @@ def test_replicas_graphs_are_freed_by_backward_unless_retained():
     gc.collect()
     # The output is still held here; the replicas' graphs are not.
     assert sum(ref() is not None for ref in model.activations) == 0
+    # Two forwards in one backward (a siamese model, D(real) + D(fake)): each replica's pass keeps
+    # its graph for the other's, and both go with the backward all the same.
+    first, second = wrapped(torch.randn(9, 4, dtype=torch.float64)), wrapped(torch.randn(9, 4, dtype=torch.float64))
+    assert routed(first) and routed(second)
+    (first + second).sum().backward()
+    gc.collect()
+    assert len(model.activations) == 9 and sum(ref() is not None for ref in model.activations) == 0
 
 
 class KeepsOutput(KeepsActivation):
