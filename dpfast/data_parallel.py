@@ -361,9 +361,7 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         active = [k for k, size in enumerate(sizes) if size != 0] or [0]  # 0 rows: sits this step out
         chunk_sizes = [sizes[k] for k in active]
         devices = [self.devices[k] for k in active]
-        if n == 1 and self.gather_outputs and distributed.process_group_or_default(self.process_group) is None:
-            # As nn.DataParallel: the module itself, and nothing built for it, so that what has no
-            # replicas (a lazy module before its first forward, a TorchScript module) runs as there.
+        if self.gather_outputs and self._alone_on_one_device():
             self._check_module_device()
             inputs, kwargs = scatter_gather.scatter_kwargs(inputs, kwargs, devices, chunk_sizes, self.dim,
                                                            replica_rows=(1, [0]))
@@ -378,6 +376,12 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         return _hold_through_backward(
             self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), runtime)
 
+    def _alone_on_one_device(self) -> bool:
+        """One device and no other process: as nn.DataParallel, the module itself runs, and nothing
+        is built for it, so that what has no replicas (a lazy module before its first forward, a
+        TorchScript module) runs as there."""
+        return len(self.devices) == 1 and distributed.process_group_or_default(self.process_group) is None
+
     def _check_module_device(self) -> None:
         check_on_device(itertools.chain(self.module.parameters(), self.module.buffers()), self.src_device_obj)
 
@@ -391,8 +395,8 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         (scatter, replicate, parallel_apply, gather): each is called with nn.DataParallel's
         signature."""
         self._check_module_device()
-        if len(self.devices) == 1 and distributed.process_group_or_default(self.process_group) is None:
-            return self._steps(inputs, kwargs, one_device_shortcut=True)  # nothing built, as _run_forward
+        if self._alone_on_one_device():
+            return self._steps(inputs, kwargs, one_device_shortcut=True)
         cross = self._ensure_runtime().cross
         if cross is not None and self.training and torch.is_grad_enabled():
             share = self._cross_process_share(cross, scatter_gather.find_batch_size(inputs, kwargs, self.dim))
