@@ -269,10 +269,11 @@ class GradReducer:
                 self._early_launch = False  # see note_routed
             if not self._callback_queued:
                 self._queue_end_of_backward()
+        # Before the workers have work: see WorkerPool.run.
+        share_out_caller_threads(caller_threads)
         jobs = pool.submit(fns, wheres, workers, threads)
         with self._lock:
             self._replica_jobs.extend(jobs)
-        share_out_caller_threads(caller_threads)
 
     def _wait_for_replica_backward(self) -> None:
         """Waits for the workers' parts of this backward; raises the first error among them. Not
