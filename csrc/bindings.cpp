@@ -150,8 +150,12 @@ void restore_entries(const py::tuple& own, const py::tuple& templates) {
 // (attributes that hold the module's own tensors, an RNN, torch.compile's OptimizedModule), where
 // a forward hook is registered on the root or installed on the replica, or where module.compile()
 // was called, module j is left to the caller's Python path, and its index returned.
-std::vector<int64_t> refresh_replica_dicts(const py::list& modules, const py::list& replicas, const py::list& owns,
-                                           const std::vector<bool>& slow) {
+// NOTE [Attribute tensors]: given a root_device, the (j, name) of every plain attribute of a copied
+// module that holds a tensor on that device are also returned, for the caller to give the
+// replica one on its own device.
+std::tuple<std::vector<int64_t>, std::vector<std::tuple<int64_t, py::object>>> refresh_replica_dicts(
+    const py::list& modules, const py::list& replicas, const py::list& owns, const std::vector<bool>& slow,
+    std::optional<c10::Device> root_device) {
   const auto& keys = entry_dict_names();
   static PyObject* const forward_hooks = name("_forward_hooks");
   static PyObject* const forward_pre_hooks = name("_forward_pre_hooks");
@@ -160,6 +164,7 @@ std::vector<int64_t> refresh_replica_dicts(const py::list& modules, const py::li
               "dpfast.refresh_replica_dicts: expected as many replicas, owns and slow flags as modules (",
               modules.size(), "), but got ", replicas.size(), ", ", owns.size(), " and ", slow.size());
   std::vector<int64_t> left;
+  std::vector<std::tuple<int64_t, py::object>> on_root_device;
   auto has_hooks = [](PyObject* dict, PyObject* key) {
     py::object hooks = dict_item(dict, key);
     if (!hooks || !PyDict_Check(hooks.ptr())) return true;  // missing, or not a dict: the Python path decides
@@ -191,10 +196,20 @@ std::vector<int64_t> refresh_replica_dicts(const py::list& modules, const py::li
       if (PyDict_SetItem(copy.ptr(), keys[d], own[d].ptr()) != 0) throw py::error_already_set();
     }
     if (PyDict_Update(copy.ptr(), hooks) != 0) throw py::error_already_set();
+    if (root_device) {
+      PyObject* key = nullptr;
+      PyObject* value = nullptr;
+      Py_ssize_t position = 0;
+      while (PyDict_Next(module_dict.ptr(), &position, &key, &value)) {
+        if (THPVariable_Check(value) && THPVariable_Unpack(value).device() == *root_device) {
+          on_root_device.emplace_back(static_cast<int64_t>(j), py::reinterpret_borrow<py::object>(key));
+        }
+      }
+    }
     // object.__setattr__(replica, "__dict__", copy): past nn.Module.__setattr__.
     if (PyObject_GenericSetDict(replicas[j].ptr(), copy.ptr(), nullptr) != 0) throw py::error_already_set();
   }
-  return left;
+  return {left, on_root_device};
 }
 
 // NOTE [Thread-local state of replicas]: a replica's forward or backward part on a worker runs
@@ -356,7 +371,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether every module's parameter, buffer and child dictionaries hold what the snapshots held "
         "(NOTE [Replica dictionaries])");
   m.def("refresh_replica_dicts", &refresh_replica_dicts, "modules"_a, "replicas"_a, "owns"_a, "slow"_a,
-        "Replica modules' __dict__ made from their roots'; the indices left to Python (NOTE [Replica dictionaries])");
+        "root_device"_a = py::none(),
+        "Replica modules' __dict__ made from their roots'; the indices left to Python (NOTE [Replica dictionaries]), "
+        "and (index, name) of the plain attributes holding a tensor on root_device (NOTE [Attribute tensors])");
   // The callbacks are Python functions: pybind11 takes the GIL to call them and to drop them.
   m.def("graph_reaches_only", &dpfast::graph_reaches_only, "roots"_a, "allowed"_a,
         "Whether autograd's walk back from roots meets no leaf but those in allowed",

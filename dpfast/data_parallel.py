@@ -5,9 +5,11 @@ engine that moves data by trees of peer copies."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import math
 import numbers
+import threading
 import warnings
 import weakref
 from typing import Any, List, Optional, Sequence, Tuple, TypeVar
@@ -56,6 +58,11 @@ def _hold_through_backward(outputs: Any, runtime: _Runtime) -> Any:
 
 
 _STEPS = ("scatter", "replicate", "parallel_apply", "gather")
+
+
+# The wrapper whose forward calls a replicate that is not dpfast's own, on this thread
+# (_replicate_keeping_the_root).
+_REPLICATING = threading.local()
 
 
 def _overrides_a_step(cls: type) -> bool:
@@ -437,7 +444,11 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
             pending()
         modules = list(self.module.modules())
         before = [dict(m.__dict__) for m in modules]
-        replicas = self.replicate(self.module, num_replicas)
+        outer, _REPLICATING.wrapper = getattr(_REPLICATING, "wrapper", None), self
+        try:
+            replicas = self.replicate(self.module, num_replicas)
+        finally:
+            _REPLICATING.wrapper = outer
         missing = object()
         written = [(m, {k: old.get(k, missing) for k, v in m.__dict__.items() if old.get(k, missing) is not v})
                    for m, old in zip(modules, before)]
@@ -536,6 +547,12 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         """The first len(device_ids) replicas (device_ids may be that number), made equal to the
         module: replica 0 is the module itself."""
         if module is not self.module:
+            # A deep copy of a wrapper whose replicate was patched on the instance
+            # (Synchronized-BatchNorm's patch_replication_callback; EMA and AveragedModel copy the
+            # wrapper) calls the original's replicate with its own module: the copy's it is.
+            caller = getattr(_REPLICATING, "wrapper", None)
+            if caller is not None and caller is not self and caller.module is module:
+                return DataParallel.replicate(caller, module, device_ids)
             raise ValueError(f"dpfast.DataParallel.replicate: module: expected the wrapped module (self.module), "
                              f"but got another {type(module).__name__}")
         num_replicas = device_ids if isinstance(device_ids, int) else len(device_ids)
@@ -741,7 +758,10 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         wrapper do: `model.stride`, `model.names`, `model.config` on the wrapper (code that unwraps by
         exact type, `type(model) in (nn.DataParallel, DDP)`, then reads the module's attributes on
         it). nn.DataParallel raises AttributeError there; its own attributes, parameters and
-        buffers come first, writes stay on the wrapper, and dunder names are not forwarded."""
+        buffers come first, writes stay on the wrapper, and dunder names and the module's methods
+        are not forwarded: the wrapper is one of model.modules(), and the common loops over them
+        (`model.apply(init)` with `hasattr(m, "reset_parameters")`, `if hasattr(m, "fuse"):
+        m.fuse()`) would call the module's method twice."""
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -750,9 +770,12 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
             if module is None or (name.startswith("__") and name.endswith("__")):
                 raise
             try:
-                return getattr(module, name)
+                value = getattr(module, name)
             except AttributeError:
                 pass
+            else:
+                if not (inspect.ismethod(value) and value.__self__ is module):
+                    return value
             raise
 
     def __deepcopy__(self, memo):

@@ -49,11 +49,14 @@ def to_device(value: Any, argument: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _names_cuda(value: Any) -> bool:
+def _ignored_without_cuda(value: Any) -> bool:
+    """An entry nn.DataParallel ignores where CUDA is not available: a CUDA device, or any index
+    (-1 included: mmcv's MMDataParallel(model, device_ids=[-1]) for the CPU then runs its own
+    CPU branch, which tests `not self.device_ids`)."""
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
-        return value >= 0
+        return value >= -1
     try:
         return torch.device(value).type == "cuda"
     except (RuntimeError, TypeError):
@@ -78,7 +81,7 @@ def parse_device_ids(device_ids: Optional[Sequence[Any]]) -> List[torch.device]:
         if not torch.cuda.is_available():
             return []  # as nn.DataParallel without CUDA: run the module directly
         raise ValueError("dpfast.DataParallel: device_ids: expected at least one device, but got an empty list")
-    if not torch.cuda.is_available() and all(_names_cuda(entry) for entry in entries):
+    if not torch.cuda.is_available() and all(_ignored_without_cuda(entry) for entry in entries):
         # nn.DataParallel without CUDA ignores device_ids and runs the module directly, so that
         # GPU code also runs on a machine without one; so does dpfast.
         return []

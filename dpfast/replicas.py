@@ -370,6 +370,9 @@ class ReplicaSet:
         # module's own compile() (_compiled_call_impl) is found by the C++ walk at every call.
         self.is_optimized = [_is_optimized_module(m) for m in self.modules]
         self.compiled_cache: Dict[Tuple[int, int], tuple] = {}
+        # NOTE [Attribute tensors]: (k, j, name) -> (a weak reference to the root's tensor, its
+        # version, replica k's copy).
+        self.attribute_copies: Dict[Tuple[int, int, str], tuple] = {}
         self.refresh_in_python = [bool(keys) or rnn or optimized
                                   for keys, rnn, optimized in zip(self.alias_keys, self.is_rnn, self.is_optimized)]
         # Whether a forward hook was on any module at the last refresh (NOTE [Parallel backward]).
@@ -408,13 +411,44 @@ class ReplicaSet:
 
     def refresh_attributes(self, num_replicas: int) -> None:
         hooked = False
+        root_device = self.devices[0]
         for k in range(1, num_replicas):
+            # NOTE [Attribute tensors]: only for a replica on another device than the root's.
+            scan = root_device if self.devices[k] != root_device else None
             # NOTE [Replica dictionaries]: the common case in C++; the modules it leaves, here.
-            for j in _C.refresh_replica_dicts(self.modules, self.replica_modules[k], self.replica_dicts[k],
-                                              self.refresh_in_python):
+            left, on_root_device = _C.refresh_replica_dicts(self.modules, self.replica_modules[k],
+                                                            self.replica_dicts[k], self.refresh_in_python, scan)
+            for j in left:
                 hooked |= self._refresh_one(k, j)
+                if scan is not None:
+                    on_root_device.extend((j, key) for key, value in self.modules[j].__dict__.items()
+                                          if isinstance(value, torch.Tensor) and value.device == scan)
+            for j, key in on_root_device:
+                self._give_attribute_tensor(k, j, key)
         if num_replicas > 1:
             self.forward_hooks_seen = hooked
+
+    def _give_attribute_tensor(self, k: int, j: int, key: str) -> None:
+        """NOTE [Attribute tensors]: replica 0 is the module itself, so what its forward caches in a
+        plain attribute (a causal mask made once, `self.src_mask` in PyTorch's word_language_model)
+        stays on the module, on the root's device, and the other replicas' dictionaries, copied from
+        the module's, would read it there: on another GPU, a device mismatch. nn.DataParallel's
+        replicas never see such a write (its replica 0 is a copy); each makes its own. Here replica
+        k gets a copy on its device, made again only when the module's tensor is another or was
+        written. The module's own tensors (alias_keys) are mapped already, and a tensor that
+        carries a graph is left as it is (a copy would join replica k's graph to replica 0's)."""
+        value = self.modules[j].__dict__[key]
+        if self.index_of.get(id(value)) is not None or value.requires_grad:
+            return
+        version = -1 if value.is_inference() else value._version  # an inference tensor has no counter
+        cached = self.attribute_copies.get((k, j, key))
+        if cached is None or cached[0]() is not value or cached[1] != version:
+            device, lane = self.devices[k], (self.streams[k] if self.streams else None)
+            copy = value.detach().to(device)
+            if lane is not None:  # read on the lane; freed, maybe, long after (the allocator must know)
+                copy.record_stream(lane)
+            cached = self.attribute_copies[(k, j, key)] = (weakref.ref(value), version, copy)
+        self.replica_modules[k][j].__dict__[key] = cached[2]
 
     def _refresh_one(self, k: int, j: int) -> bool:
         """Replica k's module j: a shallow copy of the root module's __dict__ with the replica's own

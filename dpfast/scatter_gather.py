@@ -293,6 +293,19 @@ def _items_of_iterables(values: List[Any]) -> Optional[List[list]]:
     return columns if all(len(c) == len(columns[0]) for c in columns) else None
 
 
+def _first_other_shape(tensors: List[torch.Tensor], dim: int) -> Optional[int]:
+    """The first replica whose tensor cannot be concatenated with replica 0's along dim (another
+    number of dimensions, or another size in some other dimension), or None."""
+    first = tensors[0].shape
+    for k, t in enumerate(tensors[1:], start=1):
+        if len(t.shape) != len(first):
+            return k
+        along = dim % len(first) if len(first) else 0
+        if any(a != b for d, (a, b) in enumerate(zip(t.shape, first)) if d != along):
+            return k
+    return None
+
+
 def gather(outputs: List[Any], destination: torch.device, dim: int, devices: List[torch.device],
            lane_stream_ids: List[int] = (), scalar_weights: Optional[List[int]] = None,
            stand_ins: Optional[Dict[int, torch.Tensor]] = None) -> Any:
@@ -331,10 +344,20 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
             scalars = first.dim() == 0
             tensors = [v.unsqueeze(0) if v.dim() == 0 else v for v in values]
             gather_dim = 0 if scalars else dim
-            if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
-                out = Gather.apply(destination, gather_dim, devices, lane_stream_ids, *tensors)
-            else:
-                out = _C.gather(tensors, devices, destination, gather_dim, lane_stream_ids)
+            try:
+                if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
+                    out = Gather.apply(destination, gather_dim, devices, lane_stream_ids, *tensors)
+                else:
+                    out = _C.gather(tensors, devices, destination, gather_dim, lane_stream_ids)
+            except RuntimeError as error:
+                k = _first_other_shape(tensors, gather_dim)
+                if k is None:
+                    raise
+                # Which output, as the other checks here say (pad_packed_sequence without
+                # total_length pads each replica's chunk to its own longest sequence).
+                raise RuntimeError(f"dpfast.DataParallel: outputs{path}: expected every replica's tensor to have "
+                                   f"replica 0's shape {list(tensors[0].shape)} but in dim {gather_dim}, but replica "
+                                   f"{k} returned shape {list(tensors[k].shape)}") from error
             if scalars and scalar_weights is not None:
                 total = float(sum(scalar_weights))
                 weights = torch.tensor([w / total for w in scalar_weights], dtype=out.dtype, device=out.device)

@@ -506,3 +506,27 @@ def test_a_subclass_running_replicas_on_the_current_streams_trains_as_the_module
     torch.cuda.synchronize()
     for p, q in zip(reference.parameters(), wrapped.module.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_attribute_tensor_cached_by_replica_0_on_two_gpus():
+    """NOTE [Attribute tensors]: PyTorch's word_language_model caches its causal mask in forward;
+    replica 0 is the module, so the mask stays there, on cuda:0, and replica 1 on cuda:1 must get
+    its own copy (a device mismatch otherwise)."""
+    class CachesMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.src_mask = None
+
+        def forward(self, x):
+            if self.src_mask is None or self.src_mask.size(0) != x.size(1):
+                self.src_mask = torch.triu(torch.full((x.size(1), x.size(1)), float("-inf"), device=x.device), 1)
+            return self.proj(x) + self.src_mask.exp().sum(1).unsqueeze(-1)
+
+    torch.manual_seed(0)
+    reference = CachesMask()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference).cuda(), device_ids=[0, 1])
+    for _ in range(3):
+        x = torch.randn(4, 5, 4)
+        torch.testing.assert_close(wrapped(x.cuda()).cpu(), reference(x))

@@ -2070,7 +2070,9 @@ def test_the_modules_attributes_read_through_the_wrapper_as_fsdp_does():
     model = de_parallel(wrapped)
     assert model is wrapped
     assert model.model[-1].nl == 3 and model.model is wrapped.module.model
-    assert int(model.stride.max()) == 32 and model.fuse() is wrapped.module
+    assert int(model.stride.max()) == 32 and model.model is wrapped.module.model
+    with pytest.raises(AttributeError, match=r"'DataParallel' object has no attribute 'fuse'"):
+        model.fuse  # the module's methods are not forwarded
     model.nc, model.names = 3, ["a", "b", "c"]  # train.py attaches these to the wrapper
     assert model.nc == 3 and not hasattr(wrapped.module, "nc")
     assert wrapped.dim == 0 and wrapped.training and isinstance(wrapped.module, Detector)  # its own first
@@ -2085,3 +2087,139 @@ def test_the_modules_attributes_read_through_the_wrapper_as_fsdp_does():
     reference(x).square().sum().backward()
     assert_same_grads(reference, wrapped)
     assert wrapped.stats()["replica_builds"] == 1
+
+
+class _CachesMask(nn.Module):
+    """PyTorch's word_language_model TransformerModel: a causal mask made in forward the first
+    time, kept in a plain attribute and reused while the length fits."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.src_mask = None
+
+    def forward(self, x):
+        if self.src_mask is None or self.src_mask.size(0) != x.size(1):
+            self.src_mask = torch.triu(torch.full((x.size(1), x.size(1)), float("-inf"), dtype=x.dtype), 1)
+        return self.proj(x) + self.src_mask.exp().sum(1).unsqueeze(-1)
+
+
+def test_attribute_tensor_cached_by_replica_0_matches_reference():
+    reference, wrapped = pair(_CachesMask, device_ids=["cpu"] * 2)
+    for _ in range(3):
+        x = torch.randn(4, 5, 4, dtype=torch.float64)
+        torch.testing.assert_close(wrapped(x), reference(x))
+    assert wrapped.module.src_mask is not None  # replica 0 is the module: its write stays
+
+
+def test_attribute_tensor_on_the_root_device_gets_a_copy_on_another_replica_device():
+    """NOTE [Attribute tensors]: a replica on another device than the root's reads a copy of a
+    tensor that the root's forward cached in a plain attribute, on its own device, made again only
+    when the root's tensor is replaced or written. With one machine's CPU as the only device here,
+    replica 1's device is set to meta around refresh_attributes, the step that makes it."""
+    _, wrapped = pair(_CachesMask, device_ids=["cpu"] * 2)
+    wrapped(torch.randn(4, 5, 4, dtype=torch.float64))
+    root = wrapped.module
+    root.graph_carrying = root.proj.weight * 2  # a graph's tensor: left as it is
+    root.__dict__["weight_alias"] = root.proj.weight  # the module's own tensor, past nn.Module.__setattr__
+    replicas = wrapped._runtime.replicas
+    j = replicas.modules.index(root)
+    replicas.devices[1] = torch.device("meta")
+    try:
+        replicas.refresh_attributes(2)
+        replica = replicas.replica_modules[1][j]
+        first = replica.__dict__["src_mask"]
+        assert first.device.type == "meta" and first.shape == root.src_mask.shape
+        assert replica.__dict__["graph_carrying"] is root.graph_carrying
+        assert replica.__dict__["weight_alias"].device.type == "cpu"  # one of the module's own: not copied
+        replicas.refresh_attributes(2)
+        assert replica.__dict__["src_mask"] is first  # the same tensor: no copy per call
+        with torch.no_grad():
+            root.src_mask.add_(1.0)  # written in place: copied again
+        replicas.refresh_attributes(2)
+        second = replica.__dict__["src_mask"]
+        assert second is not first and second.device.type == "meta"
+        root.src_mask = torch.zeros(3, 3, dtype=torch.float64)  # replaced: copied again
+        replicas.refresh_attributes(2)
+        assert replica.__dict__["src_mask"].shape == (3, 3) and replica.__dict__["src_mask"].device.type == "meta"
+        root.elsewhere = torch.zeros(2, device="meta")  # not on the root's device: as it is
+        replicas.refresh_attributes(2)
+        assert replica.__dict__["elsewhere"] is root.elsewhere
+    finally:
+        replicas.devices[1] = torch.device("cpu")
+    replicas.refresh_attributes(2)
+    assert replicas.replica_modules[1][j].__dict__["src_mask"] is root.src_mask  # one device: shared, as before
+
+
+def test_loops_over_modules_call_the_modules_methods_once():
+    """The wrapper is one of model.modules() (as nn.DataParallel's is): the module's methods are
+    not read through it, so the k-fold idiom `model.apply(reset)` with `hasattr(m,
+    "reset_parameters")` resets the module once, and the same seed gives nn.DataParallel's weights."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+            self.resets = 0
+
+        def reset_parameters(self):
+            self.resets += 1
+
+    def reset(m):
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+    weights = []
+    for wrapper_type in (nn.DataParallel, dpfast.DataParallel):
+        net = Net()
+        wrapped = wrapper_type(net, device_ids=["cpu"] * 2) if wrapper_type is dpfast.DataParallel else wrapper_type(net)
+        torch.manual_seed(0)
+        wrapped.apply(reset)
+        assert net.resets == 1
+        weights.append(net.fc.weight.detach().clone())
+    torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=0)
+
+
+def test_device_ids_minus_one_without_cuda_runs_the_module_as_nn_data_parallel(monkeypatch):
+    """nn.DataParallel without CUDA ignores device_ids; mmcv's MMDataParallel(model,
+    device_ids=[-1]) then runs its own CPU branch, which tests `not self.device_ids`."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    module = mlp()
+    wrapped = dpfast.DataParallel(module, device_ids=[-1])
+    assert wrapped.device_ids == nn.DataParallel(module, device_ids=[-1]).device_ids == []
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(wrapped(x), module(x), rtol=0, atol=0)
+    assert dpfast.DataParallel(module, device_ids=["cpu"] * 2).device_ids == [torch.device("cpu")] * 2
+
+
+def test_copy_of_a_wrapper_whose_replicate_was_patched_on_the_instance():
+    """Synchronized-BatchNorm's patch_replication_callback puts a closure over the wrapper's
+    replicate in its __dict__; EMA code and AveragedModel deep-copy the wrapper, closure and all,
+    so the copy's forward calls the original's replicate with the copy's module. Under
+    nn.DataParallel that replicates whatever module it is given: the copy runs."""
+    calls = []
+
+    def patch_replication_callback(data_parallel):
+        old_replicate = data_parallel.replicate
+
+        def new_replicate(module, device_ids):
+            modules = old_replicate(module, device_ids)
+            calls.append([id(m) for m in modules])
+            return modules
+        data_parallel.replicate = new_replicate
+
+    reference, wrapped = pair(mlp, device_ids=["cpu"] * 2)
+    patch_replication_callback(wrapped)
+    x = torch.randn(6, 6, dtype=torch.float64)
+    wrapped(x).sum().backward()
+    ema = copy.deepcopy(wrapped)
+    with torch.no_grad():
+        ema.module[0].weight.add_(1.0)
+        out = ema(x)
+        expected = copy.deepcopy(reference)
+        expected[0].weight.add_(1.0)
+        torch.testing.assert_close(out, expected(x), rtol=1e-12, atol=1e-12)
+    assert calls[-1][0] == id(ema.module)  # the copy's replicas, the copy's module first
+    torch.testing.assert_close(wrapped(x), reference(x), rtol=1e-12, atol=1e-12)  # the original's unchanged
+    assert calls[-1][0] == id(wrapped.module)
+    with pytest.raises(ValueError, match=r"replicate: module: expected the wrapped module"):
+        wrapped.replicate(mlp(), 2)  # another module, outside a forward: still refused

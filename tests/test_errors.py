@@ -33,7 +33,7 @@ def test_bad_device_ids(device_ids, error, pattern):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without CUDA")
-@pytest.mark.parametrize("device_ids", [[0, 1], []])
+@pytest.mark.parametrize("device_ids", [[0, 1], [], [-1]])
 def test_cuda_device_ids_without_cuda_run_the_module_directly_as_nn_dataparallel(device_ids):
     model = make()
     wrapped = dpfast.DataParallel(model, device_ids=device_ids, output_device=0)
@@ -328,3 +328,26 @@ def test_a_criterion_argument_without_the_batch_dim_is_named():
     with pytest.raises(RuntimeError, match=r"dpfast.scatter: expected dim in \[-1, 1\) for a tensor of shape \[3\], "
                                            r"but got 1"):
         criterion(out, torch.randn(5, 4, 3), torch.ones(3))
+
+
+def test_outputs_that_cannot_be_concatenated_name_the_output_and_replica():
+    """pad_packed_sequence without total_length pads each replica's chunk to its own longest
+    sequence: the gather's error says which output and which replica, and the wrapper works on."""
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 3)
+
+        def forward(self, x, lengths):
+            longest = int(lengths.max())
+            return {"logits": self.proj(x), "padded": self.proj(x)[:, :longest]}
+
+    wrapped = dpfast.DataParallel(Padded(), device_ids=["cpu"] * 2)
+    x = torch.randn(4, 6, 3)
+    with pytest.raises(RuntimeError, match=r"outputs\['padded'\]: expected every replica's tensor to have replica "
+                                           r"0's shape \[2, 6, 3\] but in dim 0, but replica 1 returned shape \[2, 4, 3\]"):
+        wrapped(x, torch.tensor([6, 5, 4, 3]))
+    out = wrapped(x, torch.tensor([6, 5, 6, 3]))
+    assert out["padded"].shape == (4, 6, 3)
+    out["logits"].sum().backward()
+    assert wrapped.module.proj.weight.grad is not None
