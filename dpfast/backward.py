@@ -63,7 +63,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import weakref
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch.overrides import has_torch_function
@@ -91,7 +91,7 @@ def _plain_structure(obj: Any) -> bool:
 class _Plan:
     """Replicas 1..n-1's outputs that require grad, flattened, and where each replica's start."""
 
-    def __init__(self, per_replica: List[List[torch.Tensor]], where: List[str], replicas: int, threads: int,
+    def __init__(self, per_replica: List[List[torch.Tensor]], where: List[Tuple[str, str]], replicas: int, threads: int,
                  caller_threads: int, pool, reducer):
         self.replicas = replicas  # 1 + the highest replica index that ran
         self.threads = threads  # each worker's intra-op threads (NOTE [CPU threads])
@@ -208,7 +208,7 @@ def wanted(num_lanes: int) -> bool:
 _ANCHOR = torch.empty(0, device="cpu", requires_grad=True)  # whatever torch.set_default_device says
 
 
-def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: List[str], replicas: int,
+def route(outputs: List[Any], replica_tensors: List[List[torch.Tensor]], where: List[Tuple[str, str]], replicas: int,
           threads: int, caller_threads: int, pool, reducer) -> Optional[Dict[int, torch.Tensor]]:
     """outputs[k], replica_tensors[k] (parameters and buffers) and where[k] of the replicas that ran,
     replica 0 first; ``replicas``: 1 + the highest index among them; ``threads``: each worker's

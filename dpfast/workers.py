@@ -21,7 +21,7 @@ import contextlib
 import os
 import sys
 import threading
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch._utils import ExceptionWrapper, KeyErrorMessage
@@ -316,12 +316,12 @@ class _Inbox:
 class _Job:
     __slots__ = ("fn", "where", "detail", "threads", "set_threads", "state", "done", "result", "error", "error_text")
 
-    def __init__(self, fn: Callable[[], Any], where: Union[str, Tuple[str, str]], threads: Optional[int] = None,
+    def __init__(self, fn: Callable[[], Any], where: Tuple[str, str], threads: Optional[int] = None,
                  spin: int = 0, state: Optional[Any] = None):
-        """``where``: how an error names the replica ("in replica k on device d"), or that and a
-        line the message ends with."""
+        """``where``: how an error names the replica ("in replica k on device d"), and a line the
+        message ends with ("" for none); _Runtime.where makes both."""
         self.fn, self.threads = fn, threads
-        self.where, self.detail = where if isinstance(where, tuple) else (where, "")
+        self.where, self.detail = where
         self.set_threads = False
         self.state = state  # the submitter's thread-local state (NOTE [Thread-local state of replicas])
         self.done = _Done(spin)
@@ -465,7 +465,7 @@ class WorkerPool:
     def threads(self) -> List[threading.Thread]:
         return list(self._threads)
 
-    def run(self, fns: List[Callable[[], Any]], wheres: List[Any], worker_threads: Optional[int] = None,
+    def run(self, fns: List[Callable[[], Any]], wheres: List[Tuple[str, str]], worker_threads: Optional[int] = None,
             caller_threads: Optional[int] = None) -> List[Any]:
         """fns[0] on the calling thread, fns[k] on worker k; results in order. ``worker_threads``:
         the workers' intra-op threads, ``caller_threads``: the caller's while fns[0] runs (NOTE
@@ -496,7 +496,7 @@ class WorkerPool:
                 job.reraise()
         return [job.result for job in jobs]
 
-    def submit(self, fns: List[Callable[[], Any]], wheres: List[Any], workers: List[int],
+    def submit(self, fns: List[Callable[[], Any]], wheres: List[Tuple[str, str]], workers: List[int],
                worker_threads: Optional[int] = None) -> List[_Job]:
         """fns[j] on worker workers[j] (1-based, as run() numbers them), without waiting: the jobs,
         to wait for with ``job.done``. On a closed pool (the wrapper is gone, its graph is not),

@@ -457,12 +457,12 @@ def test_a_job_queued_without_its_wake_up_still_runs_before_the_next():
     pool = WorkerPool(1)
     try:
         ran = []
-        stray = _Job(lambda: ran.append("stray"), "in a stray job", spin=0)
+        stray = _Job(lambda: ran.append("stray"), ("in a stray job", ""), spin=0)
         pool._queues[0]._jobs.append(stray)  # queued, no release()
-        assert pool.run([lambda: ran.append("caller"), lambda: ran.append("worker")], ["a", "b"]) == [None, None]
+        assert pool.run([lambda: ran.append("caller"), lambda: ran.append("worker")], [("a", ""), ("b", "")]) == [None, None]
         stray.done.wait()
         assert ran.index("stray") < ran.index("worker") and "caller" in ran
-        assert pool.run([lambda: 1, lambda: 2], ["a", "b"]) == [1, 2]  # and it goes on
+        assert pool.run([lambda: 1, lambda: 2], [("a", ""), ("b", "")]) == [1, 2]  # and it goes on
     finally:
         pool.close()
 

@@ -151,7 +151,7 @@ def side_by_side(model, x, y, rounds: int) -> None:
     def idle():
         return 0.0
     n = len(replica_modules)
-    wheres = [f"replica {k}" for k in range(n)]
+    wheres = [(f"in replica {k}", "") for k in range(n)]
     threads = torch.get_num_threads()
     alone, together = [[] for _ in range(n)], [[] for _ in range(n)]
     for _ in range(rounds):  # interleaved, so that a noisy machine affects both alike
