@@ -375,6 +375,15 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
         if _is_dataclass_instance(first):
             return _rebuild_dataclass(first, {name: gather_map([getattr(v, name) for v in values], f"{path}.{name}")
                                               for name, _ in _dataclass_items(first)})
+        if isinstance(first, collections.abc.Iterator) and all(type(v) is type(first) for v in values[1:]):
+            # A one-shot iterator (a generator, map): its type cannot be made again from items, and
+            # reading the items uses it up, so they come back gathered, in a list (nn.DataParallel's
+            # rebuild raises a TypeError here).
+            columns = [list(v) for v in values]
+            for k, column in enumerate(columns[1:], start=1):
+                if len(column) != len(columns[0]):
+                    raise mismatch(path, f"an iterator of {len(columns[0])} items", k, f"one of {len(column)}")
+            return [gather_map(list(row), f"{path}[{i}]") for i, row in enumerate(zip(*columns))]
         try:
             if all(v is first or v == first for v in values[1:]):
                 return first

@@ -2223,3 +2223,48 @@ def test_copy_of_a_wrapper_whose_replicate_was_patched_on_the_instance():
     assert calls[-1][0] == id(wrapped.module)
     with pytest.raises(ValueError, match=r"replicate: module: expected the wrapped module"):
         wrapped.replicate(mlp(), 2)  # another module, outside a forward: still refused
+
+
+@pytest.mark.parametrize("make_output", [
+    lambda a, b: (t for t in (a, b)),
+    lambda a, b: map(torch.neg, (a, b)),
+    lambda a, b: iter([a, b]),
+], ids=["generator", "map", "list_iterator"])
+def test_one_shot_iterator_outputs_give_their_items_gathered(make_output):
+    """A generator or map cannot be made again from its items, and reading them uses it up: the
+    items come back gathered, in a list (they were lost before: the replicas' used-up iterators
+    came back)."""
+    class Yields(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            out = self.fc(x)
+            return make_output(out, out * 2)
+
+    reference, wrapped = pair(Yields, device_ids=["cpu"] * 2)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    out = wrapped(x)
+    expected = list(reference(x))
+    assert isinstance(out, list) and len(out) == 2
+    for got, want in zip(out, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    sum(t.sum() for t in out).backward()
+    sum(t.sum() for t in reference(x)).backward()
+    assert_same_grads(reference, wrapped)
+
+
+def test_iterators_of_different_lengths_are_named():
+    class Uneven(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return (self.fc(row) for row in x)  # one item per sample: 3 and 2 on 5 rows
+
+    wrapped = dpfast.DataParallel(Uneven(), device_ids=["cpu"] * 2)
+    with pytest.raises(TypeError, match=r"outputs: expected every replica to return an iterator of 3 items \(as "
+                                        r"replica 0 did\), but replica 1 returned one of 2"):
+        wrapped(torch.randn(5, 3))
