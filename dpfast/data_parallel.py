@@ -95,14 +95,23 @@ def _run_then_put_back(undo, run) -> Any:
 
 
 def _undo_after_backward(undo, outputs) -> None:
+    """Every output that carries a graph is hooked: the loss may use any of them (a forward that
+    returns (features, logits), a loss on the logits alone). The first hook to run queues the undo
+    at the end of that backward."""
+    queued = []
+
+    def queue(grad):
+        if not queued:
+            queued.append(True)
+            torch.autograd.Variable._execution_engine.queue_callback(undo)
+        return grad
+    hooked = False
     for _, t in scatter_gather.iter_tensors(outputs, None):
         if t.requires_grad and t.grad_fn is not None:
-            def queue(grad):
-                torch.autograd.Variable._execution_engine.queue_callback(undo)
-                return grad
             t.register_hook(queue)
-            return
-    undo()
+            hooked = True
+    if not hooked:
+        undo()
 
 
 _NO_PHASE = contextlib.nullcontext()  # reusable: one for every block that no timer reports

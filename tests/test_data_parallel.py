@@ -1535,6 +1535,40 @@ def test_replication_callbacks_mark_the_replicas_for_the_call_and_leave_the_modu
     assert module._is_parallel is False and len(module.seen) == 12
 
 
+class _FeaturesAndLogits(_MarkedByReplication):
+    """deeplab-xception / CSAILVision's shape: (features, logits), the loss on the logits alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):
+        features = super().forward(x)
+        return features, self.head(features.detach())
+
+
+@pytest.mark.parametrize("how", ["subclass", "instance_patch"])
+def test_replication_marks_are_put_back_when_the_loss_skips_the_first_output(how):
+    torch.manual_seed(0)
+    module = _FeaturesAndLogits().double()
+    if how == "subclass":
+        wrapped = _WithCallback(module, device_ids=["cpu"] * 2)
+    else:
+        wrapped = dpfast.DataParallel(module, device_ids=["cpu"] * 2)
+        plain_replicate = wrapped.replicate
+
+        def replicate(mod, device_ids):
+            modules = plain_replicate(mod, device_ids)
+            _execute_replication_callbacks(modules)
+            return modules
+        wrapped.replicate = replicate
+    features, logits = wrapped(torch.randn(6, 4, dtype=torch.float64))
+    assert module._is_parallel is True
+    logits.sum().backward()  # features carry a graph too, but are not in this loss
+    assert module._is_parallel is False and not hasattr(module, "_copy_id")
+    assert module.head.weight.grad is not None and module.linear.weight.grad is None
+
+
 class _NamedtupleMadePerCall(nn.Module):
     """pytorch/examples fast_neural_style's Vgg16: the output's namedtuple class is made in forward."""
 
