@@ -176,7 +176,8 @@ def quiet_caller_team() -> None:
     thread's team: 0.1-0.2 ms, and the user's next region on every thread starts them again, 0.3-1.5
     ms on the 2-core VM), so that they do not spin on the cores the replicas run on. Called before
     the workers are handed their jobs: the pause waits for each team thread to leave, and with the
-    workers already computing on the other cores that took 2-11 ms (p90) instead of 0.1 ms."""
+    workers already computing on the other cores its p90 was 0.5-1.2 ms on the idle 2-core VM,
+    against 0.13-0.15 ms (bench/results/20261128-cpu-pause-order.txt)."""
     if not _IDLE_THREADS_SLEEP:
         pause = _omp_pause()
         if pause is not None:
