@@ -325,6 +325,9 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
         return TypeError(f"dpfast.DataParallel: outputs{path}: expected every replica to return {expected} (as "
                          f"replica 0 did), but replica {k} returned {got}")
 
+    # Set while an iterable's items are gathered a second time (see below).
+    keep_agreeing_scalars = [False]
+
     def gather_map(values: List[Any], path: str = ""):
         first = values[0]
         for k, v in enumerate(values[1:], start=1):
@@ -342,6 +345,9 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
             if stand_ins:
                 values = [stand_ins.get(id(v), v) for v in values]
             scalars = first.dim() == 0
+            if (scalars and keep_agreeing_scalars[0] and all(v.dim() == 0 for v in values)
+                    and all(torch.equal(v.cpu(), first.cpu()) for v in values[1:])):
+                return first.to(destination)
             tensors = [v.unsqueeze(0) if v.dim() == 0 else v for v in values]
             gather_dim = 0 if scalars else dim
             try:
@@ -400,6 +406,19 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
                 return type(first)(iter(items))
             except Exception:  # a type that is not built from its items
                 pass
+            if not keep_agreeing_scalars[0]:
+                # Once more with the 0-dim tensors that every replica holds alike kept as they are:
+                # a setting, not a value per sample (transformers' DynamicCache of a sliding-window
+                # model yields each layer's window size with its keys and values, and builds itself
+                # from a window size, not from a vector of one per replica).
+                keep_agreeing_scalars[0] = True
+                try:
+                    items = [gather_map(list(row), f"{path}[{i}]") for i, row in enumerate(zip(*columns))]
+                    return type(first)(iter(items))
+                except Exception:
+                    pass
+                finally:
+                    keep_agreeing_scalars[0] = False
         return list(values)
 
     try:

@@ -316,3 +316,28 @@ def test_compiled_modules_run_each_replica_on_its_own_weights(how):
     compiled_forward = replica.__dict__[key]
     assert getattr(compiled_forward, "_torchdynamo_orig_callable", None) is not None  # compiled, not eager
     assert compiled_forward is not root.__dict__[key]
+
+
+def test_hugging_face_sliding_window_cache_is_gathered_into_one_cache():
+    """A sliding-window model's DynamicCache (Mistral) yields each layer's window size, a 0-dim
+    tensor, with its keys and values: gathered as a vector of one per replica, the cache could not
+    be built from it, and the replicas' caches came back side by side in a list. The window size,
+    alike in every replica, is kept as it is."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        sliding_window=4, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    reference, wrapped = pair(lambda: transformers.MistralForCausalLM(config))  # 3 replicas: 2, 2 and 1 rows
+    reference.eval()
+    wrapped.eval()
+    ids = torch.randint(1, 100, (5, 6))
+    with torch.no_grad():
+        expected = reference(input_ids=ids, use_cache=True)
+        outputs = wrapped(input_ids=ids, use_cache=True)
+    key = "cache" if "cache" in expected else "past_key_values"
+    cache, expected_cache = outputs[key], expected[key]
+    assert type(cache) is type(expected_cache)
+    for got, want in zip(cache.layers, expected_cache.layers):
+        torch.testing.assert_close(got.keys, want.keys)
+        torch.testing.assert_close(got.values, want.values)
+    torch.testing.assert_close(outputs.logits, expected.logits)
