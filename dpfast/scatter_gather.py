@@ -377,7 +377,15 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
             return type(first)._make(gather_map(list(items), f"{path}.{name}")
                                      for name, items in zip(first._fields, zip(*values)))
         if isinstance(first, (list, tuple)):
-            return type(first)(gather_map(list(items), f"{path}[{i}]") for i, items in enumerate(zip(*values)))
+            items = [gather_map(list(items), f"{path}[{i}]") for i, items in enumerate(zip(*values))]
+            if type(first) in (list, tuple):
+                return type(first)(items)
+            try:
+                return type(first)(items)
+            except Exception:  # a subclass that takes other items (a torch.Size of sizes that differ)
+                if any(True for _ in iter_tensors(first, None)):  # the gathered tensors, in the base type
+                    return list(items) if isinstance(first, list) else tuple(items)
+                return list(values)  # as other values that differ: one per replica
         if _is_dataclass_instance(first):
             return _rebuild_dataclass(first, {name: gather_map([getattr(v, name) for v in values], f"{path}.{name}")
                                               for name, _ in _dataclass_items(first)})

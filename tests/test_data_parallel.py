@@ -2302,3 +2302,40 @@ def test_iterators_of_different_lengths_are_named():
     with pytest.raises(TypeError, match=r"outputs: expected every replica to return an iterator of 3 items \(as "
                                         r"replica 0 did\), but replica 1 returned one of 2"):
         wrapped(torch.randn(5, 3))
+
+
+def test_sizes_that_differ_between_replicas_come_back_one_per_replica():
+    """A torch.Size output (logging a chunk's shape): kept where every replica agrees, and where
+    they differ, as other values that differ, one per replica (its constructor takes no list)."""
+    class Shapes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x), x.shape
+
+    wrapped = dpfast.DataParallel(Shapes(), device_ids=["cpu"] * 2)
+    out, shapes = wrapped(torch.randn(5, 4))
+    assert out.shape == (5, 2) and shapes == [torch.Size([3, 4]), torch.Size([2, 4])]
+    out, shape = wrapped(torch.randn(6, 4))
+    assert shape == torch.Size([3, 4])
+
+
+def test_a_tuple_subclass_that_takes_other_items_keeps_its_gathered_tensors():
+    class Pair(tuple):
+        def __new__(cls, first, second):
+            return super().__new__(cls, (first, second))
+
+    class Pairs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return Pair(self.fc(x), x.sum())
+
+    wrapped = dpfast.DataParallel(Pairs(), device_ids=["cpu"] * 2)
+    x = torch.randn(5, 4)
+    out = wrapped(x)
+    assert type(out) is tuple and out[0].shape == (5, 2) and out[1].shape == (2,)
