@@ -89,6 +89,7 @@ class GradReducer:
         self._lock = threading.Lock()
         self._callback_queued = False
         self._callback_task = -1  # the graph task whose end runs _end_of_backward
+        self._queued_end = _no_end  # a weak reference to the latest _EndOfBackward queued
         self._replica_jobs: list = []  # NOTE [Parallel backward]: replicas' backward on the workers
         self._routed: list = []  # plan_alive() of routed forwards whose graphs may still run
         self._allow_early_launch = True  # False after a gradient came after its bucket's reduction
@@ -223,7 +224,24 @@ class GradReducer:
     def _queue_end_of_backward(self) -> None:
         self._callback_queued = True
         self._callback_task = torch._C._current_graph_task_id()
-        torch.autograd.Variable._execution_engine.queue_callback(_EndOfBackward(self))
+        end = _EndOfBackward(self)
+        self._queued_end = weakref.ref(end)
+        torch.autograd.Variable._execution_engine.queue_callback(end)
+
+    def _drop_failed_backward(self, end: "_EndOfBackward") -> None:
+        """The backward that queued ``end`` raised (its graph task dropped the callback without
+        calling it): its replicas' parts are waited for, then what it left is dropped, as
+        note_forward would at the next forward."""
+        with self._lock:
+            if not self._callback_queued or self._queued_end() not in (None, end):
+                return  # not the latest end (one queued since is still to come)
+            jobs, self._replica_jobs = self._replica_jobs, []
+        for job in jobs:
+            job.done.wait()
+        restore_default_threads(jobs)
+        with self._lock:
+            if self._callback_queued:
+                self._discard()
 
     def note_routed(self, plan_alive) -> None:
         """NOTE [Parallel backward]: a forward's replicas' graphs will run as backward passes of
@@ -610,23 +628,33 @@ class _NoGrad:
         torch._C._set_grad_enabled(self.prev)
 
 
+def _no_end() -> None:
+    return None
+
+
 class _EndOfBackward:
     """The reducer's end-of-backward callback. A backward that raises never calls it, and drops it
     with its graph task, on the thread that ran the backward, as the error propagates: the caller's
-    threads that a routed backward shared out go back then (NOTE [CPU threads]), before the user's
-    code sees the error."""
+    threads that a routed backward shared out go back then (NOTE [CPU threads]), and what that
+    backward left in the buckets is dropped, before the user's code sees the error. A backward of
+    the same graph may follow without a forward (retain_graph, a second loss of one forward): it
+    starts from nothing and gets an end of its own, as it did only after a forward before."""
 
-    __slots__ = ("reducer",)
+    __slots__ = ("reducer", "called", "__weakref__")
 
     def __init__(self, reducer: "GradReducer"):
         self.reducer = reducer
+        self.called = False
 
     def __call__(self) -> None:
+        self.called = True
         self.reducer._end_of_backward()
 
     def __del__(self) -> None:
         try:
             give_back_caller_threads()  # this thread's, if it still holds a share
+            if not self.called:
+                self.reducer._drop_failed_backward(self)
         except Exception:  # interpreter shutdown
             pass
 

@@ -2339,3 +2339,53 @@ def test_a_tuple_subclass_that_takes_other_items_keeps_its_gathered_tensors():
     x = torch.randn(5, 4)
     out = wrapped(x)
     assert type(out) is tuple and out[0].shape == (5, 2) and out[1].shape == (2,)
+
+
+class _FailsInBackward(torch.autograd.Function):
+    armed = False
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if _FailsInBackward.armed:
+            raise RuntimeError("out of memory (injected)")
+        return grad
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 3), nn.Linear(3, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(_FailsInBackward.apply(torch.tanh(self.a(x)))), self.c(x)
+
+
+@pytest.mark.parametrize("retained", [False, True], ids=["second_loss", "retained_graph"])
+def test_a_backward_after_one_that_raised_without_a_forward_between_reduces_every_replica(retained):
+    """One forward, two losses (or a retained graph backwarded again): the first backward raises
+    part-way, after some replicas' gradients were in their buckets; the next backward, with no
+    forward between, got no end of its own, and .grad kept replica 0's share alone (autograd
+    walking the replicas in turn). What the failed backward left is dropped as it raises."""
+    reference, wrapped = pair(_TwoHeads, device_ids=["cpu"] * 2)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    first, second = wrapped(x)
+    _FailsInBackward.armed = True
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            (first.square().sum() + (second.square().sum() if retained else 0)).backward(retain_graph=retained)
+    finally:
+        _FailsInBackward.armed = False
+    wrapped.zero_grad()
+    (first.square().sum() + second.square().sum() if retained else second.square().sum()).backward()
+    ref_first, ref_second = reference(x)
+    (ref_first.square().sum() + ref_second.square().sum() if retained else ref_second.square().sum()).backward()
+    assert_same_grads(reference, wrapped)
+    wrapped.zero_grad()
+    reference.zero_grad()
+    for model in (wrapped, reference):  # and the next step
+        sum(o.square().sum() for o in model(x)).backward()
+    assert_same_grads(reference, wrapped)
