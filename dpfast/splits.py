@@ -18,7 +18,11 @@ def even(batch: int, num_devices: int) -> List[int]:
 
 
 def validate_sizes(argument: str, sizes: Sequence, num_devices: int) -> List:
+    """The entries of chunk_sizes or weights, checked: one non-negative number per device; for
+    chunk_sizes whole numbers, for weights at least one positive."""
     try:
+        if isinstance(sizes, (str, bytes)):
+            raise TypeError
         values = list(sizes)
     except TypeError:
         raise ValueError(f"dpfast.DataParallel: {argument}: expected a sequence of one entry per device "
@@ -31,7 +35,12 @@ def validate_sizes(argument: str, sizes: Sequence, num_devices: int) -> List:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
             raise ValueError(f"dpfast.DataParallel: {argument}: expected non-negative numbers, but {argument}[{i}] "
                              f"is {v!r}")
-    return [int(v) if isinstance(v, numbers.Integral) else float(v) for v in values]
+    values = [int(v) if isinstance(v, numbers.Integral) else float(v) for v in values]
+    if argument == "chunk_sizes" and any(int(v) != v for v in values):
+        raise ValueError(f"dpfast.DataParallel: chunk_sizes: expected whole numbers of rows, but got {values}")
+    if argument == "weights" and sum(values) <= 0:
+        raise ValueError(f"dpfast.DataParallel: weights: expected at least one positive weight, but got {values}")
+    return values
 
 
 def by_weights(batch: int, weights: Sequence[float]) -> List[int]:

@@ -92,12 +92,17 @@ def test_bad_arguments():
     ({"bucket_cap_mb": "25"}, ValueError, r"bucket_cap_mb: expected a positive, finite number of megabytes, but got "
                                           r"'25'"),
     ({"chunk_sizes": 12}, ValueError, r"chunk_sizes: expected a sequence of one entry per device \(4\), but got 12"),
+    ({"chunk_sizes": "1234"}, ValueError, r"chunk_sizes: expected a sequence of one entry per device \(4\), but got "
+                                          r"'1234'"),
+    ({"chunk_sizes": [1.5, 2, 2.5, 0]}, ValueError, r"chunk_sizes: expected whole numbers of rows, but got "
+                                                    r"\[1.5, 2, 2.5, 0\]"),
+    ({"weights": [0, 0, 0, 0]}, ValueError, r"weights: expected at least one positive weight, but got \[0, 0, 0, 0\]"),
     ({"gather": "no"}, TypeError, r"gather: expected True or False, but got 'no'"),
     ({"average_buffers": None}, TypeError, r"average_buffers: expected True or False, but got None"),
     ({"trust_version_counters": 2}, TypeError, r"trust_version_counters: expected True or False, but got 2"),
     ({"process_group": "gloo"}, TypeError, r"process_group: expected None or a torch.distributed process group"),
-], ids=["bucket_inf", "bucket_str", "chunk_sizes_int", "gather_str", "average_buffers_none", "trust_int",
-        "process_group_str"])
+], ids=["bucket_inf", "bucket_str", "chunk_sizes_int", "chunk_sizes_str", "chunk_sizes_fraction", "weights_zero",
+        "gather_str", "average_buffers_none", "trust_int", "process_group_str"])
 def test_bad_options_name_the_argument(option, error, pattern):
     with pytest.raises(error, match=pattern):
         dpfast.DataParallel(make(), device_ids=CPU4, **option)
