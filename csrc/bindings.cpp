@@ -150,9 +150,9 @@ void restore_entries(const py::tuple& own, const py::tuple& templates) {
 // (attributes that hold the module's own tensors, an RNN, torch.compile's OptimizedModule), where
 // a forward hook is registered on the root or installed on the replica, or where module.compile()
 // was called, module j is left to the caller's Python path, and its index returned.
-// NOTE [Attribute tensors]: given a root_device, the (j, name) of every plain attribute of a copied
-// module that holds a tensor on that device are also returned, for the caller to give the
-// replica one on its own device.
+// NOTE [Attribute tensors]: given a root_device, the (j, name) of every plain attribute of a module
+// (left ones included) that holds a tensor on that device are also returned, for the caller to
+// give the replica one on its own device.
 std::tuple<std::vector<int64_t>, std::vector<std::tuple<int64_t, py::object>>> refresh_replica_dicts(
     const py::list& modules, const py::list& replicas, const py::list& owns, const std::vector<bool>& slow,
     std::optional<c10::Device> root_device) {
@@ -174,12 +174,22 @@ std::tuple<std::vector<int64_t>, std::vector<std::tuple<int64_t, py::object>>> r
     py::tuple own = owns[j].cast<py::tuple>();
     TORCH_CHECK(own.size() == 5, "dpfast.refresh_replica_dicts: owns[", j, "]: expected 5 items, but got ", own.size());
     restore_entries(own, own[4].cast<py::tuple>());
+    py::object module_dict = py::reinterpret_steal<py::object>(PyObject_GenericGetDict(modules[j].ptr(), nullptr));
+    if (!module_dict) throw py::error_already_set();
+    if (root_device) {
+      PyObject* key = nullptr;
+      PyObject* value = nullptr;
+      Py_ssize_t position = 0;
+      while (PyDict_Next(module_dict.ptr(), &position, &key, &value)) {
+        if (THPVariable_Check(value) && THPVariable_Unpack(value).device() == *root_device) {
+          on_root_device.emplace_back(static_cast<int64_t>(j), py::reinterpret_borrow<py::object>(key));
+        }
+      }
+    }
     if (slow[j]) {
       left.push_back(static_cast<int64_t>(j));
       continue;
     }
-    py::object module_dict = py::reinterpret_steal<py::object>(PyObject_GenericGetDict(modules[j].ptr(), nullptr));
-    if (!module_dict) throw py::error_already_set();
     PyObject* hooks = own[3].ptr();
     // module.compile()'s callable is bound to the root module: Python makes the replica's own
     // (NOTE [Compiled modules] in replicas.py).
@@ -196,16 +206,6 @@ std::tuple<std::vector<int64_t>, std::vector<std::tuple<int64_t, py::object>>> r
       if (PyDict_SetItem(copy.ptr(), keys[d], own[d].ptr()) != 0) throw py::error_already_set();
     }
     if (PyDict_Update(copy.ptr(), hooks) != 0) throw py::error_already_set();
-    if (root_device) {
-      PyObject* key = nullptr;
-      PyObject* value = nullptr;
-      Py_ssize_t position = 0;
-      while (PyDict_Next(module_dict.ptr(), &position, &key, &value)) {
-        if (THPVariable_Check(value) && THPVariable_Unpack(value).device() == *root_device) {
-          on_root_device.emplace_back(static_cast<int64_t>(j), py::reinterpret_borrow<py::object>(key));
-        }
-      }
-    }
     // object.__setattr__(replica, "__dict__", copy): past nn.Module.__setattr__.
     if (PyObject_GenericSetDict(replicas[j].ptr(), copy.ptr(), nullptr) != 0) throw py::error_already_set();
   }

@@ -236,12 +236,16 @@ class GradReducer:
             if not self._callback_queued or self._queued_end() not in (None, end):
                 return  # not the latest end (one queued since is still to come)
             jobs, self._replica_jobs = self._replica_jobs, []
+        self._discard_after(jobs)
+
+    def _discard_after(self, jobs: list) -> None:
+        """What a backward that raised left is dropped, once its replicas' parts (``jobs``, which
+        may still be running) are done."""
         for job in jobs:
             job.done.wait()
         restore_default_threads(jobs)
         with self._lock:
-            if self._callback_queued:
-                self._discard()
+            self._discard()
 
     def note_routed(self, plan_alive) -> None:
         """NOTE [Parallel backward]: a forward's replicas' graphs will run as backward passes of
@@ -277,10 +281,7 @@ class GradReducer:
         if stale:
             # An earlier backward raised (its end never came) and no forward came since to drop
             # what it left: its replicas' parts may still be running. Wait for them, then drop it.
-            for job in stale_jobs:
-                job.done.wait()
-            with self._lock:
-                self._discard()
+            self._discard_after(stale_jobs)
         self._ready.note_replicas(replicas)
         with self._lock:
             if len(window) > 1 or window is not self.window:

@@ -420,10 +420,7 @@ class ReplicaSet:
                                                             self.replica_dicts[k], self.refresh_in_python, scan)
             for j in left:
                 hooked |= self._refresh_one(k, j)
-                if scan is not None:
-                    on_root_device.extend((j, key) for key, value in self.modules[j].__dict__.items()
-                                          if isinstance(value, torch.Tensor) and value.device == scan)
-            for j, key in on_root_device:
+            for j, key in on_root_device:  # after _refresh_one made the left modules' dictionaries
                 self._give_attribute_tensor(k, j, key)
         if num_replicas > 1:
             self.forward_hooks_seen = hooked

@@ -1500,23 +1500,29 @@ class _WithCallback(dpfast.DataParallel):
         return modules
 
 
+def _wrap_with_callbacks(module, how: str, replicas: int):
+    """Synchronized-BatchNorm's two ways: DataParallelWithCallback (a subclass), or
+    patch_replication_callback(data_parallel) (replicate patched on the instance)."""
+    if how == "subclass":
+        return _WithCallback(module, device_ids=["cpu"] * replicas)
+    wrapped = dpfast.DataParallel(module, device_ids=["cpu"] * replicas)
+    plain_replicate = wrapped.replicate
+
+    def replicate(mod, device_ids):
+        modules = plain_replicate(mod, device_ids)
+        _execute_replication_callbacks(modules)
+        return modules
+    wrapped.replicate = replicate
+    return wrapped
+
+
 @pytest.mark.parametrize("how", ["subclass", "instance_patch"])
 def test_replication_callbacks_mark_the_replicas_for_the_call_and_leave_the_module_alone(how):
     # nn.DataParallel hands the callbacks copies; here replica 0 is the module, so what they wrote on
     # it is put back after the call: the module run alone later must not wait for replicas.
     torch.manual_seed(0)
     module = _MarkedByReplication().double()
-    if how == "subclass":
-        wrapped = _WithCallback(module, device_ids=["cpu"] * 3)
-    else:  # patch_replication_callback(data_parallel)
-        wrapped = dpfast.DataParallel(module, device_ids=["cpu"] * 3)
-        plain_replicate = wrapped.replicate
-
-        def replicate(mod, device_ids):
-            modules = plain_replicate(mod, device_ids)
-            _execute_replication_callbacks(modules)
-            return modules
-        wrapped.replicate = replicate
+    wrapped = _wrap_with_callbacks(module, how, replicas=3)
     x = torch.randn(9, 4, dtype=torch.float64)
     out = wrapped(x)
     assert sorted(module.seen) == [0, 1, 2]
@@ -1551,17 +1557,7 @@ class _FeaturesAndLogits(_MarkedByReplication):
 def test_replication_marks_are_put_back_when_the_loss_skips_the_first_output(how):
     torch.manual_seed(0)
     module = _FeaturesAndLogits().double()
-    if how == "subclass":
-        wrapped = _WithCallback(module, device_ids=["cpu"] * 2)
-    else:
-        wrapped = dpfast.DataParallel(module, device_ids=["cpu"] * 2)
-        plain_replicate = wrapped.replicate
-
-        def replicate(mod, device_ids):
-            modules = plain_replicate(mod, device_ids)
-            _execute_replication_callbacks(modules)
-            return modules
-        wrapped.replicate = replicate
+    wrapped = _wrap_with_callbacks(module, how, replicas=2)
     features, logits = wrapped(torch.randn(6, 4, dtype=torch.float64))
     assert module._is_parallel is True
     logits.sum().backward()  # features carry a graph too, but are not in this loss
