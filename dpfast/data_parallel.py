@@ -52,9 +52,19 @@ def _hold_through_backward(outputs: Any, runtime: _Runtime) -> Any:
         # would make a cycle the collector cannot see through C++ (the README says so).
         return outputs
     nodes = {id(t.grad_fn): t.grad_fn for _, t in scatter_gather.iter_tensors(outputs, None) if t.grad_fn is not None}
+    reducer = runtime.reducer
     for node in nodes.values():
-        node.metadata["dpfast"] = (runtime, runtime.reducer)  # the reducer of these replicas, should it be replaced
+        node.metadata["dpfast"] = (runtime, reducer)  # the reducer of these replicas, should it be replaced
+        if reducer is not None and reducer.accumulating:
+            # NOTE [Clearing an accumulation]: a zero_grad() between this forward and its backward
+            node.register_prehook(_drop_cleared_accumulation_of(reducer))
     return outputs
+
+
+def _drop_cleared_accumulation_of(reducer):
+    def prehook(grad_outputs):
+        reducer.drop_cleared_accumulation()
+    return prehook
 
 
 _STEPS = ("scatter", "replicate", "parallel_apply", "gather")

@@ -32,6 +32,20 @@ Only parameters that received a gradient on at least one replica (replica 0
 included) are touched; a parameter unused everywhere keeps its ``.grad``
 (None stays None), as on one device. Replicas' buckets are zero between
 reductions, so a parameter unused on one replica adds nothing from it.
+
+NOTE [Clearing an accumulation]
+Under no_sync() replica 0's accumulated share is in the root's .grad and the
+others' stay in the replicas' buckets. A zero_grad() before the next backward
+must drop them all, as DDP's no_sync (which keeps everything in .grad) does.
+After a no_sync backward the reducer records each root .grad (which tensor, its
+version); at the next forward, and once more when backward enters the
+wrapper's outputs (a prehook on their nodes, before any replica's graph runs:
+`out = model(x); opt.zero_grad(); loss.backward()`), a root .grad that is gone,
+or changed and now all zero, has the replicas' shares of it zeroed. A .grad
+scaled in place keeps them (only a clear is recognised), and a parameter whose
+.grad was None at the end of the block (replica 0 did not use it) cannot show
+a clear. Across processes replica 0's share waits in the root's lane (.grad
+keeps autograd's zeros during the block): that lane is zeroed too.
 """
 
 from __future__ import annotations
@@ -95,6 +109,10 @@ class GradReducer:
         self._allow_early_launch = True  # False after a gradient came after its bucket's reduction
         self.no_routing = False  # True after backward(create_graph=True) in a routed window (_stop_routing_for_graphs)
         self._root_hooks = {}  # parameter index -> Python hook on the root's parameter (across processes)
+        # NOTE [Clearing an accumulation]: after a no_sync backward, each root .grad (a weak
+        # reference) and its version; None when the replicas' buckets hold nothing unreduced.
+        self._accumulated: Optional[list] = None
+        self._cleared_check_task = -1  # the graph task that last looked (once per backward)
         # parameter index -> sparse_dim of its sparse gradient, declared by the module or seen on the
         # root: the sum is handed back sparse even when the root got none (replica buckets are dense)
         self._sparse_dims = dict(sparse_dims or {})
@@ -319,7 +337,69 @@ class GradReducer:
                 self._launch(b)
                 self.early_reduction_count += 1
 
+    @property
+    def accumulating(self) -> bool:
+        """Whether the replicas' buckets hold a no_sync() accumulation not yet reduced."""
+        return self._accumulated is not None
+
+    def _record_accumulated(self) -> None:
+        self._accumulated = [(None, 0) if p.grad is None else (weakref.ref(p.grad), p.grad._version)
+                             for p in self.root_params]
+
+    def drop_cleared_accumulation(self) -> None:
+        """NOTE [Clearing an accumulation]: the replicas' shares of every root .grad cleared since
+        the last no_sync backward are zeroed. Inside a backward, once per backward and before any
+        replica's graph runs."""
+        with self._lock:
+            if self._accumulated is None:
+                return
+            task = torch._C._current_graph_task_id()
+            if task != -1:
+                if task == self._cleared_check_task:
+                    return
+                self._cleared_check_task = task
+            changed = []
+            for i, (p, (ref, version)) in enumerate(zip(self.root_params, self._accumulated)):
+                grad = p.grad
+                if ref is None:
+                    unchanged = grad is None
+                else:
+                    unchanged = grad is not None and grad is ref() and grad._version == version
+                if not unchanged:
+                    changed.append(i)
+            if not changed:
+                return
+            # One read back for all of them (a device sync on a GPU, only after a change).
+            grads = [self.root_params[i].grad for i in changed]
+            with _NoGrad():
+                nonzero = torch.stack([(g.coalesce()._values() if g.is_sparse else g).any().to(self.devices[0])
+                                       for g in grads if g is not None]).tolist() if any(
+                    g is not None for g in grads) else []
+            flags = iter(nonzero)
+            cleared = [i for i, g in zip(changed, grads) if g is None or not next(flags)]
+            if cleared:
+                self._zero_replica_shares(cleared)
+            self._record_accumulated()
+
+    def _zero_replica_shares(self, indices: List[int]) -> None:
+        """Zeroes these parameters' slices of replicas 1..n-1's buckets (and of the root's lane
+        across processes, where replica 0's share waits), each on its comm stream after its
+        lane's work and the current stream's, before the lane's next accumulation."""
+        current = lane_streams.current_stream(self.devices[0])
+        with _NoGrad():
+            for k in range(0 if self.cross is not None else 1, self.num_replicas):
+                comm = self.comm_streams[k] if self.comm_streams else None
+                lane_streams.wait(comm, current)
+                if self.streams:
+                    lane_streams.wait(comm, self.streams[k])
+                with lane_streams.on(comm):
+                    torch._foreach_zero_([self._view(i, k) for i in indices])
+                if self.streams:
+                    lane_streams.wait(self.streams[k], comm)
+
     def note_forward(self, num_replicas: int) -> None:
+        if self._accumulated is not None and torch._C._current_graph_task_id() == -1:
+            self.drop_cleared_accumulation()  # not for a recomputation inside backward
         with self._lock:
             if self._callback_queued and torch._C._current_graph_task_id() == -1:
                 # A backward marked gradients but its end never came: it raised (autograd does not
@@ -380,6 +460,7 @@ class GradReducer:
         """No gradient pending: the state after a reduction (or after discarding one)."""
         self._ready.start_over()
         self._reset_window()
+        self._accumulated = None  # NOTE [Clearing an accumulation]
 
     def _launch(self, b: int) -> None:
         """Starts bucket b's tree reduction on the comm streams, after the replicas' backward work
@@ -438,6 +519,7 @@ class GradReducer:
                     "reduces at the end of backward; run the step again.")
             if not self.sync_enabled:
                 self._reset_window()  # no_sync(): gradients keep accumulating in the replicas' buckets
+                self._record_accumulated()  # NOTE [Clearing an accumulation]
                 return
             trace = self.trace if self.streams else None
             if trace is not None:  # the replicas' backward work is all enqueued by now

@@ -73,6 +73,8 @@ def main():
     parser.add_argument("--die-at-step", type=int, default=-1)
     parser.add_argument("--replicas", type=int, default=2, help="CPU replicas per process (1: like DDP)")
     parser.add_argument("--kind", default="mlp", choices=["mlp", "freeze", "sparse"])
+    parser.add_argument("--clear-after-no-sync", action="store_true",
+                        help="before each step, a no_sync() backward whose accumulation zero_grad() drops")
     args = parser.parse_args()
     dist.init_process_group("gloo", rank=args.rank, world_size=args.world, timeout=datetime.timedelta(seconds=30))
     torch.manual_seed(100 + args.rank)  # different on each rank: construction must broadcast rank 0's
@@ -88,6 +90,9 @@ def main():
         if step == args.die_at_step:
             os._exit(3)  # a rank that dies mid-run
         mine = slice(begin, begin + ROWS[args.rank])
+        if args.clear_after_no_sync:
+            with wrapped.no_sync():
+                nn.functional.mse_loss(wrapped(3 * x[mine]), y[mine]).backward()
         opt.zero_grad()
         nn.functional.mse_loss(wrapped(x[mine]), y[mine]).backward()
         if args.kind == "sparse":

@@ -218,6 +218,27 @@ def test_no_sync_reduces_each_bucket_once_after_the_block(replicas, bucket_cap_m
     assert wrapped.stats()["reductions"] == 3 * stats["buckets"]
 
 
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("where", ["before_forward", "before_backward"])
+def test_zero_grad_after_no_sync_drops_every_replicas_share(set_to_none, where):
+    """NOTE [Clearing an accumulation] on the lanes' streams: the replicas' shares are zeroed on
+    their comm streams before their next accumulation."""
+    reference = _mlp64()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference).cuda(), device_ids=[0] * 4, bucket_cap_mb=0.001)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    batches = [torch.randn(11, 6, dtype=torch.float64) for _ in range(2)]
+    with wrapped.no_sync():
+        wrapped(batches[0].cuda()).square().sum().backward()
+    if where == "before_forward":
+        optimizer.zero_grad(set_to_none=set_to_none)
+    output = wrapped(batches[1].cuda())
+    if where == "before_backward":
+        optimizer.zero_grad(set_to_none=set_to_none)
+    output.square().sum().backward()
+    reference(batches[1]).square().sum().backward()
+    _assert_root_grads(reference, wrapped)
+
 class _Branchy(nn.Module):
     def __init__(self):
         super().__init__()

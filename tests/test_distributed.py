@@ -39,9 +39,12 @@ def launch(tmp_path, *extra):
     return [p.returncode for p in procs], outputs
 
 
-@pytest.mark.parametrize("replicas", [2, 1], ids=["2x2_replicas", "one_replica_per_process"])
-def test_two_ranks_match_one_process_on_the_full_batch(tmp_path, replicas):
-    codes, outputs = launch(tmp_path, "--steps", "4", "--replicas", str(replicas))
+@pytest.mark.parametrize("replicas,extra", [(2, ()), (1, ()), (2, ("--clear-after-no-sync",))],
+                         ids=["2x2_replicas", "one_replica_per_process", "zero_grad_after_no_sync"])
+def test_two_ranks_match_one_process_on_the_full_batch(tmp_path, replicas, extra):
+    """With --clear-after-no-sync each step follows a no_sync() backward that zero_grad() drops
+    (NOTE [Clearing an accumulation]): the result is the same."""
+    codes, outputs = launch(tmp_path, "--steps", "4", "--replicas", str(replicas), *extra)
     assert codes == [0, 0], outputs
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")

@@ -453,3 +453,75 @@ def test_the_old_zero_grad_idiom_detach_then_zero_works_on_bucket_gradients():
             model(x).pow(2).sum().backward()
         for p, q in zip(reference.parameters(), wrapped.module.parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+
+
+def _integer_batches(count):
+    torch.manual_seed(1)
+    return [torch.randint(-3, 4, (8, 8)).double() for _ in range(count)]
+
+
+def integer_deep():
+    """Integer weights and inputs: every gradient is an exact sum, in any order."""
+    model = deep()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-2, 3, p.shape))
+    return model
+
+
+@pytest.mark.parametrize("parallel_backward", ["0", "1"])
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("where", ["before_forward", "before_backward", "inside_block"])
+def test_zero_grad_after_no_sync_drops_every_replicas_share(monkeypatch, parallel_backward, set_to_none, where):
+    """A zero_grad() between no_sync() backward passes and the next backward drops what was
+    accumulated on every replica, as DDP's no_sync (which keeps it all in .grad) does: the
+    replicas' shares in their buckets go with replica 0's in .grad."""
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", parallel_backward)
+    reference = integer_deep()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, bucket_cap_mb=0.0006)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    batches = _integer_batches(3)
+    with wrapped.no_sync():
+        wrapped(batches[0]).sum().backward()
+        if where == "inside_block":
+            optimizer.zero_grad(set_to_none=set_to_none)
+        wrapped(batches[1]).sum().backward()
+    if where == "before_forward":
+        optimizer.zero_grad(set_to_none=set_to_none)
+    output = wrapped(batches[2])
+    if where == "before_backward":
+        optimizer.zero_grad(set_to_none=set_to_none)
+    output.sum().backward()
+    kept = batches[1:] if where == "inside_block" else batches[2:]
+    for x in kept:
+        reference(x).sum().backward()
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        assert torch.equal(q.grad, p.grad)
+    # Cleared once, not at every step from then on.
+    optimizer.zero_grad()
+    reference.zero_grad()
+    with wrapped.no_sync():
+        wrapped(batches[0]).sum().backward()
+    wrapped(batches[1]).sum().backward()
+    for x in batches[:2]:
+        reference(x).sum().backward()
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        assert torch.equal(q.grad, p.grad)
+
+
+def test_zero_grad_of_some_parameters_after_no_sync_drops_their_shares_only():
+    """Two optimizers (a GAN's): clearing one's parameters leaves the other's accumulation whole."""
+    reference = integer_deep()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, bucket_cap_mb=0.0006)
+    first_half = [p for layer in wrapped.module[:3] for p in layer.parameters()]
+    batches = _integer_batches(2)
+    with wrapped.no_sync():
+        wrapped(batches[0]).sum().backward()
+    torch.optim.SGD(first_half, lr=0.1).zero_grad()
+    wrapped(batches[1]).sum().backward()
+    reference(batches[0]).sum().backward()
+    for p in list(reference.parameters())[:6]:
+        p.grad = None
+    reference(batches[1]).sum().backward()
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        assert torch.equal(q.grad, p.grad)
