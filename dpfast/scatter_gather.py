@@ -80,6 +80,8 @@ def find_batch_size(inputs: tuple, kwargs: dict, dim: int, num_replicas: Optiona
     distinct = set()  # at every call: first without the paths, which only an error names
     for _, tensor in itertools.chain(iter_tensors(inputs, None), iter_tensors(kwargs, None)):
         rank = tensor.dim()
+        if tensor.is_meta:
+            break
         if rank == 0:
             continue
         if not -rank <= dim < rank:
@@ -109,6 +111,9 @@ def _batch_of(distinct: set, num_replicas: Optional[int]) -> Optional[int]:
 def _find_batch_size_naming_paths(inputs: tuple, kwargs: dict, dim: int, num_replicas: Optional[int]) -> Optional[int]:
     sizes = []
     for path, tensor in list(iter_tensors(inputs, "inputs")) + list(iter_tensors(kwargs, "kwargs")):
+        if tensor.is_meta:  # before anything is built for the call (the scatter's copy would be torch's error)
+            raise ValueError(f"dpfast.DataParallel: {path.split('[')[0]}: expected tensors that hold data to "
+                             f"scatter to the replicas, but {path} is a meta tensor (shape {tuple(tensor.shape)})")
         if tensor.dim() == 0:
             continue  # given whole to every replica
         if not -tensor.dim() <= dim < tensor.dim():

@@ -149,6 +149,15 @@ def test_an_empty_batch_gives_the_modules_empty_output_as_nn_dataparallel(device
     assert wrapped(torch.ones(8, 4, dtype=torch.float64)).shape == (8, 2)  # and the next batch as usual
 
 
+def test_a_meta_tensor_input_is_named_before_anything_is_built():
+    wrapped = dpfast.DataParallel(make(), device_ids=CPU4)
+    with pytest.raises(ValueError, match=r"kwargs: expected tensors that hold data to scatter to the replicas, but "
+                                         r"kwargs\['x'\] is a meta tensor \(shape \(8, 4\)\)"):
+        wrapped(x=torch.empty(8, 4, dtype=torch.float64, device="meta"))
+    assert wrapped._runtime is None  # no threads, buckets or replicas for a call that could not run
+    x = torch.randn(8, 4, dtype=torch.float64)
+    assert torch.equal(wrapped(x), wrapped.module(x))
+
 def test_dim_out_of_range():
     wrapped = dpfast.DataParallel(make(), device_ids=CPU4)
     wrapped3 = dpfast.DataParallel(make(), device_ids=CPU4, dim=3)
