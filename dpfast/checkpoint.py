@@ -40,7 +40,23 @@ def wrap_state_dict(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
     """A plain module's state_dict as a wrapper's (``module.`` added); a wrapped one is returned as is."""
     if is_wrapped(state_dict):
         return OrderedDict(state_dict) if getattr(state_dict, "_metadata", None) is None else _rename(state_dict, str)
-    return _rename(state_dict, lambda k: PREFIX + k if k else "module")
+    return add_prefix(state_dict)
+
+
+def add_prefix(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
+    """``module.`` added to every key, and the wrapper's own metadata entry (version) first, as a
+    wrapper's state_dict has it."""
+    out = _rename(state_dict, lambda k: PREFIX + k if k else "module")
+    metadata = getattr(out, "_metadata", None)
+    if metadata is not None:
+        out._metadata = type(metadata)([("", {"version": nn.Module._version})] + list(metadata.items()))
+    return out
+
+
+def loads_with_prefix(keys: set, expected: set) -> bool:
+    """Whether keys that already start with ``module.`` are still a plain module's: a module whose
+    child is named ``module`` (its keys do not fit the wrapper's, their prefixed form does)."""
+    return not keys <= expected and {PREFIX + k for k in keys} <= expected
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True):
@@ -51,8 +67,12 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: boo
 
     wrapper = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel, DataParallel))
     target = model.module if wrapper else model
-    plain = unwrap_state_dict(state_dict)
     expected = set(target.state_dict().keys())
+    keys = set(state_dict)
+    # A plain dict whose keys all start with `module.` (the target has a child of that name) is
+    # taken as it is where it fits and its unprefixed form does not.
+    stripped = {k[len(PREFIX):] for k in keys} if is_wrapped(state_dict) else keys
+    plain = state_dict if keys <= expected and not stripped <= expected else unwrap_state_dict(state_dict)
     missing = sorted(expected - set(plain))
     unexpected = sorted(set(plain) - expected)
     if strict and (missing or unexpected):

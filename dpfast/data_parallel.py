@@ -637,9 +637,12 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
                                      scalar_weights=scalar_weights, stand_ins=stand_ins)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Also takes a plain module's state_dict (keys without ``module.``)."""
-        if len(state_dict) > 0 and not any(k.startswith(checkpoint.PREFIX) for k in state_dict):
-            state_dict = checkpoint.wrap_state_dict(state_dict)
+        """Also takes a plain module's state_dict (keys without ``module.``; or, for a module with a
+        child named ``module``, keys whose prefixed form fits the wrapper's and who do not)."""
+        if len(state_dict) > 0 and (
+                not any(k.startswith(checkpoint.PREFIX) for k in state_dict)
+                or checkpoint.loads_with_prefix(set(state_dict), set(super().state_dict().keys()))):
+            state_dict = checkpoint.add_prefix(state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- extras ----------------------------------------------------------------------------------

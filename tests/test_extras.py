@@ -381,6 +381,47 @@ def test_checkpoint_helpers_both_directions():
         dpfast.load_state_dict(wrapped, broken)
 
 
+
+class _HoldsModule(nn.Module):
+    """A module with a child named `module` (a user's own wrapper class): its plain keys start
+    with `module.` too."""
+
+    def __init__(self, with_head: bool):
+        super().__init__()
+        self.module = nn.Linear(3, 2).double()
+        if with_head:
+            self.head = nn.Linear(2, 2).double()
+
+    def forward(self, x):
+        x = self.module(x)
+        return self.head(x) if hasattr(self, "head") else x
+
+
+@pytest.mark.parametrize("with_head", [True, False], ids=["and_another_child", "only_child"])
+def test_plain_state_dict_of_a_module_with_a_child_named_module_loads(with_head):
+    torch.manual_seed(0)
+    source = _HoldsModule(with_head)
+    plain = source.state_dict()
+    assert all(k.startswith("module.") for k in plain) != with_head
+    for load in (lambda w, sd: w.load_state_dict(sd), dpfast.load_state_dict):
+        torch.manual_seed(1)
+        wrapped = dpfast.DataParallel(_HoldsModule(with_head), device_ids=CPU4)
+        load(wrapped, plain)
+        for key, value in source.state_dict().items():
+            assert torch.equal(wrapped.module.state_dict()[key], value), key
+        load(wrapped, wrapped.state_dict())  # and the wrapper's own form still loads as it is
+    target = _HoldsModule(with_head)
+    dpfast.load_state_dict(target, dpfast.DataParallel(source, device_ids=CPU4).state_dict())
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+
+
+def test_wrap_state_dict_metadata_is_a_wrappers():
+    module = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    wrapped = dpfast.wrap_state_dict(module.state_dict())
+    assert wrapped._metadata == dpfast.DataParallel(module, device_ids=CPU4).state_dict()._metadata
+    assert wrapped._metadata == nn.DataParallel(module).state_dict()._metadata
+
 def test_auto_moves_a_cpu_module_to_the_first_chosen_gpu_helper():
     from dpfast.data_parallel import module_device_is_cpu
 
