@@ -369,14 +369,14 @@ class GradReducer:
                     changed.append(i)
             if not changed:
                 return
-            # One read back for all of them (a device sync on a GPU, only after a change).
             grads = [self.root_params[i].grad for i in changed]
-            with _NoGrad():
-                nonzero = torch.stack([(g.coalesce()._values() if g.is_sparse else g).any().to(self.devices[0])
-                                       for g in grads if g is not None]).tolist() if any(
-                    g is not None for g in grads) else []
-            flags = iter(nonzero)
-            cleared = [i for i, g in zip(changed, grads) if g is None or not next(flags)]
+            present = [g for g in grads if g is not None]
+            nonzero = iter(())
+            if present:  # one read back for all of them (a device sync on a GPU, only after a change)
+                with _NoGrad():
+                    nonzero = iter(torch.stack([(g.coalesce()._values() if g.is_sparse else g).any().to(self.devices[0])
+                                                for g in present]).tolist())
+            cleared = [i for i, g in zip(changed, grads) if g is None or not next(nonzero)]
             if cleared:
                 self._zero_replica_shares(cleared)
             self._record_accumulated()
