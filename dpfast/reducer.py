@@ -38,14 +38,18 @@ Under no_sync() replica 0's accumulated share is in the root's .grad and the
 others' stay in the replicas' buckets. A zero_grad() before the next backward
 must drop them all, as DDP's no_sync (which keeps everything in .grad) does.
 After a no_sync backward the reducer records each root .grad (which tensor, its
-version); at the next forward, and once more when backward enters the
-wrapper's outputs (a prehook on their nodes, before any replica's graph runs:
-`out = model(x); opt.zero_grad(); loss.backward()`), a root .grad that is gone,
-or changed and now all zero, has the replicas' shares of it zeroed. A .grad
-scaled in place keeps them (only a clear is recognised), and a parameter whose
-.grad was None at the end of the block (replica 0 did not use it) cannot show
-a clear. Across processes replica 0's share waits in the root's lane (.grad
-keeps autograd's zeros during the block): that lane is zeroed too.
+version, and, on its device, whether it holds a nonzero entry); at the next
+forward, when a rebuild reduces what is pending, and once more when backward
+enters the wrapper's outputs (a prehook on their nodes, before any replica's
+graph runs: `out = model(x); opt.zero_grad(); loss.backward()`), a root .grad
+that is gone, or changed from holding values to all zero, has the replicas'
+shares of it zeroed. Only a clear counts: clip_grad_norm_ multiplies by 1 in
+place under its bound (a version bump, the values kept), and a .grad that held
+nothing (replica 0 did not reach the parameter, or its rows gave zero) cannot
+tell a zero_() from such a no-op, so it is read as kept; a None .grad given
+zeros clears nothing. Across processes replica 0's share waits in the root's
+lane (.grad keeps autograd's zeros during the block): whether it held values is
+read there, and that lane is zeroed too.
 """
 
 from __future__ import annotations
@@ -112,6 +116,7 @@ class GradReducer:
         # NOTE [Clearing an accumulation]: after a no_sync backward, each root .grad (a weak
         # reference) and its version; None when the replicas' buckets hold nothing unreduced.
         self._accumulated: Optional[list] = None
+        self._accumulated_held: Optional[torch.Tensor] = None
         self._cleared_check_task = -1  # the graph task that last looked (once per backward)
         # parameter index -> sparse_dim of its sparse gradient, declared by the module or seen on the
         # root: the sum is handed back sparse even when the root got none (replica buckets are dense)
@@ -343,8 +348,17 @@ class GradReducer:
         return self._accumulated is not None
 
     def _record_accumulated(self) -> None:
-        self._accumulated = [(None, 0) if p.grad is None else (weakref.ref(p.grad), p.grad._version)
-                             for p in self.root_params]
+        """Each root .grad now (a weak reference, its version), and whether it holds anything: a
+        grad that is all zero now (replica 0 did not reach the parameter) cannot show a clear, and
+        the flags stay on the device until a change is looked at (no sync per step)."""
+        grads = [p.grad for p in self.root_params]
+        # Across processes replica 0's share is in the root's lane, and .grad holds zeros.
+        shares = ([self._view(i, 0) for i, g in enumerate(grads) if g is not None] if self.cross is not None
+                  else [g for g in grads if g is not None])
+        with _NoGrad():
+            held = torch.stack([_holds_values(g) for g in shares]) if shares else None
+        self._accumulated = [(None, 0) if g is None else (weakref.ref(g), g._version) for g in grads]
+        self._accumulated_held = held  # one flag per present .grad, in order
 
     def drop_cleared_accumulation(self) -> None:
         """NOTE [Clearing an accumulation]: the replicas' shares of every root .grad cleared since
@@ -358,25 +372,28 @@ class GradReducer:
                 if task == self._cleared_check_task:
                     return
                 self._cleared_check_task = task
-            changed = []
+            gone, changed, held_at = [], [], []  # held_at: the index of a changed .grad's flag
+            flag = 0
             for i, (p, (ref, version)) in enumerate(zip(self.root_params, self._accumulated)):
-                grad = p.grad
                 if ref is None:
-                    unchanged = grad is None
-                else:
-                    unchanged = grad is not None and grad is ref() and grad._version == version
-                if not unchanged:
+                    continue  # None at the end of the block: a .grad made since clears nothing
+                grad = p.grad
+                if grad is None:
+                    gone.append(i)
+                elif grad is not ref() or grad._version != version:
                     changed.append(i)
-            if not changed:
-                return
-            grads = [self.root_params[i].grad for i in changed]
-            present = [g for g in grads if g is not None]
-            nonzero = iter(())
-            if present:  # one read back for all of them (a device sync on a GPU, only after a change)
+                    held_at.append(flag)
+                flag += 1
+            cleared = list(gone)
+            if changed:  # one read back for all of them (a device sync on a GPU, only after a change)
                 with _NoGrad():
-                    nonzero = iter(torch.stack([(g.coalesce()._values() if g.is_sparse else g).any().to(self.devices[0])
-                                                for g in present]).tolist())
-            cleared = [i for i, g in zip(changed, grads) if g is None or not next(nonzero)]
+                    now = torch.stack([_holds_values(self.root_params[i].grad) for i in changed])
+                    before = self._accumulated_held[torch.tensor(held_at, device=now.device)]
+                    # all zero now, where it held something: a no-op in place (clipping by 1) keeps it
+                    flags = (before & ~now).tolist()
+                cleared += [i for i, was_cleared in zip(changed, flags) if was_cleared]
+            if not gone and not changed:
+                return
             if cleared:
                 self._zero_replica_shares(cleared)
             self._record_accumulated()
@@ -384,7 +401,14 @@ class GradReducer:
     def _zero_replica_shares(self, indices: List[int]) -> None:
         """Zeroes these parameters' slices of replicas 1..n-1's buckets (and of the root's lane
         across processes, where replica 0's share waits), each on its comm stream after its
-        lane's work and the current stream's, before the lane's next accumulation."""
+        lane's work and the current stream's, before the lane's next accumulation. A replica's
+        .grad that carries a graph (a no_sync backward with create_graph=True) is its share too:
+        its view takes its place again."""
+        for k in range(1, self.num_replicas):
+            for i in indices:
+                p = self.replica_params[k - 1][i]
+                if p.grad is not self._view(i, k):
+                    p.grad = self._view(i, k)
         current = lane_streams.current_stream(self.devices[0])
         with _NoGrad():
             for k in range(0 if self.cross is not None else 1, self.num_replicas):
@@ -460,7 +484,7 @@ class GradReducer:
         """No gradient pending: the state after a reduction (or after discarding one)."""
         self._ready.start_over()
         self._reset_window()
-        self._accumulated = None  # NOTE [Clearing an accumulation]
+        self._accumulated = self._accumulated_held = None  # NOTE [Clearing an accumulation]
 
     def _launch(self, b: int) -> None:
         """Starts bucket b's tree reduction on the comm streams, after the replicas' backward work
@@ -534,7 +558,9 @@ class GradReducer:
                 trace.append(("finish_end", _timing_event(lane_streams.current_stream(self.devices[0]))))
 
     def reduce(self) -> None:
-        """Reduces every bucket holding a gradient into the root's .grad now (outside backward)."""
+        """Reduces every bucket holding a gradient into the root's .grad now (outside backward):
+        what a zero_grad() cleared since a no_sync() block is dropped first."""
+        self.drop_cleared_accumulation()
         with self._lock:
             self._reset_window()
             self._finish()
@@ -746,6 +772,11 @@ def own_hook_ids() -> set:
     """The keys, in parameters' _backward_hooks, of the hooks that live reducers put on root
     parameters (across processes, _hook_roots): not the user's."""
     return {handle.id for reducer in list(_LIVE_REDUCERS) for handle in reducer._root_hooks.values()}
+
+
+def _holds_values(grad: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor on the gradient's device: whether any entry is nonzero."""
+    return (grad.coalesce()._values() if grad.is_sparse else grad).any()
 
 
 def _timing_event(stream) -> "torch.cuda.Event":

@@ -91,9 +91,11 @@ def main():
             os._exit(3)  # a rank that dies mid-run
         mine = slice(begin, begin + ROWS[args.rank])
         if args.clear_after_no_sync:
+            if step % 2:  # .grad all zero through the block: replica 0's share waits in the wrapper's bucket
+                opt.zero_grad(set_to_none=False)
             with wrapped.no_sync():
                 nn.functional.mse_loss(wrapped(3 * x[mine]), y[mine]).backward()
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=not args.clear_after_no_sync or step % 2 == 0)  # both kinds of clear
         nn.functional.mse_loss(wrapped(x[mine]), y[mine]).backward()
         if args.kind == "sparse":
             assert model.embed.weight.grad.is_sparse, "the embedding's gradient came back dense"

@@ -525,3 +525,103 @@ def test_zero_grad_of_some_parameters_after_no_sync_drops_their_shares_only():
     reference(batches[1]).sum().backward()
     for p, q in zip(reference.parameters(), wrapped.module.parameters()):
         assert torch.equal(q.grad, p.grad)
+
+
+def _linear_pair(bias=True):
+    torch.manual_seed(0)
+    reference = nn.Linear(2, 2, bias=bias).double()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(torch.randint(-2, 3, p.shape))
+    return reference, copy.deepcopy(reference)
+
+
+def _rows(first_chunk_zero=False):
+    x = torch.randint(1, 4, (4, 2)).double()
+    if first_chunk_zero:
+        x[:2] = 0  # replica 0's chunk of 2 rows: its share of the weight's gradient is all zero
+    return x
+
+
+def _assert_grads_equal(reference, module):
+    for p, q in zip(reference.parameters(), module.parameters()):
+        assert torch.equal(q.grad, p.grad)
+
+
+class _SkipsOnZeroRows(nn.Module):
+    """Uses `extra` only where its chunk has a nonzero entry: replica 0, given zero rows, leaves
+    extra's .grad None in a no_sync() block while replica 1 accumulates a share of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.main, self.extra = _linear_pair()[0], _linear_pair(bias=False)[0]
+
+    def forward(self, x):
+        y = self.main(x)
+        return y + self.extra(x) if bool(x.any()) else y
+
+
+@pytest.mark.parametrize("touch", ["clip_by_one", "scale_by_one", "zeros_for_none"])
+def test_an_in_place_no_op_after_no_sync_keeps_the_replicas_shares(touch):
+    """Not a clear (NOTE [Clearing an accumulation]): clip_grad_norm_ with a large bound multiplies
+    every .grad by 1 in place, and replica 0's share of the weight is all zero here (its rows are
+    zero), so 'all zero now' alone would read as one; a None .grad given zeros clears nothing."""
+    reference = _SkipsOnZeroRows()
+    module = copy.deepcopy(reference)
+    wrapped = dpfast.DataParallel(module, device_ids=CPU4[:2])
+    x = _rows(first_chunk_zero=True)
+    with wrapped.no_sync():
+        wrapped(x).sum().backward()
+    assert module.extra.weight.grad is None and not module.main.weight.grad.any()
+    if touch == "clip_by_one":
+        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1e9)
+    elif touch == "scale_by_one":
+        module.main.weight.grad.mul_(1.0)
+    else:
+        module.extra.weight.grad = torch.zeros_like(module.extra.weight)
+    wrapped(x).sum().backward()
+    for half in (x[:2], x[2:], x[:2], x[2:]):  # the reference on the same chunks (its branch per chunk)
+        reference(half).sum().backward()
+    _assert_grads_equal(reference, module)
+
+
+@pytest.mark.parametrize("case", ["retained_graph_of_the_blocks_forward", "gather_false", "unfrozen_after_the_block",
+                                  "create_graph_in_the_block"])
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_after_no_sync_is_seen_on_every_path(case, set_to_none):
+    """A backward of a forward made inside the block (retain_graph), per-replica outputs
+    (gather=False), a parameter frozen in the block and unfrozen after the clear (the reducer is
+    rebuilt, reducing what is pending first), a block's backward with create_graph=True (the
+    replicas' .grad then carry graphs, not their bucket views)."""
+    # Two layers: with create_graph=True the first layer's gradient then carries a graph.
+    reference = nn.Sequential(_linear_pair()[0], _linear_pair()[0])
+    module = copy.deepcopy(reference)
+    wrapped = dpfast.DataParallel(module, device_ids=CPU4[:2], gather=case != "gather_false")
+    first, second = _rows(), _rows() + 1
+
+    def loss(out):
+        return (sum(o.sum() for o in out) if case == "gather_false" else out.sum())
+
+    if case == "unfrozen_after_the_block":
+        module[1].bias.requires_grad_(False)
+    with wrapped.no_sync():
+        out = wrapped(first)
+        loss(out).backward(retain_graph=case == "retained_graph_of_the_blocks_forward",
+                           create_graph=case == "create_graph_in_the_block")
+    if case != "gather_false":
+        module.zero_grad(set_to_none=set_to_none)
+    if case == "retained_graph_of_the_blocks_forward":
+        loss(out).backward()
+        reference(first).sum().backward()
+    else:
+        if case == "unfrozen_after_the_block":
+            module[1].bias.requires_grad_(True)
+        out = wrapped(second)
+        if case == "gather_false":
+            module.zero_grad(set_to_none=set_to_none)  # between the forward and its backward
+        loss(out).backward()
+        reference(second).sum().backward()
+    if case == "create_graph_in_the_block":
+        for p in module.parameters():
+            p.grad = p.grad.detach()
+    _assert_grads_equal(reference, module)
