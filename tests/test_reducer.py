@@ -625,3 +625,13 @@ def test_zero_grad_after_no_sync_is_seen_on_every_path(case, set_to_none):
         for p in module.parameters():
             p.grad = p.grad.detach()
     _assert_grads_equal(reference, module)
+
+
+def test_holds_values_reads_every_kind_of_gradient():
+    from dpfast.reducer import _holds_values
+    sparse_empty = torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0), (3,))
+    sparse_full = torch.sparse_coo_tensor(torch.tensor([[1]]), torch.tensor([2.0]), (3,))
+    tensors = [torch.zeros(3), torch.tensor([0.0, -1.0]), torch.zeros(2, dtype=torch.complex64),
+               torch.tensor([0j, 1j]), torch.empty(0), torch.tensor([float("nan")]),
+               torch.zeros(2, dtype=torch.float16), torch.ones(2, dtype=torch.bfloat16), sparse_empty, sparse_full]
+    assert _holds_values(tensors).tolist() == [False, True, False, True, False, True, False, True, False, True]
