@@ -241,7 +241,7 @@ def test_omp_team_step_tool_trains_every_system_to_the_bare_modules_weights(tmp_
                             env={**os.environ, "PYTHONPATH": REPO, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {line[:18].strip(): line[18:].split() for line in result.stdout.splitlines()[2:] if line.strip()}
-    assert list(rows) == ["bare", "team", "dpfast", "dpfast 1 thread"]
+    assert list(rows) == ["bare", "team", "dpfast", "dpfast 1 thread", "dpfast on team"]
     assert rows["bare"][1] == "1.00" and float(rows["bare"][2]) == 0.0
     for label, (ms, ratio, diff) in rows.items():
         assert float(ms) > 0 and float(diff) <= 1e-3, label

@@ -13,6 +13,14 @@ Each region's thread sets its own OpenMP thread count to 1 first: oneDNN, called
 with the team's count, waited forever in a convolution's backward (a barrier for threads that
 never came).
 
+"dpfast on team" is dpfast itself with its two hand-offs moved onto the team, patched in for its
+steps only (_DpfastOnTeam): the forward's jobs run in one region, and the backward routes every
+replica, replica 0 included, through one node whose backward runs each replica's part in one
+region (replica 0's as a nested backward on the caller). It keeps all of dpfast's bookkeeping, so
+it tells how much of dpfast's distance from the hand-written step the execution model is. A
+prototype, not a product path: replica 0's nested backward would accumulate a root parameter
+twice where the loss also uses it outside the module (weight decay written into the loss).
+
 The "team" step here is hand-written (replica 1..n-1 are deep copies whose weights are copied in
 before each forward, and whose gradients are added into the module's after backward), so it is a
 bound on what dpfast could reach that way, not dpfast. Beside it, the bare module on the full
@@ -26,6 +34,7 @@ round; every system's weights after the timed steps are checked against the bare
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -61,6 +70,71 @@ void run_on_team(std::vector<py::object> fns) {
 def _team_extension():
     return cpp_extension.load_inline("dpfast_omp_team_step", cpp_sources=_SOURCE, functions=["run_on_team"],
                                      extra_cflags=["-O2", "-fopenmp"], extra_ldflags=["-fopenmp"])
+
+
+class _DpfastOnTeam:
+    """dpfast's WorkerPool.run and backward.route replaced, while entered, by versions that run
+    the replicas' forwards and backward parts on the caller's team (see the module docstring)."""
+
+    def __init__(self, extension):
+        from dpfast import _C, backward, workers
+        self.run_on_team, self._C, self.backward, self.workers = extension.run_on_team, _C, backward, workers
+        on_team = self._on_team
+
+        class TeamBackward(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, plan, anchor):
+                ctx.plan, ctx.outputs = plan, list(plan.tensors)
+                return tuple(t.detach() for t in plan.tensors)
+
+            @staticmethod
+            def backward(ctx, *grads):
+                plan, reducer = ctx.plan, ctx.plan.reducer
+                fns = []
+                for start, end in plan.bounds:
+                    pairs = [(t, g) for t, g in zip(ctx.outputs[start:end], grads[start:end]) if g is not None]
+                    if pairs:
+                        fns.append(backward._sub_backward([t for t, _ in pairs], [g for _, g in pairs], False, False))
+                reducer._ready.note_replicas(plan.replicas)
+                with reducer._lock:  # the end of backward on the caller's graph task, as run_replica_backward
+                    if len(plan.window) > 1:
+                        reducer._early_launch = False
+                    if not reducer._callback_queued:
+                        reducer._queue_end_of_backward()
+                on_team(fns, [("in a replica's backward", "")] * len(fns))
+                return None, None
+
+        self.node = TeamBackward
+
+    def _on_team(self, fns, wheres):
+        state = self._C.CapturedThreadState()
+        jobs = [self.workers._Job(fn, where, None, 0, state if k else None)
+                for k, (fn, where) in enumerate(zip(fns, wheres))]
+        self.run_on_team([lambda job=job: job.run(signal=False) for job in jobs])
+        for job in jobs:
+            if job.error is not None:
+                job.reraise()
+        return [job.result for job in jobs]
+
+    def _run(self, fns, wheres, worker_threads=None, caller_threads=None):  # as WorkerPool.run (bound here)
+        return self._on_team(fns, wheres)
+
+    def _route(self, outputs, replica_tensors, where, replicas, threads, caller_threads, pool, reducer):
+        from dpfast.scatter_gather import iter_tensors
+        per_replica = [list({id(t): t for _, t in iter_tensors(out, None) if t.requires_grad}.values())
+                       for out in outputs]
+        plan = self.backward._Plan(per_replica, where, replicas, threads, caller_threads, pool, reducer)
+        tensors = plan.tensors
+        stand_ins = self.node.apply(plan, self.backward._ANCHOR)
+        return {id(t): s for t, s in zip(tensors, stand_ins)}
+
+    def __enter__(self):
+        self._saved = self.workers.WorkerPool.run, self.backward.route
+        self.workers.WorkerPool.run, self.backward.route = self._run, self._route
+        return self
+
+    def __exit__(self, *exc):
+        self.workers.WorkerPool.run, self.backward.route = self._saved
 
 
 class TeamStep:
@@ -131,16 +205,17 @@ def main() -> None:
     replicas, lr = torch.get_num_threads(), 0.01
     extension = _team_extension()
 
-    def training(model, one_thread=False):
+    def training(model, one_thread=False, on_team=None):
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
 
         def step():
             own = torch.get_num_threads()
             if one_thread:
                 torch.set_num_threads(1)
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+            with on_team or contextlib.nullcontext():
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
             torch.set_num_threads(own)
         return step
 
@@ -148,9 +223,11 @@ def main() -> None:
     team = TeamStep(workload.build(0), replicas, lr, extension)
     wrapped = dpfast.DataParallel(workload.build(0), device_ids=["cpu"] * replicas)
     wrapped_one = dpfast.DataParallel(workload.build(0), device_ids=["cpu"] * replicas)
+    wrapped_team = dpfast.DataParallel(workload.build(0), device_ids=["cpu"] * replicas)
     systems = {"bare": (training(bare), bare), "team": (lambda: team(x, y), team.module),
                "dpfast": (training(wrapped), wrapped.module),
-               "dpfast 1 thread": (training(wrapped_one, one_thread=True), wrapped_one.module)}
+               "dpfast 1 thread": (training(wrapped_one, one_thread=True), wrapped_one.module),
+               "dpfast on team": (training(wrapped_team, on_team=_DpfastOnTeam(extension)), wrapped_team.module)}
     times = {label: [] for label in systems}
     for _ in range(args.rounds):
         for label, (step, _) in systems.items():
