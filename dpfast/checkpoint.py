@@ -55,28 +55,34 @@ def add_prefix(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
 
 def loads_with_prefix(keys: set, expected: set) -> bool:
     """Whether keys that already start with ``module.`` are still a plain module's: a module whose
-    child is named ``module`` (its keys do not fit the wrapper's, their prefixed form does)."""
-    return not keys <= expected and {PREFIX + k for k in keys} <= expected
+    child is named ``module``. Their prefixed form fits more of the wrapper's keys than they do (a
+    partial checkpoint with extra keys included, for strict=False)."""
+    return len({PREFIX + k for k in keys} & expected) > len(keys & expected)
 
 
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: bool = True):
     """Loads a checkpoint saved with or without the ``module.`` prefix into a
     plain module or into a wrapper (dpfast's or nn.DataParallel), with a clear
-    error on keys that are genuinely missing or unexpected."""
+    error on keys that are genuinely missing or unexpected (after the modules'
+    own load hooks; as with torch's strict load, the entries that match are
+    loaded before it is raised)."""
     from .data_parallel import DataParallel
 
     wrapper = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel, DataParallel))
     target = model.module if wrapper else model
-    expected = set(target.state_dict().keys())
-    keys = set(state_dict)
-    # A plain dict whose keys all start with `module.` (the target has a child of that name) is
-    # taken as it is where it fits and its unprefixed form does not.
-    stripped = {k[len(PREFIX):] for k in keys} if is_wrapped(state_dict) else keys
-    plain = state_dict if keys <= expected and not stripped <= expected else unwrap_state_dict(state_dict)
-    missing = sorted(expected - set(plain))
-    unexpected = sorted(set(plain) - expected)
-    if strict and (missing or unexpected):
+    plain = unwrap_state_dict(state_dict)
+    if is_wrapped(state_dict):
+        # A plain dict whose keys all start with `module.` (the target has a child of that name)
+        # is taken as it is where that form fits more of the target's keys.
+        expected = set(target.state_dict().keys())
+        if len(set(state_dict) & expected) > len(set(plain) & expected):
+            plain = state_dict
+    # torch checks the keys after the modules' own load hooks have run: an old BatchNorm checkpoint
+    # (no num_batches_tracked) or an old weight_norm one loads, as it does into the module itself.
+    result = target.load_state_dict(plain, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
         raise RuntimeError(f"dpfast.load_state_dict: state_dict: expected the keys of {type(target).__name__} "
                            f"(with or without the 'module.' prefix), but {len(missing)} are missing "
                            f"{missing[:10]} and {len(unexpected)} are unexpected {unexpected[:10]}")
-    return target.load_state_dict(plain, strict=strict)
+    return result

@@ -311,8 +311,8 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
                              f"{scalar_outputs!r}")
         if chunk_sizes is not None and weights is not None:
             raise ValueError("dpfast.DataParallel: chunk_sizes, weights: expected at most one of them, but got both")
-        self.chunk_sizes = chunk_sizes
-        self.weights = weights
+        self.chunk_sizes = splits.kept(chunk_sizes)
+        self.weights = splits.kept(weights)
         self.gather_outputs = bool(gather)
         self.scalar_outputs = scalar_outputs
         self.average_buffers = bool(average_buffers)
@@ -348,10 +348,10 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
             self.module.to(self.src_device_obj)
         # The module may still move (DataParallel(model).cuda() is common): its device is
         # checked at each forward, as nn.DataParallel does.
-        if chunk_sizes is not None:
-            splits.validate_sizes("chunk_sizes", chunk_sizes, len(self.devices))
-        if weights is not None:
-            splits.validate_sizes("weights", weights, len(self.devices))
+        if self.chunk_sizes is not None:
+            splits.validate_sizes("chunk_sizes", self.chunk_sizes, len(self.devices))
+        if self.weights is not None:
+            splits.validate_sizes("weights", self.weights, len(self.devices))
         _devices.warn_on_imbalance(self.devices, has_split_option=chunk_sizes is not None or weights is not None)
         if _overrides_a_step(type(self)):
             for name, value, default in (("gather", gather, True), ("scalar_outputs", scalar_outputs, "vector"),

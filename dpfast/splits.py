@@ -4,9 +4,10 @@ smaller GPU0 gets less work, the ``gpu0_bsz`` idea of BalancedDataParallel)."""
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import numbers
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 
 def even(batch: int, num_devices: int) -> List[int]:
@@ -15,6 +16,12 @@ def even(batch: int, num_devices: int) -> List[int]:
         return []
     per_replica = -(-batch // num_devices)
     return [min(per_replica, batch - start) for start in range(0, batch, per_replica)]
+
+
+def kept(sizes: Any) -> Any:
+    """chunk_sizes or weights as the wrapper keeps them: a one-shot iterator (a generator, map) as
+    a list, read once here (checking it would use it up); anything else as given."""
+    return list(sizes) if isinstance(sizes, collections.abc.Iterator) else sizes
 
 
 def validate_sizes(argument: str, sizes: Sequence, num_devices: int) -> List:

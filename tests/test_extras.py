@@ -416,6 +416,49 @@ def test_plain_state_dict_of_a_module_with_a_child_named_module_loads(with_head)
         assert torch.equal(target.state_dict()[key], value), key
 
 
+def test_load_state_dict_lets_modules_upgrade_old_checkpoints():
+    """An old BatchNorm checkpoint (version 1, no num_batches_tracked) and an old weight_norm one
+    (weight_g, weight_v) load through dpfast.load_state_dict as into the module itself: the keys
+    are checked after the modules' own load hooks."""
+    def old_batchnorm_state(module):
+        state = module.state_dict()
+        del state["1.num_batches_tracked"]
+        state._metadata["1"]["version"] = 1
+        return state
+
+    for target in (nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)),
+                   dpfast.DataParallel(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)), device_ids=CPU4)):
+        source = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+        with torch.no_grad():
+            source[1].running_mean.fill_(2.0)
+        dpfast.load_state_dict(target, old_batchnorm_state(source))
+        loaded = target.module if isinstance(target, dpfast.DataParallel) else target
+        assert torch.equal(loaded[1].running_mean, source[1].running_mean)
+    old = nn.utils.weight_norm(nn.Linear(2, 3))
+    new = nn.utils.parametrizations.weight_norm(nn.Linear(2, 3))
+    dpfast.load_state_dict(new, old.state_dict())
+    x = torch.randn(4, 2)
+    torch.testing.assert_close(new(x), old(x))
+
+
+def test_a_partial_plain_checkpoint_of_a_module_with_a_child_named_module_loads_with_strict_false():
+    torch.manual_seed(0)
+    source = _HoldsModule(with_head=False)
+    partial = dict(source.state_dict(), **{"fc.weight": torch.zeros(1)})  # a pretrained part and an extra key
+    for load in (lambda w, sd: w.load_state_dict(sd, strict=False),
+                 lambda w, sd: dpfast.load_state_dict(w, sd, strict=False)):
+        torch.manual_seed(1)
+        wrapped = dpfast.DataParallel(_HoldsModule(with_head=False), device_ids=CPU4)
+        load(wrapped, partial)
+        assert torch.equal(wrapped.module.module.weight, source.module.weight)
+
+
+def test_chunk_sizes_and_weights_given_as_iterators_are_kept():
+    wrapped = dpfast.DataParallel(nn.Linear(2, 2), device_ids=CPU4[:2], chunk_sizes=iter([1, 3]))
+    assert wrapped.chunk_sizes == [1, 3] and wrapped(torch.randn(4, 2)).shape == (4, 2)
+    weighted = dpfast.DataParallel(nn.Linear(2, 2), device_ids=CPU4[:2], weights=(w for w in (1, 3)))
+    assert weighted.weights == [1, 3] and weighted(torch.randn(4, 2)).shape == (4, 2)
+
 def test_wrap_state_dict_metadata_is_a_wrappers():
     module = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     wrapped = dpfast.wrap_state_dict(module.state_dict())
