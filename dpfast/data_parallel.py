@@ -370,6 +370,8 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
 
     def _run_forward(self, inputs: tuple, kwargs: dict) -> Any:
         if not self.devices:
+            if not self.gather_outputs:
+                return self._alone_as_replica_outputs(inputs, kwargs)
             return self.module(*inputs, **kwargs)
         built = self.__dict__.get("_built_device_ids")
         if built is not None and self.device_ids is not built and not _same_devices(self.device_ids, built):
@@ -409,6 +411,18 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
                 runtime)
         return _hold_through_backward(
             self._forward_replicas(runtime, inputs, kwargs, batch, active, chunk_sizes, devices), runtime)
+
+    def _alone_as_replica_outputs(self, inputs: tuple, kwargs: dict) -> ReplicaOutputs:
+        """gather=False with no device to run on (GPU code on a machine without one: the module runs
+        directly): its output as the one replica's, where it is, so ParallelCriterion and
+        ReplicaOutputs.gather() work as with devices."""
+        outputs = self.module(*inputs, **kwargs)
+        device = next((t.device for _, t in scatter_gather.iter_tensors(outputs, None)), torch.device("cpu"))
+        try:
+            batch = scatter_gather.find_batch_size(inputs, kwargs, self.dim)
+        except ValueError:  # inputs the module took as they are: no batch to name
+            batch = None
+        return ReplicaOutputs([outputs], [batch], [device], device, self.dim)
 
     def _alone_on_one_device(self) -> bool:
         """One device and no other process: as nn.DataParallel, the module itself runs, and nothing

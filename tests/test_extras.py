@@ -67,6 +67,27 @@ def test_replica_outputs_gather_and_none_reduction():
         dpfast.ParallelCriterion(nn.MSELoss(), reduction="max")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="GPU code run where there is no GPU")
+@pytest.mark.parametrize("device_ids", [None, [0, 1]])
+def test_gather_false_without_a_gpu_gives_the_modules_output_as_one_replicas(device_ids):
+    """GPU code on a machine without one runs the module directly, as nn.DataParallel does; with
+    gather=False its output still comes as ReplicaOutputs, so ParallelCriterion works (the
+    README's balanced-memory example as written)."""
+    reference = classifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the wrapper's own 'no GPU' warning
+        wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=device_ids, gather=False)
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 7, (9,))
+    outputs = wrapped(x)
+    assert isinstance(outputs, dpfast.ReplicaOutputs) and outputs.chunk_sizes == [9]
+    torch.testing.assert_close(outputs.gather(), reference(x))
+    loss = dpfast.ParallelCriterion(nn.CrossEntropyLoss())(outputs, y)
+    expected = nn.CrossEntropyLoss()(reference(x), y)
+    assert torch.equal(loss, expected)
+    loss.backward()
+    expected.backward()
+    assert_same_grads(reference, wrapped)
+
 @pytest.mark.parametrize("sizes", [[1, 4, 4, 4], [0, 5, 5, 3], [13, 0, 0, 0], [3, 0, 10, 0]])
 def test_explicit_chunk_sizes_and_empty_replicas(sizes):
     reference = classifier()
