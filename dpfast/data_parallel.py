@@ -49,18 +49,20 @@ def _hold_through_backward(outputs: Any, runtime: _Runtime) -> Any:
     as nn.DataParallel, which keeps nothing between calls, does."""
     if not torch.is_grad_enabled():
         return outputs
-    nodes = {id(t.grad_fn): t.grad_fn for _, t in scatter_gather.iter_tensors(outputs, None) if t.grad_fn is not None}
     reducer = runtime.reducer
     # NOTE [Clearing an accumulation]: a zero_grad() between this forward and a backward of it,
     # where gradients accumulate or will (this forward inside no_sync(), its backward after it)
     watch = reducer is not None and (reducer.accumulating or not reducer.sync_enabled)
-    if isinstance(outputs, ReplicaOutputs):
+    gathered = not isinstance(outputs, ReplicaOutputs)
+    if not gathered and not watch:
+        return outputs
+    nodes = {id(t.grad_fn): t.grad_fn for _, t in scatter_gather.iter_tensors(outputs, None) if t.grad_fn is not None}
+    if not gathered:
         # gather=False: those nodes are the module's own; metadata holding the runtime would make a
         # cycle through a module that keeps its output, which the collector cannot see through C++
         # (the README says so). The prehook holds the reducer alone.
-        if watch:
-            for node in nodes.values():
-                node.register_prehook(_drop_cleared_accumulation_of(reducer))
+        for node in nodes.values():
+            node.register_prehook(_drop_cleared_accumulation_of(reducer))
         return outputs
     for node in nodes.values():
         node.metadata["dpfast"] = (runtime, reducer)  # the reducer of these replicas, should it be replaced
