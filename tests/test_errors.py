@@ -365,3 +365,27 @@ def test_outputs_that_cannot_be_concatenated_name_the_output_and_replica():
     assert out["padded"].shape == (4, 6, 3)
     out["logits"].sum().backward()
     assert wrapped.module.proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_an_output_without_the_gather_dim_is_named_with_or_without_grad(grad):
+    """dim=1 and a per-row output of one dimension: the same IndexError (torch's type, as
+    nn.DataParallel's gather raises) naming the output, whether the gather is autograd's node
+    or the engine's call; the wrapper works on."""
+    class PerRow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(3, 3)
+
+        def forward(self, x, per_sequence=False):
+            out = self.proj(x)
+            return {"seq": out, "per_row": out.sum((1, 2)) if per_sequence else out.sum(2)}
+
+    wrapped = dpfast.DataParallel(PerRow(), device_ids=["cpu"] * 2, dim=1)
+    x = torch.randn(2, 4, 3)
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(IndexError, match=r"outputs\['per_row'\]: expected tensors with a dimension 1 to gather "
+                                             r"along \(dim in \[-1, 1\)\), but replica 0 returned shape \[2\]"):
+            wrapped(x, per_sequence=True)
+        out = wrapped(x)
+    assert out["seq"].shape == (2, 4, 3) and torch.equal(out["per_row"], wrapped.module(x)["per_row"])
