@@ -355,7 +355,7 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
                 return first.to(destination)
             tensors = [v.unsqueeze(0) if v.dim() == 0 else v for v in values]
             gather_dim = 0 if scalars else dim
-            if not -first.dim() <= gather_dim < first.dim():  # IndexError, as torch's gather gives it
+            if not -tensors[0].dim() <= gather_dim < tensors[0].dim():  # IndexError, as torch's gather gives it
                 raise IndexError(f"dpfast.DataParallel: outputs{path}: expected tensors with a dimension {dim} to "
                                  f"gather along (dim in [{-first.dim()}, {first.dim()})), but replica 0 returned "
                                  f"shape {list(first.shape)}")
