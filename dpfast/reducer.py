@@ -167,6 +167,13 @@ class GradReducer:
                 p.grad = self._view(i, k)
                 self._ready.attach(p, i, k, self._view(i, k))
                 self._hooked.append(p)
+        # NOTE [Sparse rows]: parameter index -> the index tensors of the sparse gradients replicas
+        # 1..n-1 accumulated into their (dense) buckets since the last reduction, or None where one
+        # came dense. The sum is handed back sparse with those rows, zero-valued ones included, as
+        # autograd's sparse accumulation keeps them (SparseAdam steps every row a gradient lists).
+        self._sparse_rows: dict = {}
+        self._sparse_hooks = [replica_params[k - 1][i].register_hook(_sparse_rows_hook(self, i))
+                              for i in self._sparse_dims for k in range(1, self.num_replicas)]
         self._hook_roots([p.requires_grad for p in root_params])
         if self._grads_in_buckets:
             for i, p in enumerate(root_params):
@@ -409,6 +416,8 @@ class GradReducer:
                 p = self.replica_params[k - 1][i]
                 if p.grad is not self._view(i, k):
                     p.grad = self._view(i, k)
+        for i in indices:
+            self._sparse_rows.pop(i, None)  # NOTE [Sparse rows]
         current = lane_streams.current_stream(self.devices[0])
         with _NoGrad():
             for k in range(0 if self.cross is not None else 1, self.num_replicas):
@@ -485,6 +494,7 @@ class GradReducer:
         self._ready.start_over()
         self._reset_window()
         self._accumulated = self._accumulated_held = None  # NOTE [Clearing an accumulation]
+        self._sparse_rows = {}  # NOTE [Sparse rows]
 
     def _launch(self, b: int) -> None:
         """Starts bucket b's tree reduction on the comm streams, after the replicas' backward work
@@ -675,10 +685,10 @@ class GradReducer:
             if grad is None:
                 sparse_dim = self._sparse_dims.get(i)
                 p.grad = (torch.empty_like(p).copy_(reduced) if sparse_dim is None
-                          else reduced.to_sparse(sparse_dim))
+                          else self._as_sparse(i, reduced, sparse_dim))
             elif grad.is_sparse:  # nn.Embedding(sparse=True): the sum stays sparse, as nn.DataParallel's
                 self._sparse_dims[i] = grad.sparse_dim()
-                p.grad = grad + reduced.to_sparse(grad.sparse_dim())
+                p.grad = grad + self._as_sparse(i, reduced, grad.sparse_dim())
             else:
                 grads.append(grad)
                 sums.append(reduced)
@@ -687,6 +697,17 @@ class GradReducer:
         else:  # none, or a .grad shared by two parameters: one add after the other
             for grad, reduced in zip(grads, sums):
                 grad.add_(reduced)
+
+    def _as_sparse(self, i: int, reduced: torch.Tensor, sparse_dim: int) -> torch.Tensor:
+        """The replicas' reduced (dense) sum of parameter i as a sparse gradient listing its nonzero
+        rows and every row a replica's sparse gradient listed (NOTE [Sparse rows])."""
+        rows = self._sparse_rows.pop(i, None)
+        if not rows:  # none recorded, or one came dense: its nonzero rows
+            return reduced.to_sparse(sparse_dim)
+        listed = reduced.reshape(*reduced.shape[:sparse_dim], -1).ne(0).any(-1)
+        listed[tuple(torch.cat(rows, dim=1).to(listed.device))] = True
+        indices = listed.nonzero().t()
+        return torch.sparse_coo_tensor(indices, reduced[tuple(indices)], reduced.shape, check_invariants=False)
 
     def _stop_routing_for_graphs(self) -> None:
         """backward(create_graph=True) where the replicas' backward passes ran on their workers
@@ -719,6 +740,9 @@ class GradReducer:
         for param in self._hooked:
             _C.GradReadiness.detach(param)
         self._hooked = []
+        for handle in self._sparse_hooks:
+            handle.remove()
+        self._sparse_hooks = []
         self._ready.clear_callbacks()
         self._release()  # the root's hooks too
 
@@ -772,6 +796,25 @@ def own_hook_ids() -> set:
     """The keys, in parameters' _backward_hooks, of the hooks that live reducers put on root
     parameters (across processes, _hook_roots): not the user's."""
     return {handle.id for reducer in list(_LIVE_REDUCERS) for handle in reducer._root_hooks.values()}
+
+
+def _sparse_rows_hook(reducer: GradReducer, i: int):
+    """A hook on a replica's parameter i (NOTE [Sparse rows]): records the rows its sparse gradient
+    lists before autograd adds it into the replica's dense bucket. From any worker thread: one
+    list append, atomic under the GIL."""
+    ref = weakref.ref(reducer)  # the hook lives on the replica's parameter, which may outlive the reducer
+
+    def hook(grad: torch.Tensor) -> None:
+        reducer = ref()
+        if reducer is None:
+            return
+        rows = reducer._sparse_rows
+        if grad.is_sparse:
+            if rows.get(i, []) is not None:
+                rows.setdefault(i, []).append(grad._indices())
+        else:
+            rows[i] = None  # a dense gradient: its rows are the sum's nonzero ones
+    return hook
 
 
 def _holds_values(tensors: List[torch.Tensor]) -> torch.Tensor:

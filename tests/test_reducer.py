@@ -635,3 +635,27 @@ def test_holds_values_reads_every_kind_of_gradient():
                torch.tensor([0j, 1j]), torch.empty(0), torch.tensor([float("nan")]),
                torch.zeros(2, dtype=torch.float16), torch.ones(2, dtype=torch.bfloat16), sparse_empty, sparse_full]
     assert _holds_values(tensors).tolist() == [False, True, False, True, False, True, False, True, False, True]
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_a_sparse_gradient_keeps_the_zero_valued_rows_the_replicas_looked_up(replicas):
+    """NOTE [Sparse rows]: a row only replicas 1..n-1 looked up, whose gradient is exactly zero (a
+    masked-out sample, a pad token), is listed in the root's sparse .grad as on one device, so
+    SparseAdam steps it from its moments; the replicas' buckets are dense and lost that."""
+    def train(wrap):
+        torch.manual_seed(0)
+        embedding = nn.Embedding(8, 2, sparse=True).double()
+        model = dpfast.DataParallel(embedding, device_ids=CPU4[:replicas]) if wrap else embedding
+        optimizer = torch.optim.SparseAdam(list(embedding.parameters()), lr=0.1)
+        ids = torch.tensor([0, 1, 3, 5, 7, 2])
+        listed = []
+        for weights in ([1.0] * 6, [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]):  # step 2: the last samples masked out
+            optimizer.zero_grad()
+            (model(ids).sum(1) * torch.tensor(weights, dtype=torch.float64)).sum().backward()
+            listed.append(embedding.weight.grad.coalesce().indices()[0].tolist())
+            optimizer.step()
+        return embedding.weight.detach(), listed
+
+    (expected, expected_rows), (got, got_rows) = train(False), train(True)
+    assert got_rows == expected_rows == [[0, 1, 2, 3, 5, 7]] * 2
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
