@@ -71,12 +71,10 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], strict: boo
     wrapper = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel, DataParallel))
     target = model.module if wrapper else model
     plain = unwrap_state_dict(state_dict)
-    if is_wrapped(state_dict):
-        # A plain dict whose keys all start with `module.` (the target has a child of that name)
-        # is taken as it is where that form fits more of the target's keys.
-        expected = set(target.state_dict().keys())
-        if len(set(state_dict) & expected) > len(set(plain) & expected):
-            plain = state_dict
+    # A plain dict whose keys all start with `module.` (the target has a child of that name) is
+    # taken as it is where that form fits more of the target's keys, as the wrapper decides.
+    if is_wrapped(state_dict) and loads_with_prefix(set(plain), set(target.state_dict().keys())):
+        plain = state_dict
     # torch checks the keys after the modules' own load hooks have run: an old BatchNorm checkpoint
     # (no num_batches_tracked) or an old weight_norm one loads, as it does into the module itself.
     result = target.load_state_dict(plain, strict=False)
