@@ -137,7 +137,9 @@ class BuildWithOneLibstdcxx(BuildExtension.with_options(use_ninja=True)):
 def extension():
     with_cuda, reason = want_cuda()
     print(f"dpfast: building the {'CUDA' if with_cuda else 'CPU'} variant of dpfast._C ({reason})")
-    sources = ["csrc/plan.cpp", "csrc/comm.cpp", "csrc/grad_ready.cpp", "csrc/bindings.cpp"]
+    sources = [
+        "csrc/plan.cpp", "csrc/comm.cpp", "csrc/autograd_ops.cpp", "csrc/grad_ready.cpp", "csrc/bindings.cpp"
+    ]
     cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for
     if not with_cuda:
         return CppExtension("dpfast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],

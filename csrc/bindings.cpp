@@ -10,6 +10,7 @@
 #include <optional>
 #include <tuple>
 
+#include "autograd_ops.h"
 #include "comm.h"
 #include "grad_ready.h"
 #include "handoff.h"
@@ -257,20 +258,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "scatter",
       [](const at::Tensor& tensor, const std::vector<c10::Device>& devices, const std::vector<int64_t>& chunk_sizes,
          int64_t dim, const std::vector<int64_t>& stream_ids) {
-        return dpfast::scatter(tensor, make_lanes("scatter", devices, stream_ids), chunk_sizes, dim);
+        return dpfast::scatter_differentiable(tensor, make_lanes("scatter", devices, stream_ids), chunk_sizes, dim);
       },
       "tensor"_a, "devices"_a, "chunk_sizes"_a, "dim"_a = 0, "stream_ids"_a = std::vector<int64_t>{},
+      "Splits tensor along dim onto the lanes (csrc/comm.h); recorded by autograd (csrc/autograd_ops.h)",
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "gather",
       [](const std::vector<at::Tensor>& tensors, const std::vector<c10::Device>& devices,
          const c10::Device& destination, int64_t dim, const std::vector<int64_t>& stream_ids,
          int64_t destination_stream_id) {
-        return dpfast::gather(tensors, make_lanes("gather", devices, stream_ids),
-                              dpfast::Lane{destination, destination_stream_id}, dim);
+        return dpfast::gather_differentiable(tensors, make_lanes("gather", devices, stream_ids),
+                                             dpfast::Lane{destination, destination_stream_id}, dim);
       },
       "tensors"_a, "devices"_a, "destination"_a, "dim"_a = 0, "stream_ids"_a = std::vector<int64_t>{},
-      "destination_stream_id"_a = -1, py::call_guard<py::gil_scoped_release>());
+      "destination_stream_id"_a = -1,
+      "Concatenates tensors along dim onto destination (csrc/comm.h); recorded by autograd (csrc/autograd_ops.h)",
+      py::call_guard<py::gil_scoped_release>());
   // reduce_add_ and broadcast_ take the same arguments: buffers (one per lane, each on its
   // lane's device), the root, the lanes' stream ids and the tree options.
   using TreeOp = void (*)(const std::vector<at::Tensor>&, const std::vector<dpfast::Lane>&, int64_t,
@@ -321,6 +325,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "tensor"_a, "flat"_a, "offset"_a, "shape"_a = py::none(), "exact"_a = false,
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "route",
+      [](const std::vector<at::Tensor>& tensors, const at::Tensor& anchor, const at::Tensor& keep_alive,
+         py::object on_backward) {
+        // The callable lives as long as the node, which may die on any thread: released under the GIL.
+        std::shared_ptr<py::object> callback(new py::object(std::move(on_backward)), [](py::object* fn) {
+          if (!Py_IsInitialized()) return;  // at exit: left to the interpreter's teardown
+          py::gil_scoped_acquire gil;
+          delete fn;
+        });
+        py::gil_scoped_release no_gil;
+        return dpfast::route(tensors, anchor, keep_alive, [callback](const std::vector<at::Tensor>& grads) {
+          py::gil_scoped_acquire gil;
+          py::list args;
+          for (const auto& g : grads) args.append(g.defined() ? py::cast(g) : py::none());
+          (*callback)(args);
+        });
+      },
+      "tensors"_a, "anchor"_a, "keep_alive"_a, "on_backward"_a,
+      "Stand-ins for tensors whose backward calls on_backward(grads) (NOTE [Parallel backward], csrc/autograd_ops.h)");
   m.def("exact_alias", &dpfast::exact_alias, "flat"_a, "offset"_a, "shape"_a,
         "A tensor at offset in flat's memory, on a storage of exactly its bytes (NOTE [Exact storages])");
 

@@ -136,66 +136,6 @@ def _find_batch_size_naming_paths(inputs: tuple, kwargs: dict, dim: int, num_rep
                      f"but {first_path} has {first_size} and {path} has {size}")
 
 
-class Scatter(torch.autograd.Function):
-    """Differentiable scatter: the backward gathers the pieces' gradients back
-    onto the input's device."""
-
-    @staticmethod
-    def forward(ctx, devices, chunk_sizes, dim, lane_stream_ids, tensor):
-        ctx.source_device = tensor.device
-        ctx.devices = devices
-        ctx.dim = dim
-        pieces = tuple(_C.scatter(tensor, devices, chunk_sizes, dim, lane_stream_ids))
-        ctx.piece_shapes = [p.shape for p in pieces]
-        ctx.dtype = tensor.dtype
-        return pieces
-
-    @staticmethod
-    def backward(ctx, *grads):
-        grads = [torch.zeros(shape, dtype=ctx.dtype, device=device) if g is None else g
-                 for g, shape, device in zip(grads, ctx.piece_shapes, ctx.devices)]
-        # The gather below reads each gradient on its device's current stream: order those after the
-        # stream this backward runs on (NOTE [Stream ordering]).
-        _current_streams_wait(grads[0].device, [g.device for g in grads])
-        return None, None, None, None, Gather.apply(ctx.source_device, ctx.dim, ctx.devices, [], *grads)
-
-
-class Gather(torch.autograd.Function):
-    """Differentiable gather: the backward scatters the gradient back onto the
-    replicas' devices, in the pieces' sizes."""
-
-    @staticmethod
-    def forward(ctx, destination, dim, devices, lane_stream_ids, *tensors):
-        ctx.devices = devices
-        ctx.dim = dim
-        ctx.chunk_sizes = [t.size(dim) for t in tensors]
-        return _C.gather(list(tensors), devices, destination, dim, lane_stream_ids)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Backward runs on the current streams (autograd's stream semantics). The pieces for other
-        # devices are copied on those devices' current streams, but autograd orders their consumers
-        # after this node's stream only: make it wait for the copies.
-        if torch.is_grad_enabled():  # create_graph=True: the pieces carry a graph back to grad
-            grads = Scatter.apply(ctx.devices, ctx.chunk_sizes, ctx.dim, [], grad)
-        else:  # the engine's scatter alone: a node's apply costs more than the scatter on CPU lanes
-            grads = _C.scatter(grad, ctx.devices, ctx.chunk_sizes, ctx.dim, [])
-        if grad.device.type == "cuda":
-            for device in {g.device for g in grads if g.device != grad.device}:
-                _current_streams_wait(device, [grad.device])
-        return (None, None, None, None) + tuple(grads)
-
-
-def _current_streams_wait(producer: torch.device, consumers: List[torch.device]) -> None:
-    """The current stream of every CUDA device in consumers waits for producer's current stream."""
-    if producer.type != "cuda":
-        return
-    producer_stream = torch.cuda.current_stream(producer)
-    for device in set(consumers):
-        if device.type == "cuda" and device != producer:
-            torch.cuda.current_stream(device).wait_stream(producer_stream)
-
-
 def _same_namedtuple(a: Any, b: Any) -> bool:
     """Namedtuples of one name and fields: a forward that makes its output's class at every call
     (pytorch/examples fast_neural_style's Vgg16) gives each replica a class of its own."""
@@ -217,8 +157,8 @@ def scatter_tensor(tensor: torch.Tensor, devices: List[torch.device], chunk_size
         pieces = scatter_tensor(tensor.reshape(1).expand(len(devices)), devices, [1] * len(devices), 0,
                                 lane_stream_ids)
         return [piece.reshape(()) for piece in pieces]
-    if torch.is_grad_enabled() and tensor.requires_grad:
-        return list(Scatter.apply(devices, chunk_sizes, dim, lane_stream_ids, tensor))
+    # Recorded by autograd where the tensor requires grad: the pieces' gradients are gathered back
+    # (csrc/autograd_ops.h).
     return _C.scatter(tensor, devices, chunk_sizes, dim, lane_stream_ids)
 
 
@@ -360,10 +300,9 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
                                  f"gather along (dim in [{-first.dim()}, {first.dim()})), but replica 0 returned "
                                  f"shape {list(first.shape)}")
             try:
-                if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
-                    out = Gather.apply(destination, gather_dim, devices, lane_stream_ids, *tensors)
-                else:
-                    out = _C.gather(tensors, devices, destination, gather_dim, lane_stream_ids)
+                # Recorded by autograd where a piece requires grad: the backward scatters the gradient
+                # back onto the replicas (csrc/autograd_ops.h).
+                out = _C.gather(tensors, devices, destination, gather_dim, lane_stream_ids)
             except RuntimeError as error:
                 k = _first_other_shape(tensors, gather_dim)
                 if k is None:

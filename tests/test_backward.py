@@ -53,13 +53,13 @@ def graph_nodes(tensor):
         if node is None or node in seen:
             continue
         seen.add(node)
-        names.append(type(node).__name__)
+        names.append(node.name())
         stack.extend(next_node for next_node, _ in node.next_functions)
     return names
 
 
 def routed(output) -> bool:
-    return "ReplicaBackwardBackward" in graph_nodes(output)
+    return "torch::autograd::CppNode<dpfast::Route>" in graph_nodes(output)
 
 
 class Rendezvous(torch.autograd.Function):
