@@ -66,6 +66,15 @@ struct RootHook : torch::autograd::PostAccumulateGradHook {
       : previous(std::move(previous)) {}
 
   void operator()(const torch::autograd::Variable& param) override {
+    if (!param.requires_grad()) {
+      // Frozen after the forward (requires_grad_(False)): autograd accumulated nothing into .grad
+      // (torch runs the hooks all the same). Neither moved nor marked: the reducer drops the
+      // replicas' shares at the end of backward, as autograd skips the leaf (GradReducer._finish).
+      if (previous) {
+        (*previous)(param);
+      }
+      return;
+    }
     std::shared_ptr<GradReadiness> state;
     int64_t i = 0;
     at::Tensor lane_view;

@@ -585,6 +585,14 @@ class GradReducer:
         current = lane_streams.current_stream(self.devices[0])
         comm0 = self.comm_streams[0] if self.comm_streams else None
         got_grad = self._ready.got_grad()
+        # Frozen between the forward and this backward (requires_grad_(False)): autograd skips the
+        # root's leaf, as it skips a leaf that no longer requires grad on one device; the replicas'
+        # parameters still required grad, and their shares are dropped, not handed to its .grad.
+        frozen = [i for i, (got, p) in enumerate(zip(got_grad, self.root_params)) if got and not p.requires_grad]
+        if frozen:
+            self._zero_replica_shares(frozen)
+            for i in frozen:
+                got_grad[i] = False
         if self.cross is not None:  # every bucket, in order, on every rank
             for b in range(len(self.buckets)):
                 if not self._launched[b]:
@@ -712,7 +720,7 @@ class GradReducer:
     def _stop_routing_for_graphs(self) -> None:
         """backward(create_graph=True) where the replicas' backward passes ran on their workers
         (NOTE [Parallel backward]): a penalty's backward through their graphs would reach each
-        replica's forward graph twice, once through its gradient and once through ReplicaBackward,
+        replica's forward graph twice, once through its gradient and once through the routing node,
         in two graph tasks. This step's .grad carries replica 0's graph only (its values are exact);
         from the next forward on, the wrapper leaves the replicas' passes to autograd's own walk."""
         if not self.no_routing:

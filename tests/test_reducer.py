@@ -126,6 +126,40 @@ def test_gan_style_freezing_every_step_needs_no_rebuild_and_matches():
     assert wrapped_disc._runtime.reducer_build == 1  # one reducer for all steps, after the first unfreezing
 
 
+@pytest.mark.parametrize("routed", ["0", "1"])
+@pytest.mark.parametrize("grad_before", ["none", "zeros", "values"])
+def test_a_parameter_frozen_between_forward_and_backward_gets_nothing(monkeypatch, routed, grad_before):
+    """autograd skips a leaf that no longer requires grad when backward reaches it: its .grad
+    stays as it was (None, or the values it held), as on one device and under nn.DataParallel,
+    whose replicas' gradients reach the root's leaf through Broadcast's backward."""
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", routed)
+    reference = deep()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=CPU4, bucket_cap_mb=0.0006)
+    x0, x = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    for model in (reference, wrapped):
+        if grad_before != "none":  # a .grad before: the root's lane may be its view (NOTE [Root gradients in the bucket])
+            model(x0).sum().backward()
+            if grad_before == "zeros":
+                for p in model.parameters():
+                    p.grad.zero_()
+        out = model(x)
+        frozen = model.module[2] if model is wrapped else model[2]
+        frozen.weight.requires_grad_(False)
+        out.sum().backward()
+        frozen.weight.requires_grad_(True)
+    for (name, p), q in zip(reference.named_parameters(), wrapped.module.parameters()):
+        if p.grad is None:
+            assert q.grad is None, name
+        else:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
+    # The dropped shares do not come back in the next step.
+    for model in (reference, wrapped):
+        model.zero_grad()
+        model(x0).sum().backward()
+    for (name, p), q in zip(reference.named_parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_a_frozen_parameter_does_not_hold_its_bucket_back():
     wrapped = dpfast.DataParallel(deep(), device_ids=CPU4)  # one bucket for all parameters
     x = torch.randn(8, 8, dtype=torch.float64)
