@@ -212,9 +212,20 @@ def scatter(obj: Any, devices: List[torch.device], chunk_sizes: List[int], dim: 
         scatter_map = None  # the recursive closure refers to itself: no reference cycle per call
 
 
+def _whole_batch(value: Any, devices: List[torch.device], chunk_sizes: List[int], dim: int) -> bool:
+    """A tensor of exactly the batch's rows along dim: scatter() splits it in chunk_sizes."""
+    return (isinstance(value, torch.Tensor) and len(chunk_sizes) == len(devices) and None not in chunk_sizes
+            and -value.dim() <= dim < value.dim() and value.size(dim) == sum(chunk_sizes))
+
+
 def scatter_kwargs(inputs: tuple, kwargs: Optional[dict], devices: List[torch.device], chunk_sizes: List[int],
                    dim: int, lane_stream_ids: List[int] = (), replica_rows: Optional[Tuple[int, List[int]]] = None
                    ) -> Tuple[List[tuple], List[dict]]:
+    if not kwargs and len(inputs) == 1 and _whole_batch(inputs[0], devices, chunk_sizes, dim):
+        # The common call, model(batch): what scatter() below gives for it, without its walk (tens
+        # of microseconds per step on CPU replicas).
+        pieces = _C.scatter(inputs[0], devices, chunk_sizes, dim, list(lane_stream_ids))
+        return [(piece,) for piece in pieces], [{} for _ in devices]
     scattered_inputs = scatter(tuple(inputs), devices, chunk_sizes, dim, lane_stream_ids, replica_rows) if inputs else []
     scattered_kwargs = scatter(dict(kwargs), devices, chunk_sizes, dim, lane_stream_ids, replica_rows) if kwargs else []
     n = len(devices)

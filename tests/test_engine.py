@@ -107,6 +107,27 @@ def test_scatter_and_gather_round_trip_exactly(device, n, dim):
     assert torch.equal(_C.gather(pieces, devices, devices[0], dim), tensor)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dim", [0, -1])
+def test_scatter_and_gather_are_differentiable_twice(device, dim):
+    """Recorded by autograd (csrc/autograd_ops.h): the backward of each is the other, and a
+    backward with create_graph=True is itself differentiable (a gradient penalty through the
+    wrapper's gather)."""
+    dev = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+    devices = [dev] * 3
+    x = torch.randn(6, 6, dtype=torch.float64, device=dev, requires_grad=True)
+
+    def f(x):
+        pieces = _C.scatter(x, devices, [1, 3, 2], dim)
+        return _C.gather([p ** 3 * (k + 1) for k, p in enumerate(pieces)], devices, dev, dim)
+
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+    with torch.no_grad():  # nothing recorded without grad mode, nor for tensors that do not require grad
+        assert f(x).grad_fn is None
+    assert _C.gather([x.detach()] * 2, devices[:2], dev, 0).grad_fn is None
+
+
 def test_scatter_from_cpu_to_repeated_device_copies_exactly():
     tensor = torch.arange(40, dtype=torch.int64).view(10, 4)
     pieces = _C.scatter(tensor, [torch.device("cpu")] * 3, [4, 0, 6], 0)
