@@ -288,3 +288,11 @@ if "{api}" == "legacy":
     # A fresh process: these settings are process-wide, and torch remembers which API was used.
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_autograd_nodes_ab_runs_and_both_node_kinds_give_the_same_gradients():
+    result = subprocess.run([sys.executable, "tools/autograd_nodes_ab.py", "mlp:tiny:16", "1"],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "python nodes" in result.stdout and "C++ nodes" in result.stdout
+    assert "same gradients: True" in result.stdout
