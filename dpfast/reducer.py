@@ -226,8 +226,8 @@ class GradReducer:
 
         def hook(grad: torch.Tensor) -> Optional[torch.Tensor]:
             self = ref()
-            if self is None:
-                return None
+            if self is None or not self.root_params[i].requires_grad:
+                return None  # frozen after the forward: autograd skips the leaf, nothing to carry (_finish)
             view = self._view(i, 0)
             with _NoGrad():
                 view.add_(grad)

@@ -52,6 +52,13 @@ def freeze_for_step(model, kind, step):
         model[2].requires_grad_(step % 2 == 0)
 
 
+def freeze_late(model, kind, step, frozen):
+    """kind "freeze_late": the first layer frozen between the forward and its backward on odd steps
+    (autograd skips it: no gradient), unfrozen after."""
+    if kind == "freeze_late":
+        model[0].requires_grad_(not frozen or step % 2 == 0)
+
+
 def make_optimizer(params):
     return torch.optim.SGD(params, lr=0.1)  # momentum-free: sparse gradients and frozen steps alike
 
@@ -60,7 +67,10 @@ def train(model, batches, opt, kind="mlp"):
     for step, (x, y) in enumerate(batches):
         freeze_for_step(model, kind, step)
         opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
+        out = model(x)
+        freeze_late(model, kind, step, True)
+        nn.functional.mse_loss(out, y).backward()
+        freeze_late(model, kind, step, False)
         opt.step()
 
 
@@ -72,7 +82,7 @@ def main():
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--die-at-step", type=int, default=-1)
     parser.add_argument("--replicas", type=int, default=2, help="CPU replicas per process (1: like DDP)")
-    parser.add_argument("--kind", default="mlp", choices=["mlp", "freeze", "sparse"])
+    parser.add_argument("--kind", default="mlp", choices=["mlp", "freeze", "freeze_late", "sparse"])
     parser.add_argument("--clear-after-no-sync", action="store_true",
                         help="before each step, a no_sync() backward whose accumulation zero_grad() drops")
     args = parser.parse_args()
@@ -96,7 +106,10 @@ def main():
             with wrapped.no_sync():
                 nn.functional.mse_loss(wrapped(3 * x[mine]), y[mine]).backward()
         opt.zero_grad(set_to_none=not args.clear_after_no_sync or step % 2 == 0)  # both kinds of clear
-        nn.functional.mse_loss(wrapped(x[mine]), y[mine]).backward()
+        out = wrapped(x[mine])
+        freeze_late(model, args.kind, step, True)
+        nn.functional.mse_loss(out, y[mine]).backward()
+        freeze_late(model, args.kind, step, False)
         if args.kind == "sparse":
             assert model.embed.weight.grad.is_sparse, "the embedding's gradient came back dense"
         opt.step()

@@ -56,10 +56,11 @@ def test_two_ranks_match_one_process_on_the_full_batch(tmp_path, replicas, extra
         torch.testing.assert_close(rank0[key], value, rtol=1e-10, atol=1e-12, msg=key)
 
 
-@pytest.mark.parametrize("kind", ["freeze", "sparse"])
+@pytest.mark.parametrize("kind", ["freeze", "freeze_late", "sparse"])
 def test_freezing_every_step_and_sparse_gradients_across_processes(tmp_path, kind):
     """Layers frozen and unfrozen in turn (the reducer follows without rebuilding its hooks' state
-    wrong), and a sparse embedding whose gradient stays sparse."""
+    wrong), a layer frozen between a forward and its backward (no gradient, as autograd skips it),
+    and a sparse embedding whose gradient stays sparse."""
     codes, outputs = launch(tmp_path, "--steps", "4", "--kind", kind)
     assert codes == [0, 0], outputs
     rank0 = torch.load(tmp_path / "rank0.pt")
