@@ -59,6 +59,16 @@ void current_streams_wait(const c10::Device& producer, const std::vector<c10::De
   }
 }
 
+// Forward-mode AD has no rule through these nodes (nor through nn.DataParallel's Python functions,
+// whose missing jvp raises NotImplementedError too): raised before the op, not a tangent dropped.
+void check_no_tangent(const char* op, const std::vector<at::Tensor>& tensors) {
+  for (const auto& t : tensors) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!(t.defined() && t._fw_grad(/*level=*/0).defined()), "dpfast.", op,
+                                ": forward-mode AD (a dual tensor) has no rule through the replicas' scatter and "
+                                "gather (nor through nn.DataParallel's)");
+  }
+}
+
 bool any_requires_grad(const std::vector<at::Tensor>& tensors) {
   return std::any_of(tensors.begin(), tensors.end(),
                      [](const at::Tensor& t) { return t.defined() && t.requires_grad(); });
@@ -162,6 +172,7 @@ std::vector<at::Tensor> route(const std::vector<at::Tensor>& tensors, const at::
 
 std::vector<at::Tensor> scatter_differentiable(const at::Tensor& tensor, const std::vector<Lane>& lanes,
                                                const std::vector<int64_t>& chunk_sizes, int64_t dim) {
+  check_no_tangent("scatter", {tensor});
   if (!(at::GradMode::is_enabled() && tensor.defined() && tensor.requires_grad())) {
     return scatter(tensor, lanes, chunk_sizes, dim);
   }
@@ -170,6 +181,7 @@ std::vector<at::Tensor> scatter_differentiable(const at::Tensor& tensor, const s
 
 at::Tensor gather_differentiable(const std::vector<at::Tensor>& tensors, const std::vector<Lane>& lanes,
                                  const Lane& destination, int64_t dim) {
+  check_no_tangent("gather", tensors);
   if (!(at::GradMode::is_enabled() && any_requires_grad(tensors))) {
     return gather(tensors, lanes, destination, dim);
   }

@@ -247,6 +247,15 @@ class ThreadStateScope {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dpfast's engine: scatter, gather, tree reduce-add and broadcast, coalescing (see csrc/comm.h)";
+  // TORCH_CHECK_NOT_IMPLEMENTED's error as Python's NotImplementedError, as torch's own bindings give it
+  // (pybind11 would make it a RuntimeError).
+  py::register_local_exception_translator([](std::exception_ptr raised) {
+    try {
+      if (raised) std::rethrow_exception(raised);
+    } catch (const c10::NotImplementedError& error) {
+      PyErr_SetString(PyExc_NotImplementedError, error.what_without_backtrace());
+    }
+  });
   using namespace pybind11::literals;
   using dpfast::plan::TreeShape;
 

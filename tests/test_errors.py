@@ -389,3 +389,22 @@ def test_an_output_without_the_gather_dim_is_named_with_or_without_grad(grad):
             wrapped(x, per_sequence=True)
         out = wrapped(x)
     assert out["seq"].shape == (2, 4, 3) and torch.equal(out["per_row"], wrapped.module(x)["per_row"])
+
+
+@pytest.mark.parametrize("parallel_backward", ["0", "1"])
+def test_forward_mode_ad_is_not_implemented_as_under_nn_data_parallel(monkeypatch, parallel_backward):
+    """nn.DataParallel's Python functions have no jvp: NotImplementedError. The engine's scatter and
+    gather say so too, before a tangent could be dropped; the wrapper trains afterwards."""
+    monkeypatch.setenv("DPFAST_PARALLEL_BACKWARD", parallel_backward)
+    torch.manual_seed(0)
+    reference = nn.Linear(4, 3).double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu", "cpu"])
+    x = torch.randn(6, 4, dtype=torch.float64)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match=r"dpfast\.scatter: forward-mode AD"):
+            wrapped(dual)
+    wrapped(x).sum().backward()
+    reference(x).sum().backward()
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
