@@ -333,23 +333,14 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
             if device_ids and module_device_is_cpu(module):
                 module.to(torch.device("cuda", device_ids[0]))  # "auto" chose where the module lives
         self.devices: List[torch.device] = _devices.parse_device_ids(device_ids)
+        if not self.devices and self._cpu_lane_for_processes():
+            self.devices = [torch.device("cpu")]
         if not self.devices:  # no CUDA and no device named: run the module directly, as nn.DataParallel does
             self.device_ids: list = []
             self.output_device = None
             self.src_device_obj = None
             return
-        self.device_ids = _devices.public_device_ids(self.devices)
-        self._built_device_ids = self.device_ids  # nn.DataParallel reads device_ids at each forward
-        output = _devices.parse_output_device(output_device, self.devices)
-        self.output_device = output.index if output.type == "cuda" else output
-        self.output_device_obj = output
-        self._output_device_given = self.output_device  # nn.DataParallel reads output_device at each forward
-        self.src_device_obj = self.devices[0]
-        self.device_type = self.devices[0].type
-        if len(self.devices) == 1:  # as nn.DataParallel: one device runs the module itself, moved there
-            self.module.to(self.src_device_obj)
-        # The module may still move (DataParallel(model).cuda() is common): its device is
-        # checked at each forward, as nn.DataParallel does.
+        self._set_devices(output_device)
         if self.chunk_sizes is not None:
             splits.validate_sizes("chunk_sizes", self.chunk_sizes, len(self.devices))
         if self.weights is not None:
@@ -363,6 +354,30 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
                                      f"scatter, replicate, parallel_apply or gather (its steps run as nn.DataParallel's "
                                      f"do), but got {value!r}")
 
+    def _cpu_lane_for_processes(self) -> bool:
+        """NOTE [Cross-process gradients]: with no GPU and no device named, a process of a
+        torch.distributed job (torchrun with gloo on CPU machines, DDP's CPU case) still trains
+        with the others: its module on one CPU lane, as DDP runs a CPU module, rather than alone
+        (each rank would train apart, silently). Not for a module elsewhere (meta)."""
+        if distributed.process_group_or_default(self.process_group) is None:
+            return False
+        return all(t.device.type == "cpu" for t in itertools.chain(self.module.parameters(), self.module.buffers()))
+
+    def _set_devices(self, output_device: Any) -> None:
+        """The attributes that follow from self.devices (a non-empty list)."""
+        self.device_ids = _devices.public_device_ids(self.devices)
+        self._built_device_ids = self.device_ids  # nn.DataParallel reads device_ids at each forward
+        output = _devices.parse_output_device(output_device, self.devices)
+        self.output_device = output.index if output.type == "cuda" else output
+        self.output_device_obj = output
+        self._output_device_given = self.output_device  # nn.DataParallel reads output_device at each forward
+        self.src_device_obj = self.devices[0]
+        self.device_type = self.devices[0].type
+        if len(self.devices) == 1:  # as nn.DataParallel: one device runs the module itself, moved there
+            self.module.to(self.src_device_obj)
+        # The module may still move (DataParallel(model).cuda() is common): its device is
+        # checked at each forward, as nn.DataParallel does.
+
     # -- nn.DataParallel's steps, overridable as there -----------------------------------------
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         if torch.autograd._profiler_enabled():  # the step by name in a profiler's trace (30 us a step otherwise)
@@ -371,6 +386,9 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         return self._run_forward(inputs, kwargs)
 
     def _run_forward(self, inputs: tuple, kwargs: dict) -> Any:
+        if not self.devices and self._cpu_lane_for_processes():  # torch.distributed started after the wrapper
+            self.devices = [torch.device("cpu")]
+            self._set_devices(None)
         if not self.devices:
             if not self.gather_outputs:
                 return self._alone_as_replica_outputs(inputs, kwargs)

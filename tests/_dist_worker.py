@@ -81,15 +81,22 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--die-at-step", type=int, default=-1)
-    parser.add_argument("--replicas", type=int, default=2, help="CPU replicas per process (1: like DDP)")
+    parser.add_argument("--replicas", type=int, default=2,
+                        help="CPU replicas per process (1: like DDP; 0: no device_ids, on a machine without a GPU)")
+    parser.add_argument("--wrap-before-init", action="store_true", help="the wrapper made before init_process_group")
     parser.add_argument("--kind", default="mlp", choices=["mlp", "freeze", "freeze_late", "sparse"])
     parser.add_argument("--clear-after-no-sync", action="store_true",
                         help="before each step, a no_sync() backward whose accumulation zero_grad() drops")
     args = parser.parse_args()
-    dist.init_process_group("gloo", rank=args.rank, world_size=args.world, timeout=datetime.timedelta(seconds=30))
     torch.manual_seed(100 + args.rank)  # different on each rank: construction must broadcast rank 0's
     model = make_model(args.kind)
-    wrapped = dpfast.DataParallel(model, device_ids=["cpu"] * args.replicas)
+
+    def wrap():
+        return dpfast.DataParallel(model) if args.replicas == 0 else dpfast.DataParallel(model, device_ids=["cpu"] *
+                                                                                             args.replicas)
+    wrapped = wrap() if args.wrap_before_init else None
+    dist.init_process_group("gloo", rank=args.rank, world_size=args.world, timeout=datetime.timedelta(seconds=30))
+    wrapped = wrapped or wrap()
     if args.kind == "mlp":
         opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
     else:

@@ -39,11 +39,17 @@ def launch(tmp_path, *extra):
     return [p.returncode for p in procs], outputs
 
 
-@pytest.mark.parametrize("replicas,extra", [(2, ()), (1, ()), (2, ("--clear-after-no-sync",))],
-                         ids=["2x2_replicas", "one_replica_per_process", "zero_grad_after_no_sync"])
+@pytest.mark.parametrize("replicas,extra", [(2, ()), (1, ()), (2, ("--clear-after-no-sync",)), (0, ()),
+                                             (0, ("--wrap-before-init",))],
+                         ids=["2x2_replicas", "one_replica_per_process", "zero_grad_after_no_sync",
+                              "no_device_ids_without_a_gpu", "no_device_ids_wrapped_before_init"])
 def test_two_ranks_match_one_process_on_the_full_batch(tmp_path, replicas, extra):
     """With --clear-after-no-sync each step follows a no_sync() backward that zero_grad() drops
-    (NOTE [Clearing an accumulation]): the result is the same."""
+    (NOTE [Clearing an accumulation]): the result is the same. With no device_ids on a machine
+    without a GPU (DDP's CPU case under torchrun), each process trains its module on one CPU lane
+    with the others, also when torch.distributed started after the wrapper was made."""
+    if replicas == 0 and torch.cuda.is_available():
+        pytest.skip("no device_ids means this machine's GPUs here; the case is a machine without one")
     codes, outputs = launch(tmp_path, "--steps", "4", "--replicas", str(replicas), *extra)
     assert codes == [0, 0], outputs
     rank0 = torch.load(tmp_path / "rank0.pt")
