@@ -48,15 +48,15 @@ std::vector<Lane> current_streams(const std::vector<c10::Device>& devices) {
   return lanes;
 }
 
-// The current stream of every other CUDA device among `consumers` waits for `producer`'s.
-void current_streams_wait(const c10::Device& producer, const std::vector<c10::Device>& consumers) {
-  if (!producer.is_cuda()) return;
-  std::vector<c10::Device> done;
-  for (const auto& d : consumers) {
-    if (!d.is_cuda() || d == producer || std::find(done.begin(), done.end(), d) != done.end()) continue;
-    done.push_back(d);
-    wait_lane(Lane{d, -1}, Lane{producer, -1});
+// The CUDA devices among `devices` other than `excluded`, each once.
+std::vector<c10::Device> other_cuda_devices(const std::vector<c10::Device>& devices, const c10::Device& excluded) {
+  std::vector<c10::Device> others;
+  for (const auto& d : devices) {
+    if (d.is_cuda() && d != excluded && std::find(others.begin(), others.end(), d) == others.end()) {
+      others.push_back(d);
+    }
   }
+  return others;
 }
 
 // Forward-mode AD has no rule through these nodes (nor through nn.DataParallel's Python functions,
@@ -104,7 +104,10 @@ struct Scatter : public torch::autograd::Function<Scatter> {
     const auto source = devices_from(ctx->saved_data["source"].toIntVector()).at(0);
     // The gather reads each gradient on its device's current stream: order those after the stream
     // this backward runs on.
-    current_streams_wait(grads.at(0).device(), devices);
+    const c10::Device producer = grads.at(0).device();
+    if (producer.is_cuda()) {
+      for (const auto& d : other_cuda_devices(devices, producer)) wait_lane(Lane{d, -1}, Lane{producer, -1});
+    }
     at::Tensor gathered =
         gather_differentiable(grads, current_streams(devices), Lane{source, -1}, ctx->saved_data["dim"].toInt());
     return {gathered, at::Tensor(), at::Tensor(), at::Tensor()};
@@ -132,12 +135,7 @@ struct Gather : public torch::autograd::Function<Gather> {
     // The pieces for other devices are copied on those devices' current streams, but autograd
     // orders their consumers after this node's stream only: it waits for the copies.
     if (grad.is_cuda()) {
-      std::vector<c10::Device> done;
-      for (const auto& d : devices) {
-        if (d == grad.device() || std::find(done.begin(), done.end(), d) != done.end()) continue;
-        done.push_back(d);
-        wait_lane(Lane{grad.device(), -1}, Lane{d, -1});
-      }
+      for (const auto& d : other_cuda_devices(devices, grad.device())) wait_lane(Lane{grad.device(), -1}, Lane{d, -1});
     }
     pieces.resize(pieces.size() + 3);  // lanes, destination, dim: no gradient
     return pieces;
