@@ -341,18 +341,6 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
             self.src_device_obj = None
             return
         self._set_devices(output_device)
-        if self.chunk_sizes is not None:
-            splits.validate_sizes("chunk_sizes", self.chunk_sizes, len(self.devices))
-        if self.weights is not None:
-            splits.validate_sizes("weights", self.weights, len(self.devices))
-        _devices.warn_on_imbalance(self.devices, has_split_option=chunk_sizes is not None or weights is not None)
-        if _overrides_a_step(type(self)):
-            for name, value, default in (("gather", gather, True), ("scalar_outputs", scalar_outputs, "vector"),
-                                         ("average_buffers", average_buffers, False)):
-                if value != default:
-                    raise ValueError(f"dpfast.DataParallel: {name}: expected {default!r} in a subclass that overrides "
-                                     f"scatter, replicate, parallel_apply or gather (its steps run as nn.DataParallel's "
-                                     f"do), but got {value!r}")
 
     def _cpu_lane_for_processes(self) -> bool:
         """NOTE [Cross-process gradients]: with no GPU and no device named, a process of a
@@ -364,7 +352,8 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         return all(t.device.type == "cpu" for t in itertools.chain(self.module.parameters(), self.module.buffers()))
 
     def _set_devices(self, output_device: Any) -> None:
-        """The attributes that follow from self.devices (a non-empty list)."""
+        """The attributes that follow from self.devices (a non-empty list), and the options checked
+        against them: at construction, or at the first forward that adopts a CPU lane."""
         self.device_ids = _devices.public_device_ids(self.devices)
         self._built_device_ids = self.device_ids  # nn.DataParallel reads device_ids at each forward
         output = _devices.parse_output_device(output_device, self.devices)
@@ -377,6 +366,20 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
             self.module.to(self.src_device_obj)
         # The module may still move (DataParallel(model).cuda() is common): its device is
         # checked at each forward, as nn.DataParallel does.
+        if self.chunk_sizes is not None:
+            splits.validate_sizes("chunk_sizes", self.chunk_sizes, len(self.devices))
+        if self.weights is not None:
+            splits.validate_sizes("weights", self.weights, len(self.devices))
+        _devices.warn_on_imbalance(self.devices,
+                                   has_split_option=self.chunk_sizes is not None or self.weights is not None)
+        if _overrides_a_step(type(self)):
+            for name, value, default in (("gather", self.gather_outputs, True),
+                                         ("scalar_outputs", self.scalar_outputs, "vector"),
+                                         ("average_buffers", self.average_buffers, False)):
+                if value != default:
+                    raise ValueError(f"dpfast.DataParallel: {name}: expected {default!r} in a subclass that overrides "
+                                     f"scatter, replicate, parallel_apply or gather (its steps run as nn.DataParallel's "
+                                     f"do), but got {value!r}")
 
     # -- nn.DataParallel's steps, overridable as there -----------------------------------------
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:

@@ -92,8 +92,9 @@ def main():
     model = make_model(args.kind)
 
     def wrap():
-        return dpfast.DataParallel(model) if args.replicas == 0 else dpfast.DataParallel(model, device_ids=["cpu"] *
-                                                                                             args.replicas)
+        if args.replicas == 0:
+            return dpfast.DataParallel(model)
+        return dpfast.DataParallel(model, device_ids=["cpu"] * args.replicas)
     wrapped = wrap() if args.wrap_before_init else None
     dist.init_process_group("gloo", rank=args.rank, world_size=args.world, timeout=datetime.timedelta(seconds=30))
     wrapped = wrapped or wrap()
