@@ -48,9 +48,12 @@ its graph exactly when the caller's backward keeps its own (its retain_graph,
 which defaults to create_graph), and where another forward of the same window
 may share its nodes; otherwise it frees each node's saved tensors as it goes, as
 autograd does for replica 0. The node keeps each replica output until a backward
-that does not keep the graph has taken it: a backward of some outputs (loss_G)
-leaves the others (loss_D, from the same forward) to a later backward, as on one
-device; a second backward of a taken output is autograd's error.
+that does not keep the graph has taken it, and then only where its graph starts
+(its gradient edge): a backward of some outputs (loss_G) leaves the others
+(loss_D, from the same forward) to a later backward, as on one device; a second
+backward of a taken output runs where its graph saved no tensors and is
+autograd's own error where it did (dpfast's, where two forwards shared that
+backward: their passes kept the graphs, which go with the outputs).
 
 Each replica's part is a graph task of its own, so a parameter used by two
 forwards of one backward is marked once per part (autograd's walk sums first
@@ -112,8 +115,9 @@ class _Plan:
 class _RoutedOutputs:
     """The routing node's backward (_C.route calls it with the stand-ins' gradients, None where none
     came): each replica's part to its worker. Holds the replica outputs, each until a backward that
-    does not keep the graph has taken it: two losses from one forward may be backwarded one after
-    the other (a GAN's G and D losses, pix2pixHD), as on one device, each through its own outputs."""
+    does not keep the graph has taken it (then its gradient edge alone): two losses from one forward
+    may be backwarded one after the other (a GAN's G and D losses, pix2pixHD), as on one device,
+    each through its own outputs."""
 
     def __init__(self, plan: _Plan, outputs: List[torch.Tensor]):
         self.plan, self.outputs = plan, outputs
@@ -129,8 +133,15 @@ class _RoutedOutputs:
         # first pass must not free what the second still walks.
         caller_keeps = _caller_keeps_graph()
         keep_graph = caller_keeps or len(plan.window) > 1
-        if not caller_keeps:  # taken: their graphs go once this backward's passes are done
-            self.outputs = [None if g is not None else t for t, g in zip(tensors, grads)]
+        if not caller_keeps:
+            # Taken. Where this backward's passes free their graphs' saved tensors as they go, the
+            # node keeps where each output's graph starts, not its values, as autograd keeps a
+            # graph's nodes after it freed their saved tensors: a second backward then works where
+            # the replica's graph saved nothing, and is autograd's own error where it did, as on
+            # one device. Where the passes keep them (for another forward of the window), the
+            # graphs go with the outputs.
+            self.outputs = [t if g is None else None if keep_graph else _gradient_edge(t)
+                            for t, g in zip(tensors, grads)]
         fns, wheres, workers = [], [], []
         for lane, ((start, end), where) in enumerate(zip(plan.bounds, plan.where), start=1):
             pairs = [(t, g) for t, g in zip(tensors[start:end], grads[start:end]) if g is not None]
@@ -141,6 +152,11 @@ class _RoutedOutputs:
         if fns:
             plan.reducer.run_replica_backward(plan.pool, fns, wheres, workers, plan.replicas, plan.threads,
                                               plan.window, plan.caller_threads)
+
+
+def _gradient_edge(output: Any) -> Any:
+    return output if isinstance(output, torch.autograd.graph.GradientEdge) else \
+        torch.autograd.graph.get_gradient_edge(output)
 
 
 # torch.autograd.backward's own entry into the engine (private; where a torch lacks it, the

@@ -729,3 +729,45 @@ def test_two_losses_of_one_forward_backwarded_one_after_the_other():
         assert_same_grads(reference, wrapped.module)
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         b.mean().backward()
+
+
+class ExpandOnly(nn.Module):
+    """A graph that saves no tensors (an expand of a parameter, then a sum): autograd lets it be
+    backwarded again without retain_graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.arange(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.w.expand(x.shape[0], 3) + x[:, :3]
+
+
+def test_second_backward_of_a_graph_that_saved_nothing_as_on_one_device():
+    """A second backward without retain_graph works where the graph saved no tensors, as on one
+    device (the routing node keeps where each replica's graph starts after the first), and adds
+    the same gradients again; where the graph saved tensors it is autograd's own error, and the
+    wrapper trains on afterwards."""
+    reference, wrapped = reference_and_wrapped(factory=ExpandOnly)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    loss = wrapped(x).sum()
+    assert routed(loss)
+    loss.backward()
+    loss.backward()
+    ref_loss = reference(x).sum()
+    ref_loss.backward()
+    ref_loss.backward()
+    assert_same_grads(reference, wrapped.module)
+    assert torch.equal(wrapped.module.w.grad, torch.full((3,), 12.0, dtype=torch.float64))
+
+    reference, wrapped = reference_and_wrapped()
+    out = wrapped(x)
+    assert routed(out)
+    out.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        out.sum().backward()
+    reference.zero_grad()
+    wrapped.module.zero_grad()
+    wrapped(x).pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    assert_same_grads(reference, wrapped.module)
