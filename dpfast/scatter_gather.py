@@ -320,9 +320,9 @@ def gather(outputs: List[Any], destination: torch.device, dim: int, devices: Lis
                     raise
                 # Which output, as the other checks here say (pad_packed_sequence without
                 # total_length pads each replica's chunk to its own longest sequence).
-                raise RuntimeError(f"dpfast.DataParallel: outputs{path}: expected every replica's tensor to have "
-                                   f"replica 0's shape {list(tensors[0].shape)} but in dim {gather_dim}, but replica "
-                                   f"{k} returned shape {list(tensors[k].shape)}") from error
+                raise RuntimeError(f"dpfast.DataParallel: outputs{path}: expected every replica's tensor to match "
+                                   f"replica 0's shape {list(tensors[0].shape)} in every dimension except dim "
+                                   f"{gather_dim}, but replica {k} returned shape {list(tensors[k].shape)}") from error
             if scalars and scalar_weights is not None:
                 total = float(sum(scalar_weights))
                 weights = torch.tensor([w / total for w in scalar_weights], dtype=out.dtype, device=out.device)

@@ -358,8 +358,9 @@ def test_outputs_that_cannot_be_concatenated_name_the_output_and_replica():
 
     wrapped = dpfast.DataParallel(Padded(), device_ids=["cpu"] * 2)
     x = torch.randn(4, 6, 3)
-    with pytest.raises(RuntimeError, match=r"outputs\['padded'\]: expected every replica's tensor to have replica "
-                                           r"0's shape \[2, 6, 3\] but in dim 0, but replica 1 returned shape \[2, 4, 3\]"):
+    with pytest.raises(RuntimeError, match=r"outputs\['padded'\]: expected every replica's tensor to match replica "
+                                           r"0's shape \[2, 6, 3\] in every dimension except dim 0, but replica 1 "
+                                           r"returned shape \[2, 4, 3\]"):
         wrapped(x, torch.tensor([6, 5, 4, 3]))
     out = wrapped(x, torch.tensor([6, 5, 6, 3]))
     assert out["padded"].shape == (4, 6, 3)
