@@ -397,8 +397,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<dpfast::PointerWatch>(m, "PointerWatch", "Which tensors left the memory they had (csrc/comm.h)")
       .def(py::init<std::vector<at::Tensor>>(), "tensors"_a)
       .def("moved", &dpfast::PointerWatch::moved, "Indices of the tensors whose data_ptr() changed");
-  py::class_<dpfast::MetaWatch>(m, "MetaWatch", "Whether tensors' dtype, sizes or device changed (csrc/comm.h)")
-      .def(py::init<const std::vector<at::Tensor>&, std::vector<bool>>(), "tensors"_a, "watch_requires_grad"_a)
+  py::class_<dpfast::MetaWatch>(m, "MetaWatch",
+                                "Whether tensors' dtype, sizes or device changed, or where watched their requires_grad "
+                                "or contiguity (csrc/comm.h)")
+      .def(py::init<const std::vector<at::Tensor>&, std::vector<bool>, std::vector<bool>>(), "tensors"_a,
+           "watch_requires_grad"_a, "watch_contiguity"_a)
       .def("changed", &dpfast::MetaWatch::changed, "tensors"_a);
   m.def("entries_unchanged", &entries_unchanged, "modules"_a, "snapshots"_a,
         "Whether every module's parameter, buffer and child dictionaries hold what the snapshots held "

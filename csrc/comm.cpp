@@ -480,14 +480,17 @@ std::vector<int64_t> PointerWatch::moved() const {
   return indices;
 }
 
-MetaWatch::MetaWatch(const std::vector<at::Tensor>& tensors, std::vector<bool> watch_requires_grad)
-    : watch_requires_grad_(std::move(watch_requires_grad)) {
+MetaWatch::MetaWatch(const std::vector<at::Tensor>& tensors, std::vector<bool> watch_requires_grad,
+                     std::vector<bool> watch_contiguity)
+    : watch_requires_grad_(std::move(watch_requires_grad)), watch_contiguity_(std::move(watch_contiguity)) {
   TORCH_CHECK(watch_requires_grad_.size() == tensors.size(), "dpfast.MetaWatch: watch_requires_grad: expected one "
               "flag per tensor (", tensors.size(), "), but got ", watch_requires_grad_.size());
+  TORCH_CHECK(watch_contiguity_.size() == tensors.size(), "dpfast.MetaWatch: watch_contiguity: expected one "
+              "flag per tensor (", tensors.size(), "), but got ", watch_contiguity_.size());
   metas_.reserve(tensors.size());
   for (const auto& t : tensors) {
     TORCH_CHECK(t.defined(), "dpfast.MetaWatch: expected tensors, but got None");
-    metas_.push_back(Meta{t.scalar_type(), t.sizes().vec(), t.device(), t.requires_grad()});
+    metas_.push_back(Meta{t.scalar_type(), t.sizes().vec(), t.device(), t.requires_grad(), t.is_contiguous()});
   }
 }
 
@@ -497,6 +500,7 @@ bool MetaWatch::changed(const std::vector<at::Tensor>& tensors) const {
     const at::Tensor& t = tensors[i];
     const Meta& meta = metas_[i];
     if (!t.defined() || t.scalar_type() != meta.dtype || t.device() != meta.device || t.sizes() != meta.sizes ||
+        (watch_contiguity_[i] && t.is_contiguous() != meta.contiguous) ||
         (watch_requires_grad_[i] && t.requires_grad() != meta.requires_grad)) {
       return true;
     }

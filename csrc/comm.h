@@ -77,12 +77,14 @@ struct PointerWatch {
 };
 
 // The metadata that makes a replica's structure: dtype, sizes and device of each tensor, and
-// requires_grad where asked (a buffer's; a parameter's is followed in place, not rebuilt). The
+// requires_grad where asked (a buffer's; a parameter's is followed in place, not rebuilt), and
+// contiguity where asked (a parameter's: its gradient's place depends on it). The
 // replicas' check at every call of whether a root tensor was given other data (`p.data = ...` of
 // another shape or dtype, module.to()); about 1 us a tensor from Python, nanoseconds here. It is
 // handed the tensors each time: torch.utils.swap_tensors gives a Python tensor another TensorImpl.
 struct MetaWatch {
-  MetaWatch(const std::vector<at::Tensor>& tensors, std::vector<bool> watch_requires_grad);
+  MetaWatch(const std::vector<at::Tensor>& tensors, std::vector<bool> watch_requires_grad,
+            std::vector<bool> watch_contiguity);
   bool changed(const std::vector<at::Tensor>& tensors) const;  // any differs from construction
 
  private:
@@ -91,9 +93,13 @@ struct MetaWatch {
     std::vector<int64_t> sizes;
     c10::Device device;
     bool requires_grad;
+    // A weight made channels_last between steps (model.to(memory_format=...)) has the same sizes;
+    // its gradient must take the new layout, which the buckets built for the old one do not give.
+    bool contiguous;
   };
   std::vector<Meta> metas_;
   std::vector<bool> watch_requires_grad_;
+  std::vector<bool> watch_contiguity_;
 };
 
 // Concatenates tensors[i] (ready on lanes[i]) along `dim` into a new tensor on

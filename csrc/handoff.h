@@ -9,7 +9,9 @@
 // few. So a waiter first spins (checking the flag, a pause between checks, yielding its core to
 // any other runnable thread every few checks) for up to `spin_us`, then sleeps on a condition
 // variable. The caller's waits also return every `timeout_s` so that Python can run signal
-// handlers (Ctrl-C during a hung replica). DPFAST_SPIN_US sets the spin (0: sleep at once).
+// handlers (Ctrl-C during a hung replica). DPFAST_SPIN_US sets the spin (0: sleep at once); without
+// it a pool spins only where its workers and the caller's intra-op threads have a core each: a
+// spinning waiter held off an OpenMP thread that needed its core (WorkerPool._refresh_spin).
 #pragma once
 
 #include <atomic>

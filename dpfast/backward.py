@@ -191,11 +191,11 @@ def _sub_backward(tensors, grads, create_graph: bool, keep_graph: bool = True):
     return run
 
 
-def wanted(num_lanes: int) -> bool:
+def wanted(num_lanes: int, after_sleep: bool = False) -> bool:
     """DPFAST_PARALLEL_BACKWARD: "1" always, "0" never, "auto" (the default) when the caller runs
     one intra-op thread, or runs replica 0's part on its share of the threads (caller_shares: idle
-    OpenMP threads sleep, OMP_WAIT_POLICY=PASSIVE, or libgomp's pause sends them away; NOTE [CPU
-    threads]). Measured on 2 cores
+    OpenMP threads sleep, OMP_WAIT_POLICY=PASSIVE, or libgomp's pause sends them away, not after a
+    sleep of the caller: NOTE [CPU threads], NOTE [Idle caller]). Measured on 2 cores
     (bench/results/20261127-cpu-parallel-backward.txt, 20261127-cpu-omp-wait-policy.txt): with one
     intra-op thread, steps with the replicas' backward passes side by side take 0.64-0.84x the time
     of the same steps with the passes in turn. With two threads under the default wait policy they
@@ -208,7 +208,7 @@ def wanted(num_lanes: int) -> bool:
     if setting not in ("auto", ""):
         raise ValueError(f"dpfast.DataParallel: DPFAST_PARALLEL_BACKWARD: expected '1', '0' or 'auto', but got "
                          f"{setting!r}")
-    return num_lanes > 1 and (torch.get_num_threads() == 1 or caller_shares(num_lanes))
+    return num_lanes > 1 and (torch.get_num_threads() == 1 or caller_shares(num_lanes, after_sleep))
 
 
 # A private leaf, the node's only input (it never receives a gradient: the node returns None for

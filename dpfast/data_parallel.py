@@ -26,8 +26,8 @@ from .buffers import BatchNormAverager
 from .criterion import ReplicaOutputs
 from .reducer import GradReducer, own_hook_ids
 from .replicas import ReplicaSet, check_on_device, may_keep_activations
-from .workers import (WorkerPool, caller_lane_threads, capture_thread_state, cpu_lane_threads,
-                      give_back_caller_threads, omp_pause_setting, python_modes_active, spin_us, thread_state)
+from .workers import (WorkerPool, caller_lane_threads, caller_slept, capture_thread_state, cpu_lane_threads,
+                      give_back_caller_threads, omp_pause_setting, python_modes_active, spin_setting, thread_state)
 
 
 def _make_reducer(*args, **kwargs) -> GradReducer:
@@ -195,7 +195,7 @@ class _Runtime:
     the gradient reducer, the workers and the lanes' streams."""
 
     def __init__(self, wrapper: "DataParallel"):
-        spin_us(len(wrapper.devices))  # a bad DPFAST_SPIN_US is named before anything is built
+        spin_setting()  # a bad DPFAST_SPIN_US is named before anything is built
         omp_pause_setting()  # and a bad DPFAST_OMP_PAUSE
         self.module = wrapper.module
         self.owner = weakref.ref(wrapper)
@@ -214,10 +214,11 @@ class _Runtime:
         self.cross = distributed.maybe_cross_process(wrapper.process_group, wrapper.devices[0])
         if self.cross is not None:  # every process starts from rank 0's parameters and buffers
             self.cross.broadcast_from_rank0(list(self.module.parameters()) + list(self.module.buffers()))
-        self.pool = WorkerPool(len(wrapper.devices) - 1)
+        self.pool = WorkerPool(len(wrapper.devices) - 1, cpu_lanes=self.cpu_lanes)
         self.devices = list(wrapper.devices)
         self._wheres: dict = {}
         self.in_own_forward = False  # while dpfast's forward calls replicate()
+        self.caller_slept = False  # NOTE [Idle caller]: decided by the last parallel_apply
 
     def where(self, k: int, rows: Optional[int] = None, backward: bool = False) -> Tuple[str, str]:
         """How an error inside replica k names it, and what the message adds after the replica's
@@ -571,12 +572,13 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         if (len(active) < 2 or runtime.cross is not None or not torch.is_grad_enabled()
                 or not runtime.cpu_lanes or runtime.reducer is None or runtime.reducer.no_routing
                 or runtime.replicas.forward_hooks_seen or _global_hooks_may_keep_activations() or python_modes_active()
-                or not parallel_backward.wanted(len(active))):
+                or not parallel_backward.wanted(len(active), runtime.caller_slept)):
             return None
         replica_tensors = [runtime.replicas.replica_tensors[k] for k in active]
         wheres = [runtime.where(k, backward=True) for k in active]
         return parallel_backward.route(outputs, replica_tensors, wheres, active[-1] + 1, cpu_lane_threads(devices),
-                                       caller_lane_threads(devices), runtime.pool, runtime.reducer)
+                                       caller_lane_threads(devices, runtime.caller_slept), runtime.pool,
+                                       runtime.reducer)
 
     # The four steps take nn.DataParallel's arguments (a subclass may override any of them, or call
     # them from its own forward); dpfast's forward also passes what it already knows.
@@ -660,7 +662,9 @@ class DataParallel(nn.DataParallel[_Module]):  # generic as nn.DataParallel is: 
         lanes = [self.devices[k] for k in replica_indices]
         if runtime.cpu_lanes and torch._C._current_graph_task_id() == -1:
             give_back_caller_threads()  # a backward that shared them out raised before its end
-        threads, own_threads = cpu_lane_threads(lanes), caller_lane_threads(lanes)  # NOTE [CPU threads]
+        runtime.caller_slept = runtime.cpu_lanes and caller_slept()  # NOTE [Idle caller], also for the routing
+        # NOTE [CPU threads]
+        threads, own_threads = cpu_lane_threads(lanes), caller_lane_threads(lanes, runtime.caller_slept)
         if own_call or not runtime.streams:
             return runtime.pool.run(fns, wheres, threads, own_threads)
         lane_streams.wait_for_callers(streams)  # NOTE [Stream ordering]

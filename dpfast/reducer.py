@@ -64,7 +64,7 @@ import torch
 from . import _C, streams as lane_streams
 from .devices import link_model
 from .replicas import flat_alias
-from .workers import give_back_caller_threads, restore_default_threads, share_out_caller_threads
+from .workers import give_back_caller_threads, note_caller_busy, restore_default_threads, share_out_caller_threads
 
 _MB = 1024 * 1024
 ROOT_NONE, ROOT_IN_VIEW, ROOT_HELD = 0, 1, 2  # GradReadiness.root_states()
@@ -331,6 +331,7 @@ class GradReducer:
             jobs, self._replica_jobs = self._replica_jobs, []
         for job in jobs:
             job.done.wait()
+        note_caller_busy()  # NOTE [Idle caller]: the waits just now were not idleness before a step
         restore_default_threads(jobs)
         give_back_caller_threads()
         for job in jobs:

@@ -257,8 +257,10 @@ class ReplicaSet:
         self.live = [i for i, t in enumerate(tensors)
                      if t.requires_grad and not (self.is_param[i] and t.grad_fn is None)]
         # dtype, shape and device of each; a buffer's requires_grad too (a parameter's is not
-        # structure: GANs flip it every step, and sync() follows it in place).
-        self.meta_watch = _C.MetaWatch(tensors, [not p for p in self.is_param])
+        # structure: GANs flip it every step, and sync() follows it in place); a parameter's
+        # contiguity (channels_last after training began: the reducer keeps a non-contiguous
+        # weight's gradient out of the buckets, in autograd's layout).
+        self.meta_watch = _C.MetaWatch(tensors, [not p for p in self.is_param], list(self.is_param))
         self.param_indices = [i for i, p in enumerate(self.is_param) if p]
         self.grad_flags = tuple(tensors[i].requires_grad for i in self.param_indices)
         check_on_device(tensors, devices[0])

@@ -21,6 +21,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
@@ -158,16 +159,48 @@ def _omp_pause() -> Optional[Callable[[int], int]]:
     return pause
 
 
-def caller_shares(num_lanes: int) -> bool:
+def caller_shares(num_lanes: int, after_sleep: bool = False) -> bool:
     """NOTE [CPU threads]: whether the caller runs its replica on its share of the threads beside
     num_lanes - 1 workers: where idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE), or where every
     replica gets one thread (no more threads than lanes) and libgomp's pause can send the caller's
     idle team away while its replica runs (its threads spin for ~10 ms otherwise; with larger shares
     the caller's replica needs a team, which the pause would end, and workers with teams of their
-    own make libgomp's threads outnumber the cores, where it throttles the spinning by itself)."""
+    own make libgomp's threads outnumber the cores, where it throttles the spinning by itself),
+    except in a step whose caller slept before it (``after_sleep``: caller_slept, NOTE [Idle
+    caller])."""
     if _IDLE_THREADS_SLEEP:
         return True
-    return torch.get_num_threads() <= num_lanes and _omp_pause() is not None
+    return torch.get_num_threads() <= num_lanes and not after_sleep and _omp_pause() is not None
+
+
+# NOTE [Idle caller]
+# The pause ends the caller's idle OpenMP team, and the caller's next region on every thread (the
+# loss, the optimizer step) starts it again. Where the caller's thread had slept before the step
+# (waiting for a data loader's batch; time.sleep), that first region after the pause took 10-17 ms
+# on the 2-core VM instead of 2 ms, and a step 2.6-3.8x the bare module's with 10 ms of sleep between
+# steps (1.6-1.8x without the pause); after as long a time busy on the caller: 2.1-2.4 ms
+# (bench/results/20261128-cpu-handoff-spin.txt). So a step whose caller slept for more than
+# IDLE_CALLER_S since the end of its previous forward or backward through a wrapper does not pause
+# its team: the caller keeps its count, and the replicas' backward passes run in turn (NOTE
+# [Parallel backward]). Decided at each forward's parallel_apply (the first forward of a thread
+# counts as after a sleep) and kept for the routing of that forward's backward.
+IDLE_CALLER_S = 0.002
+_CALLER = threading.local()  # .busy_mark: (wall clock, thread CPU time) at the end of its last step
+
+
+def note_caller_busy() -> None:
+    """The calling thread's replicas are done (a forward's, a backward's): the time it sleeps before
+    its next step counts from here."""
+    _CALLER.busy_mark = (time.perf_counter(), time.thread_time())
+
+
+def caller_slept() -> bool:
+    """NOTE [Idle caller]: whether the calling thread slept (was off its core: wall time less its
+    CPU time) for more than IDLE_CALLER_S since note_caller_busy."""
+    mark = getattr(_CALLER, "busy_mark", None)
+    if mark is None:
+        return True
+    return (time.perf_counter() - mark[0]) - (time.thread_time() - mark[1]) > IDLE_CALLER_S
 
 
 def quiet_caller_team() -> None:
@@ -184,7 +217,7 @@ def quiet_caller_team() -> None:
             pause(1)  # omp_pause_soft
 
 
-def caller_lane_threads(devices: List[torch.device]) -> Optional[int]:
+def caller_lane_threads(devices: List[torch.device], after_sleep: bool = False) -> Optional[int]:
     """NOTE [CPU threads]: the caller's intra-op threads while its replica runs beside the workers'
     (replica 0's forward in parallel_apply, its part of a routed backward up to the end-of-backward
     callback): what the workers' shares leave of its own count, at least one; it goes back to its
@@ -194,9 +227,9 @@ def caller_lane_threads(devices: List[torch.device]) -> Optional[int]:
     Only where caller_shares(): under libgomp's default policy, with its idle team left spinning,
     a caller on its share made the step 1.29-1.36x slower than one keeping its count
     (bench/results/20261127-cpu-omp-wait-policy.txt). None: leave the caller's count as it is (so
-    also where the lanes are not all CPU)."""
+    also where the lanes are not all CPU). ``after_sleep``: as for caller_shares."""
     share = cpu_lane_threads(devices)
-    if share is None or not caller_shares(len(devices)):
+    if share is None or not caller_shares(len(devices), after_sleep):
         return None
     return max(1, torch.get_num_threads() - (len(devices) - 1) * share)
 
@@ -236,15 +269,13 @@ def restore_default_threads(jobs: List["_Job"]) -> None:
         torch.set_num_threads(torch.get_num_threads())
 
 
-def spin_us(num_threads: int) -> int:
+def spin_setting() -> Optional[int]:
     """DPFAST_SPIN_US: how long a thread waiting for a hand-off polls before it sleeps (NOTE
-    [Spinning hand-offs] in csrc/handoff.h), for a pool whose caller and workers are
-    ``num_threads`` threads. Read when a pool starts."""
+    [Spinning hand-offs] in csrc/handoff.h), or None where it is not set (WorkerPool decides: see
+    its _refresh_spin). Read when a pool starts."""
     text = os.environ.get("DPFAST_SPIN_US", "").strip()
     if not text:
-        # Where the threads outnumber the cores this process may use, a spinning waiter would take
-        # a core from a thread with work to do: sleep at once there.
-        return DEFAULT_SPIN_US if num_threads <= _usable_cores() else 0
+        return None
     try:
         value = int(text)
     except ValueError:
@@ -264,6 +295,7 @@ def _usable_cores() -> int:
 
 # Covers the waits inside a step (a replica's forward or backward against another's, the caller's
 # work between forward and backward) on the machines measured; a thread idle for longer sleeps.
+# Only where every waiter has a core of its own (WorkerPool._refresh_spin).
 DEFAULT_SPIN_US = 1000
 MAX_SPIN_US = 1_000_000
 
@@ -290,12 +322,12 @@ class _Inbox:
     """A worker's jobs, in order. get() takes a queued job first and waits for the semaphore only
     when there is none, so a put() cut short between its two steps (a KeyboardInterrupt) leaves a
     count above the jobs, which costs a spurious wake-up, never a job the worker does not see."""
-    __slots__ = ("_jobs", "_ready", "_spin_us")
+    __slots__ = ("_jobs", "_ready", "spin_us")
 
     def __init__(self, spin: int):
         self._jobs: collections.deque = collections.deque()
         self._ready = _C.SpinSemaphore()
-        self._spin_us = spin
+        self.spin_us = spin  # the pool may change it (WorkerPool._refresh_spin); read at each wait
 
     def put(self, job: Optional["_Job"]) -> None:
         self._jobs.append(job)
@@ -310,7 +342,7 @@ class _Inbox:
                 if done is not None:
                     done.set()
                 return self._jobs.popleft()
-            self._ready.set_then_acquire(None if done is None else done._event, self._spin_us)
+            self._ready.set_then_acquire(None if done is None else done._event, self.spin_us)
             done = None
 
 
@@ -435,21 +467,26 @@ _FORKED_AWAY: List[_Inbox] = []  # see WorkerPool._start
 class WorkerPool:
     """One persistent daemon thread per replica 1..n-1."""
 
-    def __init__(self, num_workers: int, name: str = "dpfast-replica"):
-        self._num_workers, self._name = num_workers, name
+    def __init__(self, num_workers: int, name: str = "dpfast-replica", cpu_lanes: bool = True):
+        """``cpu_lanes``: the replicas compute on the CPU, beside the caller's intra-op threads
+        (_refresh_spin counts those)."""
+        self._num_workers, self._name, self._cpu_lanes = num_workers, name, cpu_lanes
         self._start()
 
     def _start(self) -> None:
         # A forked child (a DataLoader worker, say) has none of its parent's threads: the pool
         # remembers whose threads it holds and starts its own in a new process.
-        spin = spin_us(self._num_workers + 1)  # before anything changes: a bad setting leaves the pool as it was
+        setting = spin_setting()  # before anything changes: a bad setting leaves the pool as it was
         if getattr(self, "_pid", None) not in (None, os.getpid()):
             # The parent's inboxes stay alive in the child: a condition variable that a thread
             # which did not survive the fork waited on must never be destroyed (glibc would wait
             # for it).
             _FORKED_AWAY.extend(self._queues)
         self._pid = os.getpid()
-        self._spin_us = spin
+        self._spin_setting = setting
+        self._spin_us = 0 if setting is None else setting
+        self._spin_threads: Optional[int] = None  # the intra-op thread count _spin_us was decided for
+        self._cores = _usable_cores()
         self._queues: List[_Inbox] = []
         self._threads: List[threading.Thread] = []
         self._submitted: List[_Job] = []
@@ -461,6 +498,31 @@ class WorkerPool:
             t.start()
             self._queues.append(q)
             self._threads.append(t)
+        self._refresh_spin()
+
+    def _refresh_spin(self) -> None:
+        """NOTE [Spinning hand-offs]: without DPFAST_SPIN_US, waits spin for DEFAULT_SPIN_US where
+        the workers and the caller fit on the cores this process may use, one each, and sleep at
+        once otherwise. For CPU replicas the caller counts as its intra-op threads (the user's
+        count: the loss, the optimizer step and the user's code run on them between the
+        hand-offs): a spinning waiter on a core that an OpenMP thread of the caller needed held
+        that thread off. On the 2-core VM, 2 replicas with the caller on 2 threads and 3 ms between
+        steps (a data loader) took 2.4-2.9x the bare module's step spinning and 1.2-1.3x sleeping;
+        with the caller on one thread the two were within noise
+        (bench/results/20261128-cpu-handoff-spin.txt). For GPU replicas the caller counts as one
+        thread (its intra-op threads wait for the GPU). Decided again when that count changes, at
+        the next forward."""
+        if self._spin_setting is not None:
+            return
+        threads = 1
+        if self._cpu_lanes:
+            threads = getattr(_SHARED_OUT, "own", None) or torch.get_num_threads()  # not a backward's share
+        if threads == self._spin_threads:
+            return
+        self._spin_threads = threads
+        self._spin_us = DEFAULT_SPIN_US if self._num_workers + threads <= self._cores else 0
+        for q in self._queues:
+            q.spin_us = self._spin_us
 
     @property
     def threads(self) -> List[threading.Thread]:
@@ -475,6 +537,7 @@ class WorkerPool:
             self._start()
         if len(fns) - 1 > len(self._queues):
             raise RuntimeError(f"dpfast: expected at most {len(self._queues) + 1} replicas, but got {len(fns)}")
+        self._refresh_spin()
         serial = python_modes_active()
         state = _C.CapturedThreadState() if len(fns) > 1 and not serial else None
         jobs = [_Job(fn, where, worker_threads if k else None, self._spin_us, state if k else None)
@@ -491,6 +554,7 @@ class WorkerPool:
                 jobs[0].run()
         for job in jobs[1:]:
             job.done.wait()
+        note_caller_busy()
         restore_default_threads(jobs)
         for job in jobs:
             if job.error is not None:

@@ -290,6 +290,14 @@ if "{api}" == "legacy":
     assert result.returncode == 0, result.stderr
 
 
+def test_handoff_ab_runs_and_every_way_gives_the_same_gradients():
+    result = subprocess.run([sys.executable, "tools/handoff_ab.py", "--workload", "mlp:tiny:16", "--rounds", "1",
+                             "--steps", "2", "--gap-ms", "1"], capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "default" in result.stdout and "no-pause" in result.stdout and "same gradients: True" in result.stdout
+
+
 def test_autograd_nodes_ab_runs_and_both_node_kinds_give_the_same_gradients():
     result = subprocess.run([sys.executable, "tools/autograd_nodes_ab.py", "mlp:tiny:16", "1"],
                             capture_output=True, text=True, timeout=300, cwd=REPO)

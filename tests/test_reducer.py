@@ -2,6 +2,7 @@
 possible, none inside no_sync(), the accumulated sum after it."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -469,6 +470,49 @@ def test_a_parameter_that_is_not_contiguous_is_held_and_still_exact():
     wrapped(x).sum().backward()
     _close(module.weight.grad, reference.weight.grad)
     assert not _root_lane_holds(wrapped, module.weight)
+
+
+def test_a_model_converted_to_channels_last_after_training_keeps_its_gradient_layout():
+    """`model.to(memory_format=torch.channels_last)` between steps, with .grad kept
+    (zero_grad(set_to_none=False), gradient accumulation): the weights' new layout rebuilds the
+    replicas and the buckets, so the root's .grad takes the parameter's layout as on one device
+    (autograd's "grad and param do not obey the gradient layout contract" warning otherwise, every
+    backward), and training goes on exactly."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    reference = Net().double()
+    wrapped = dpfast.DataParallel(copy.deepcopy(reference), device_ids=["cpu"] * 2)
+    x = torch.randn(6, 3, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    layouts = {}
+    for name, model in (("reference", reference), ("wrapped", wrapped)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(2):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        model.to(memory_format=torch.channels_last)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*gradient layout contract.*")
+            for _ in range(3):
+                optimizer.zero_grad(set_to_none=False)
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+        module = model.module if name == "wrapped" else model
+        layouts[name] = (module.conv.weight.stride(), module.conv.weight.grad.stride())
+    assert layouts["wrapped"] == layouts["reference"]
+    assert layouts["reference"][0] == layouts["reference"][1]  # channels_last, weight and gradient
+    for p, q in zip(reference.parameters(), wrapped.module.parameters()):
+        _close(q, p)
+        _close(q.grad, p.grad)
 
 
 def test_the_old_zero_grad_idiom_detach_then_zero_works_on_bucket_gradients():

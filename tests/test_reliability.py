@@ -20,6 +20,7 @@ import gc
 import importlib.util
 import inspect
 import io
+import math
 import multiprocessing
 import os
 import pickle
@@ -446,6 +447,59 @@ def test_spin_setting_is_checked_and_any_value_trains_exactly(spin, monkeypatch)
     for _ in range(3):
         trainer.step()
     trainer.assert_in_step()
+
+
+def test_waits_spin_only_where_the_workers_and_the_callers_threads_fit_on_the_cores(monkeypatch):
+    """NOTE [Spinning hand-offs]: without DPFAST_SPIN_US a pool of CPU replicas spins where its
+    workers and the caller's intra-op threads have a core each, and sleeps at once otherwise,
+    decided again when the caller's count changes; for GPU replicas the caller counts as one
+    thread; a set DPFAST_SPIN_US holds whatever the count."""
+    from dpfast.workers import DEFAULT_SPIN_US, WorkerPool
+
+    own = torch.get_num_threads()
+    monkeypatch.delenv("DPFAST_SPIN_US", raising=False)
+    pool = WorkerPool(1)
+    try:
+        pool._cores = 2  # as on a 2-core machine, whatever this one has
+        for threads, spin in ((1, DEFAULT_SPIN_US), (2, 0), (1, DEFAULT_SPIN_US)):
+            torch.set_num_threads(threads)
+            assert pool.run([lambda: 0, lambda: 1], [("a", ""), ("b", "")]) == [0, 1]
+            assert pool._spin_us == spin and pool._queues[0].spin_us == spin
+    finally:
+        torch.set_num_threads(own)
+        pool.close()
+    pool = WorkerPool(1, cpu_lanes=False)
+    try:
+        pool._cores = 2
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            pool.run([lambda: 0, lambda: 1], [("a", ""), ("b", "")])
+            assert pool._spin_us == DEFAULT_SPIN_US
+    finally:
+        torch.set_num_threads(own)
+        pool.close()
+    monkeypatch.setenv("DPFAST_SPIN_US", "300")
+    pool = WorkerPool(1)
+    try:
+        pool._cores = 2
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            pool.run([lambda: 0, lambda: 1], [("a", ""), ("b", "")])
+            assert pool._spin_us == 300 and pool._queues[0].spin_us == 300
+    finally:
+        torch.set_num_threads(own)
+        pool.close()
+    # A wrapper whose caller uses every core it may: its workers' waits sleep at once.
+    monkeypatch.delenv("DPFAST_SPIN_US")
+    reference, wrapper = make_pair(device_ids=["cpu"] * 2)
+    try:
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        trainer = Trainer(reference, wrapper, batch=8)
+        trainer.step()
+        trainer.assert_in_step()
+        assert wrapper._runtime.pool._spin_us == 0
+    finally:
+        torch.set_num_threads(own)
 
 
 def test_a_job_queued_without_its_wake_up_still_runs_before_the_next():
@@ -1011,9 +1065,12 @@ def test_under_the_default_wait_policy_the_callers_idle_team_is_paused_where_it_
     replicas), the caller runs replica 0 on its share and pauses its idle OpenMP team each time it
     takes it (forward, and the routed backward), through libgomp's omp_pause_resource_all where
     torch runs on libgomp; DPFAST_OMP_PAUSE=0 turns that off, and the caller keeps its count.
-    Training stays exact either way."""
+    Training stays exact either way. (No step here counts as after a sleep of the caller: NOTE
+    [Idle caller], tested below.)"""
     from dpfast import workers as dp_workers
 
+    monkeypatch.setattr(dp_workers, "IDLE_CALLER_S", math.inf)
+    dp_workers.note_caller_busy()  # the first forward of a thread counts as after a sleep
     monkeypatch.setattr(dp_workers, "_pause_team", dp_workers._NOT_LOOKED_UP)  # looked up again, with the setting
     monkeypatch.setenv("DPFAST_OMP_PAUSE", pause_setting)
     real = dp_workers._omp_pause()
@@ -1045,6 +1102,82 @@ def test_under_the_default_wait_policy_the_callers_idle_team_is_paused_where_it_
         assert model.seen[caller_name] == (1 if sharing else 2)
         assert model.seen_in_backward[caller_name] == (1 if sharing else 2)
         assert calls == ([1] * 4 if sharing else [])  # omp_pause_soft, forward and backward of both steps
+
+
+def graph_node_names(tensor) -> set:
+    """Names of every autograd node reachable from tensor."""
+    seen, stack = set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return {node.name() for node in seen}
+
+
+def test_a_caller_that_slept_is_told_from_one_that_worked():
+    """NOTE [Idle caller]: the time off its core since note_caller_busy (wall time less the thread's
+    CPU time) decides; a thread that never finished a step counts as having slept."""
+    from dpfast import workers as dp_workers
+
+    limit = dp_workers.IDLE_CALLER_S
+    dp_workers.note_caller_busy()
+    end = time.perf_counter() + 3 * limit
+    while time.perf_counter() < end:  # busy for longer than the limit
+        pass
+    busy = dp_workers.caller_slept()
+    dp_workers.note_caller_busy()
+    time.sleep(50 * limit)
+    slept = dp_workers.caller_slept()
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(dp_workers.caller_slept()))
+    thread.start()
+    thread.join()
+    assert (busy, slept, seen) == (False, True, [True])
+
+
+def test_a_step_after_the_caller_slept_does_not_pause_its_team(monkeypatch):
+    """NOTE [Idle caller]: with 2 threads and 2 replicas under the default wait policy, a step that
+    follows the previous one at once runs the caller on its share and pauses its team (forward and
+    routed backward); a step after the caller slept (a data loader's wait) keeps its count, pauses
+    nothing and walks the replicas' graphs in turn; the step after that shares again. Exact
+    throughout."""
+    from dpfast import workers as dp_workers
+
+    if dp_workers._omp_pause() is None:
+        pytest.skip("torch here does not run on libgomp (or its omp_pause_resource_all is missing)")
+    real = dp_workers._omp_pause()
+    calls = []
+    monkeypatch.setattr(dp_workers, "_pause_team", lambda kind: (calls.append(kind), real(kind))[1])
+    monkeypatch.setattr(dp_workers, "IDLE_CALLER_S", 0.05)  # a margin for a loaded machine
+    with callers_threads(monkeypatch, 2, idle_threads_sleep=False):
+        torch.manual_seed(0)
+        reference = nn.Linear(6, 3).double()
+        model = RecordsIntraOpThreads()
+        model.linear = copy.deepcopy(reference)
+        wrapper = dpfast.DataParallel(model, device_ids=["cpu"] * 2)
+        caller_name = threading.current_thread().name
+
+        def step():
+            x = torch.randint(-3, 4, (10, 6)).double()
+            reference.zero_grad()
+            wrapper.zero_grad()
+            calls.clear()
+            out = wrapper(x)
+            routed = "torch::autograd::CppNode<dpfast::Route>" in graph_node_names(out)
+            out.sum().backward()
+            reference(x).sum().backward()
+            for p, q in zip(reference.parameters(), model.linear.parameters()):
+                assert torch.equal(p.grad, q.grad)
+            assert torch.get_num_threads() == 2
+            return routed, len(calls), model.seen[caller_name], model.seen_in_backward[caller_name]
+
+        step()  # the first forward counts as after a sleep
+        assert step() == (True, 2, 1, 1)
+        time.sleep(0.5)
+        assert step() == (False, 0, 2, 2)
+        assert step() == (True, 2, 1, 1)
 
 
 def test_a_bad_omp_pause_setting_names_the_variable(monkeypatch):
