@@ -126,8 +126,9 @@ class _RoutedOutputs:
         plan, tensors = self.plan, self.outputs
         if any(t is None and g is not None for t, g in zip(tensors, grads)):
             raise RuntimeError("dpfast.DataParallel: Trying to backward through the graph a second time through "
-                               "replicas' outputs whose graph an earlier backward freed: specify retain_graph=True "
-                               "the first time")
+                               "replicas' outputs that an earlier backward took without retain_graph (another "
+                               "forward shared that backward, and their graphs went with it): specify "
+                               "retain_graph=True the first time")
         create_graph = torch.is_grad_enabled()
         # Two forwards of one window may share a replica's nodes (state kept on the module): the
         # first pass must not free what the second still walks.

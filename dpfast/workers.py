@@ -22,6 +22,11 @@ import os
 import sys
 import threading
 import time
+
+try:
+    import resource
+except ImportError:  # not on Unix: _blocks() says it cannot count
+    pass
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
@@ -182,25 +187,36 @@ def caller_shares(num_lanes: int, after_sleep: bool = False) -> bool:
 # (bench/results/20261128-cpu-handoff-spin.txt). So a step whose caller slept for more than
 # IDLE_CALLER_S since the end of its previous forward or backward through a wrapper does not pause
 # its team: the caller keeps its count, and the replicas' backward passes run in turn (NOTE
-# [Parallel backward]). Decided at each forward's parallel_apply (the first forward of a thread
-# counts as after a sleep) and kept for the routing of that forward's backward.
+# [Parallel backward]). Slept: off its core (wall time less the thread's CPU time) for more than
+# IDLE_CALLER_S, having blocked at least once (a voluntary context switch, where Linux counts them
+# per thread): a thread only preempted by other processes, whose cores were never idle, did not.
+# Decided at each forward's parallel_apply (the first forward of a thread counts as after a sleep)
+# and kept for the routing of that forward's backward.
 IDLE_CALLER_S = 0.002
-_CALLER = threading.local()  # .busy_mark: (wall clock, thread CPU time) at the end of its last step
+_CALLER = threading.local()  # .busy_mark: (wall clock, thread CPU time, blocks) at the end of its last step
+
+
+def _blocks() -> int:
+    """The calling thread's voluntary context switches so far (-1 where they are not counted)."""
+    try:
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+    except (NameError, AttributeError, OSError):  # not Linux
+        return -1
 
 
 def note_caller_busy() -> None:
     """The calling thread's replicas are done (a forward's, a backward's): the time it sleeps before
     its next step counts from here."""
-    _CALLER.busy_mark = (time.perf_counter(), time.thread_time())
+    _CALLER.busy_mark = (time.perf_counter(), time.thread_time(), _blocks())
 
 
 def caller_slept() -> bool:
-    """NOTE [Idle caller]: whether the calling thread slept (was off its core: wall time less its
-    CPU time) for more than IDLE_CALLER_S since note_caller_busy."""
+    """NOTE [Idle caller]: whether the calling thread slept since note_caller_busy."""
     mark = getattr(_CALLER, "busy_mark", None)
     if mark is None:
         return True
-    return (time.perf_counter() - mark[0]) - (time.thread_time() - mark[1]) > IDLE_CALLER_S
+    off_core_s = (time.perf_counter() - mark[0]) - (time.thread_time() - mark[1])
+    return off_core_s > IDLE_CALLER_S and _blocks() != mark[2]
 
 
 def quiet_caller_team() -> None:

@@ -766,6 +766,14 @@ def test_second_backward_of_a_graph_that_saved_nothing_as_on_one_device():
     out.sum().backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         out.sum().backward()
+    # Two forwards of one backward: their passes kept the graphs for each other, and the graphs
+    # went with the outputs; a second backward is dpfast's error, saying so.
+    reference, wrapped = reference_and_wrapped(factory=ExpandOnly)
+    first, second = wrapped(x), wrapped(x)
+    loss = (first + second).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="another forward shared that backward"):
+        loss.backward()
     reference.zero_grad()
     wrapped.module.zero_grad()
     wrapped(x).pow(2).sum().backward()

@@ -1116,19 +1116,21 @@ def graph_node_names(tensor) -> set:
     return {node.name() for node in seen}
 
 
-def test_a_caller_that_slept_is_told_from_one_that_worked():
-    """NOTE [Idle caller]: the time off its core since note_caller_busy (wall time less the thread's
-    CPU time) decides; a thread that never finished a step counts as having slept."""
+def test_a_caller_that_slept_is_told_from_one_that_worked(monkeypatch):
+    """NOTE [Idle caller]: time off its core since note_caller_busy (wall time less the thread's CPU
+    time), having blocked, decides: a busy thread preempted for longer than the limit (a loaded
+    machine) did not sleep; a thread that never finished a step counts as having slept."""
     from dpfast import workers as dp_workers
 
-    limit = dp_workers.IDLE_CALLER_S
+    limit = 0.01
+    monkeypatch.setattr(dp_workers, "IDLE_CALLER_S", limit)
     dp_workers.note_caller_busy()
     end = time.perf_counter() + 3 * limit
     while time.perf_counter() < end:  # busy for longer than the limit
         pass
     busy = dp_workers.caller_slept()
     dp_workers.note_caller_busy()
-    time.sleep(50 * limit)
+    time.sleep(10 * limit)
     slept = dp_workers.caller_slept()
     seen = []
     thread = threading.Thread(target=lambda: seen.append(dp_workers.caller_slept()))
