@@ -22,11 +22,6 @@ import os
 import sys
 import threading
 import time
-
-try:
-    import resource
-except ImportError:  # not on Unix: _blocks() says it cannot count
-    pass
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
@@ -196,12 +191,15 @@ IDLE_CALLER_S = 0.002
 _CALLER = threading.local()  # .busy_mark: (wall clock, thread CPU time, blocks) at the end of its last step
 
 
+try:
+    from resource import RUSAGE_THREAD, getrusage
+except ImportError:  # not Linux: voluntary context switches are not counted per thread
+    RUSAGE_THREAD = getrusage = None
+
+
 def _blocks() -> int:
     """The calling thread's voluntary context switches so far (-1 where they are not counted)."""
-    try:
-        return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
-    except (NameError, AttributeError, OSError):  # not Linux
-        return -1
+    return -1 if getrusage is None else getrusage(RUSAGE_THREAD).ru_nvcsw
 
 
 def note_caller_busy() -> None:

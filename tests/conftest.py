@@ -25,3 +25,21 @@ def _collect_after_each_test(request):
     if os.environ.get("DPFAST_TEST_GC"):
         print(f"gc after {request.node.nodeid}", file=sys.__stderr__, flush=True)
         gc.collect()
+
+
+def graph_nodes(tensor):
+    """Names of every autograd node reachable from tensor."""
+    seen, stack, names = set(), [tensor.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def routed(output) -> bool:
+    """Whether output's backward goes through dpfast's routing node (NOTE [Parallel backward])."""
+    return "torch::autograd::CppNode<dpfast::Route>" in graph_nodes(output)

@@ -16,6 +16,7 @@ from torch import nn
 
 import dpfast
 from dpfast import _C
+from conftest import graph_nodes, routed
 
 CPU3 = ["cpu"] * 3
 
@@ -43,23 +44,6 @@ def assert_same_grads(reference, module):
     """module: the wrapped module (the wrapper's .module), against the unwrapped reference."""
     for (name, p), q in zip(reference.named_parameters(), module.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
-
-
-def graph_nodes(tensor):
-    """Names of every autograd node reachable from tensor."""
-    seen, stack, names = set(), [tensor.grad_fn], []
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(node.name())
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
-
-
-def routed(output) -> bool:
-    return "torch::autograd::CppNode<dpfast::Route>" in graph_nodes(output)
 
 
 class Rendezvous(torch.autograd.Function):

@@ -40,6 +40,7 @@ from torch import nn
 
 import dpfast
 from dpfast import scatter_gather
+from conftest import routed
 
 REPO = Path(__file__).resolve().parents[1]
 CPU4 = ["cpu"] * 4
@@ -1104,18 +1105,6 @@ def test_under_the_default_wait_policy_the_callers_idle_team_is_paused_where_it_
         assert calls == ([1] * 4 if sharing else [])  # omp_pause_soft, forward and backward of both steps
 
 
-def graph_node_names(tensor) -> set:
-    """Names of every autograd node reachable from tensor."""
-    seen, stack = set(), [tensor.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return {node.name() for node in seen}
-
-
 def test_a_caller_that_slept_is_told_from_one_that_worked(monkeypatch):
     """NOTE [Idle caller]: time off its core since note_caller_busy (wall time less the thread's CPU
     time), having blocked, decides: a busy thread preempted for longer than the limit (a loaded
@@ -1167,13 +1156,13 @@ def test_a_step_after_the_caller_slept_does_not_pause_its_team(monkeypatch):
             wrapper.zero_grad()
             calls.clear()
             out = wrapper(x)
-            routed = "torch::autograd::CppNode<dpfast::Route>" in graph_node_names(out)
+            went_through_route = routed(out)
             out.sum().backward()
             reference(x).sum().backward()
             for p, q in zip(reference.parameters(), model.linear.parameters()):
                 assert torch.equal(p.grad, q.grad)
             assert torch.get_num_threads() == 2
-            return routed, len(calls), model.seen[caller_name], model.seen_in_backward[caller_name]
+            return went_through_route, len(calls), model.seen[caller_name], model.seen_in_backward[caller_name]
 
         step()  # the first forward counts as after a sleep
         assert step() == (True, 2, 1, 1)
